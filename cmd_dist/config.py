@@ -1,0 +1,324 @@
+"""Typed run configuration: defaults in code, one YAML per experiment, ``key=value`` overrides.
+
+Every user mistake raises :class:`ConfigError` with a one-line message that names the key, the bad
+value and what is allowed; the CLI prints it and exits with code 2 before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cmd_dist.noise import NOISE_KINDS
+from cmd_dist.objectives import OBJECTIVES
+from cmd_dist.selection import KNOWLEDGE_MODES
+from cmd_dist.selfkd import SELF_KD_METHODS
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override (exit code 2, no traceback)."""
+
+
+DATASETS = ("cifar100", "cifar10", "digits")
+PROTOCOLS = ("search", "final")
+ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "cnn_small")
+PLACEMENTS = ("separate", "together")
+PROGRESS_UNITS = ("epoch", "iteration")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    #: Folder holding ``cifar-100-python/`` or ``cifar-10-batches-py/`` (ignored for digits).
+    root: str = "data"
+    #: ``search``: 90% noisy train / 10% clean validation; ``final``: all train data, report test.
+    protocol: str = "final"
+    val_fraction: float = 0.1
+    #: Use only the first N training / test images (0 = all): for smoke tests and CI slices.
+    train_subset: int = 0
+    test_subset: int = 0
+    augment: bool = True
+
+
+@dataclass
+class NoiseConfig:
+    kind: str = "symmetric"
+    rate: float = 0.4
+    seed: int = 0
+
+
+@dataclass
+class MethodConfig:
+    #: Table 2 self-KD method producing each peer's refined label.
+    self_kd: str = "mconf"
+    #: Sec. 4.2 knowledge mode: zero / all / cmd-s / cmd-p.
+    knowledge: str = "cmd-p"
+    #: ``cmd`` (Eq. 10-11) or a baseline: syncmkd (Eq. 3), asyncmkd (Eq. 2), kdcl, tfkd_reg.
+    objective: str = "cmd"
+    eta: float = 2.0
+    b1: float = 16.0
+    b2: float = -8.0
+    rho: float = 0.5
+    #: Fixed trust of LS / CP / Boot-soft (Table 2); null = the method's default (LS 0.1, CP 0.1, Boot-soft 0.05).
+    epsilon: float | None = None
+    #: t/Gamma of ProSelfLC's g(t) (Eq. 5) counted in epochs or iterations.
+    progress_unit: str = "epoch"
+    #: Weight of the KD term in the baselines (eps of Eq. 1-3, KDCL, Tf-KD_reg).
+    kd_weight: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    #: Step schedule: lr * gamma at each milestone epoch (ResNet-34: [50, 80], 0.1).
+    milestones: list[int] = field(default_factory=lambda: [50, 80])
+    gamma: float = 0.1
+    eval_batch_size: int = 1024
+    #: Print the loss and check it every N steps (a host sync; 0 = only at epoch end).
+    log_every: int = 50
+
+
+@dataclass
+class PeerConfig:
+    arch: str = "cnn_small"
+    name: str = ""
+
+
+@dataclass
+class RayConfig:
+    #: Ray cluster address (also RAY_ADDRESS); null starts a local Ray (the embedded default).
+    address: str | None = None
+    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker.
+    placement: str = "separate"
+    #: ``auto`` uses one GPU per worker when the cluster has them; ``true`` / ``false`` force it.
+    use_gpu: str = "auto"
+    cpus_per_worker: float = 1.0
+    #: Worker-group restarts from the last checkpoint after a worker dies (Ray FailureConfig).
+    max_failures: int = 3
+    #: Checkpoints kept (the latest N) besides the best by validation accuracy.
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peers: list[PeerConfig] = field(default_factory=lambda: [PeerConfig(), PeerConfig()])
+    ray: RayConfig = field(default_factory=RayConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+    #: Run folder name under output_dir; empty = a time stamp. A finished or interrupted run with
+    #: the same name resumes.
+    run_name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
+                return float(value.replace(".", ""))
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, bool) and key.endswith("use_gpu"):
+            return "true" if value else "false"
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key!r}; allowed: {', '.join(prefix + n for n in names)}")
+        kwargs[key] = _coerce(prefix + key, value, hints[key])
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(parts[:i])} has no item {part!r}")
+            node = node[int(part)]
+        else:
+            if part not in node or not isinstance(node[part], (dict, list)):
+                raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r} in override {dotted!r}")
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {dotted!r}: no item {last!r}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings to (key, value) pairs; values are parsed as YAML (``peers=[{arch: x}]``)."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. method.eta=3)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file < overrides, then validation. Raises ConfigError on any mistake."""
+    tree = Config().to_dict()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys")
+        tree = _merge(tree, loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_path(tree, key, value)
+    return from_dict(tree)
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks: every bad value names its key and what is allowed."""
+    d, m, t = cfg.data, cfg.method, cfg.train
+    _choice("data.dataset", d.dataset, DATASETS)
+    _choice("data.protocol", d.protocol, PROTOCOLS)
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {d.val_fraction} must be in (0, 1)")
+    for key in ("train_subset", "test_subset"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key}: {getattr(d, key)} must be >= 0 (0 = all)")
+    _choice("noise.kind", cfg.noise.kind, NOISE_KINDS)
+    if not 0.0 <= cfg.noise.rate < 1.0:
+        raise ConfigError(f"noise.rate: {cfg.noise.rate} must be in [0, 1)")
+    _choice("method.self_kd", m.self_kd, SELF_KD_METHODS)
+    _choice("method.knowledge", m.knowledge, KNOWLEDGE_MODES)
+    _choice("method.objective", m.objective, OBJECTIVES)
+    _choice("method.progress_unit", m.progress_unit, PROGRESS_UNITS)
+    if m.eta == 0 or math.isnan(m.eta):
+        raise ConfigError(f"method.eta: {m.eta} is not allowed (chi = H(u)/eta); use eta=inf or knowledge=zero for no knowledge")
+    if m.knowledge == "cmd-s" and m.b2 != 0:
+        raise ConfigError(f"method.b2: {m.b2} must be 0 with method.knowledge=cmd-s (static chi); use knowledge=cmd-p")
+    if m.knowledge == "cmd-p" and m.b2 == 0:
+        raise ConfigError("method.b2: 0 makes chi static; use a non-zero b2 with cmd-p, or knowledge=cmd-s")
+    if m.epsilon is not None and not 0.0 <= m.epsilon <= 1.0:
+        raise ConfigError(f"method.epsilon: {m.epsilon} must be in [0, 1]")
+    if not 0.0 <= m.kd_weight <= 1.0:
+        raise ConfigError(f"method.kd_weight: {m.kd_weight} must be in [0, 1]")
+    if t.epochs <= 0:
+        raise ConfigError(f"train.epochs: {t.epochs} must be > 0")
+    if t.batch_size <= 0:
+        raise ConfigError(f"train.batch_size: {t.batch_size} must be > 0")
+    if t.eval_batch_size <= 0:
+        raise ConfigError(f"train.eval_batch_size: {t.eval_batch_size} must be > 0")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr: {t.lr} must be > 0")
+    if sorted(t.milestones) != t.milestones or any(x <= 0 for x in t.milestones):
+        raise ConfigError(f"train.milestones: {t.milestones} must be increasing positive epochs")
+    if len(cfg.peers) < 2 and m.objective != "tfkd_reg" and m.knowledge != "zero":
+        raise ConfigError(f"peers: {len(cfg.peers)} peer(s) given; mutual distillation needs at least 2")
+    if len(cfg.peers) < 1:
+        raise ConfigError("peers: at least one peer is needed")
+    for i, peer in enumerate(cfg.peers):
+        _choice(f"peers[{i}].arch", peer.arch, ARCHS)
+        if not peer.name:
+            peer.name = f"peer{i}"
+    names = [p.name for p in cfg.peers]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"peers: names must be unique, got {names}")
+    _choice("ray.placement", cfg.ray.placement, PLACEMENTS)
+    _choice("ray.use_gpu", str(cfg.ray.use_gpu).lower(), ("auto", "true", "false"))
+    if cfg.ray.cpus_per_worker <= 0:
+        raise ConfigError(f"ray.cpus_per_worker: {cfg.ray.cpus_per_worker} must be > 0")
+    if cfg.ray.max_failures < 0:
+        raise ConfigError(f"ray.max_failures: {cfg.ray.max_failures} must be >= 0")
+    if cfg.ray.keep_checkpoints < 1:
+        raise ConfigError(f"ray.keep_checkpoints: {cfg.ray.keep_checkpoints} must be >= 1")
+    if "/" in cfg.run_name or cfg.run_name in (".", ".."):
+        raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,222 @@
+"""Datasets as uint8 tensors on the training device, with whole-batch augmentation there.
+
+CIFAR pickles are parsed directly with a restricted unpickler (untrusted files: numpy arrays,
+lists, numbers, bytes and strings only). scikit-learn's digits ship offline for demos and tests.
+The training set is corrupted with synthetic noise (Sec. 5.1) and split as in appendix A.2.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmd_dist.noise import corrupt_labels, split_train_val
+
+
+class DataError(RuntimeError):
+    """A missing or unreadable dataset file (one-line message naming the file)."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    num_classes: int
+    channels: int
+    size: int
+    pad: int
+    flip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+SPECS = {
+    # Appendix A.1: pad 4, random crop 32 (+ horizontal flip, the standard CIFAR recipe).
+    "cifar100": DatasetSpec(100, 3, 32, 4, True, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "cifar10": DatasetSpec(10, 3, 32, 4, True, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    # Digits are 8x8: a 1-pixel shift, no flip (a flipped 2 is not a 2).
+    "digits": DatasetSpec(10, 1, 8, 1, False, (0.3,), (0.35,)),
+}
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and numpy arrays; anything else is refused, never run."""
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (only numpy arrays and plain data allowed)")
+
+
+def safe_unpickle(path: Path) -> dict:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"dataset file {path} not found") from None
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"dataset file {path} is not a plain CIFAR pickle: {e}") from None
+    except Exception as e:  # truncated or garbage bytes
+        raise DataError(f"dataset file {path} is corrupted ({type(e).__name__}: {e}); re-download it") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"dataset file {path} does not hold a dict")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_files(dataset: str, root: Path, split: str) -> tuple[Path, list[str], str]:
+    if dataset == "cifar100":
+        return root / "cifar-100-python", ["train"] if split == "train" else ["test"], "fine_labels"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    return root / "cifar-10-batches-py", names, "labels"
+
+
+def _maybe_download(dataset: str, root: Path, folder: Path) -> None:
+    """Fetch CIFAR with torchvision when it is missing; offline, a one-line error says what to do."""
+    try:
+        from torchvision import datasets
+
+        cls = datasets.CIFAR100 if dataset == "cifar100" else datasets.CIFAR10
+        cls(str(root), train=True, download=True)
+    except Exception:
+        raise DataError(
+            f"dataset folder {folder} not found and could not be downloaded; put the python-pickle "
+            f"CIFAR files there or set data.root to the folder that contains {folder.name}/"
+        ) from None
+
+
+def load_cifar(dataset: str, root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR split as (uint8 [N, 3, 32, 32], int64 [N])."""
+    root = Path(root)
+    folder, names, label_key = _cifar_files(dataset, root, split)
+    if not folder.is_dir():
+        _maybe_download(dataset, root, folder)
+    xs, ys = [], []
+    for name in names:
+        d = safe_unpickle(folder / name)
+        data, labels = d.get("data"), d.get(label_key)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise DataError(f"dataset file {folder / name} has no uint8 N x 3072 'data' array")
+        if labels is None or len(labels) != data.shape[0]:
+            raise DataError(f"dataset file {folder / name} has no '{label_key}' list matching its images")
+        xs.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        ys.append(torch.as_tensor(np.asarray(labels, dtype=np.int64)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits (1,797 8x8 images, offline) with a fixed 80/20 train/test split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    y = torch.as_tensor(d.target, dtype=torch.int64)
+    train_idx, test_idx = split_train_val(len(y), 0.2, seed=0)
+    idx = train_idx if split == "train" else test_idx
+    return x[idx], y[idx]
+
+
+def load_split(dataset: str, root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if dataset == "digits":
+        return load_digits(split)
+    return load_cifar(dataset, root, split)
+
+
+@dataclass
+class PeerData:
+    """Everything a training worker needs, resident on its device."""
+
+    spec: DatasetSpec
+    train_x: torch.Tensor  # uint8 [N, C, H, W]
+    train_labels: torch.Tensor  # noisy labels used for training
+    train_clean: torch.Tensor  # clean labels (to measure memorisation)
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    eval_split: str  # "val" (search protocol) or "test" (final protocol)
+    splits_read: list[str] = field(default_factory=list)
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_x.shape[0])
+
+
+def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu") -> PeerData:
+    """Load, corrupt (whole training set, seeded) and split; the search protocol never reads test."""
+    spec = SPECS[data_cfg.dataset]
+    x, clean = load_split(data_cfg.dataset, data_cfg.root, "train")
+    if data_cfg.train_subset:
+        x, clean = x[: data_cfg.train_subset], clean[: data_cfg.train_subset]
+    noisy, _ = corrupt_labels(clean, spec.num_classes, noise_cfg.kind, noise_cfg.rate, noise_cfg.seed)
+    read = ["train"]
+    if data_cfg.protocol == "search":
+        train_idx, val_idx = split_train_val(len(clean), data_cfg.val_fraction, seed=noise_cfg.seed)
+        ex, ey, split = x[val_idx], clean[val_idx], "val"
+        x, noisy, clean = x[train_idx], noisy[train_idx], clean[train_idx]
+    else:
+        ex, ey = load_split(data_cfg.dataset, data_cfg.root, "test")
+        if data_cfg.test_subset:
+            ex, ey = ex[: data_cfg.test_subset], ey[: data_cfg.test_subset]
+        split = "test"
+        read.append("test")
+    dev = torch.device(device)
+    shape = (1, spec.channels, 1, 1)
+    return PeerData(
+        spec=spec,
+        train_x=x.to(dev),
+        train_labels=noisy.to(dev),
+        train_clean=clean.to(dev),
+        eval_x=ex.to(dev),
+        eval_y=ey.to(dev),
+        eval_split=split,
+        splits_read=read,
+        mean=torch.tensor(spec.mean, device=dev).view(shape),
+        std=torch.tensor(spec.std, device=dev).view(shape),
+    )
+
+
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x_uint8.float() / 255.0 - mean) / std
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop after zero padding (and horizontal flip), batched on x's device.
+
+    No per-image Python: offsets are drawn for the whole batch and applied with one gather.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    if pad:
+        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
+        rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]  # [B,1,H,1]
+        cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]  # [B,1,1,W]
+        bidx = torch.arange(b, device=dev)[:, None, None, None]
+        cidx = torch.arange(x.shape[1], device=dev)[None, :, None, None]
+        x = xp[bidx, cidx, rows, cols]
+    if flip:
+        f = torch.rand(b, device=dev, generator=generator) < 0.5
+        x = torch.where(f[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def check_data(data_cfg) -> int:
+    """Before Ray starts: read the files a run needs (DataError names a bad one); returns #train images."""
+    x, _ = load_split(data_cfg.dataset, data_cfg.root, "train")
+    n = x.shape[0] if not data_cfg.train_subset else min(x.shape[0], data_cfg.train_subset)
+    if data_cfg.protocol == "final":
+        load_split(data_cfg.dataset, data_cfg.root, "test")
+        return n
+    return n - max(1, round(n * data_cfg.val_fraction))
