@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,9 @@ class Config:
 
 # ----------------------------------------------------------------------------- parsing
 
+_FLOAT_RE = re.compile(r"^[+-]?((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|\.?inf)$", re.IGNORECASE)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -152,8 +156,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _build(tp, value, key + ".")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "-inf", ".inf", "-.inf"):
-                return float(value.replace(".", ""))
+            # YAML 1.1 reads 1e-3 and 5e-4 (no dot) and inf as strings; they are numbers here.
+            if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+                return float(value.strip().lower().replace(".inf", "inf"))
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
@@ -179,7 +184,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix}{key!r}; allowed: {', '.join(prefix + n for n in names)}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; allowed: {', '.join(prefix + n for n in names)}")
         kwargs[key] = _coerce(prefix + key, value, hints[key])
     return cls(**kwargs)
 

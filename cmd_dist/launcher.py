@@ -58,9 +58,11 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # Ray's own INFO/WARNING chatter (per-report logs; the placement-group cleaner polling a state
+    # API that only exists with the dashboard) drowns the epoch lines; errors still show.
+    kwargs: dict[str, Any] = dict(log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
     if address is None:
-        kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
     ray.init(address=address, **kwargs)
 
 
@@ -111,6 +113,9 @@ def train_worker(config: dict[str, Any]) -> None:
     from cmd_dist.engine import run_worker
     from cmd_dist.monitor import Monitor
 
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     cfg = from_dict(config["cfg"])
     device = ray.train.torch.get_device()
     if device.type == "cpu":

@@ -1,0 +1,26 @@
+"""Shared fixtures: one real local Ray cluster for the whole test session (Ray starts slowly)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_CIFAR = os.path.join(REPO, "..", "shared", "data")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray with 2 CPUs (CI's machine), shared by every Ray test and shut down at the end."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 logging_config=ray.LoggingConfig(log_level="ERROR"))
+    yield ray
+    ray.shutdown()

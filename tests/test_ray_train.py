@@ -1,0 +1,154 @@
+"""Integration tests on a real local Ray cluster (2 CPU workers): training, outputs, equivalence.
+
+Each fit costs ~45 s of Ray start-up on 2 cores, so runs are module-scoped and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cmd_dist.checkpoint import load_peer_state
+from cmd_dist.config import load_config
+from tests.conftest import REPO, SHARED_CIFAR
+
+pytestmark = pytest.mark.ray
+
+EPOCHS = 3
+# eta = 1 and b2 = -1 keep chi above H(u) early on, so knowledge flows from epoch 1 in both directions.
+BASE = [f"train.epochs={EPOCHS}", "train.milestones=[2]", "method.eta=1.0", "method.b2=-1.0", "train.log_every=0"]
+
+
+def _run(tmp: Path, name: str, extra: list[str]) -> tuple:
+    from cmd_dist import launcher
+
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), BASE + [f"output_dir={tmp}", f"run_name={name}"] + extra)
+    run_dir = launcher.resolve_run_dir(cfg)
+    summary = launcher.train(cfg, run_dir)
+    return cfg, run_dir, summary
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_checkpoint(run_dir: Path, epoch: int) -> Path:
+    found = [p for p in run_dir.glob("checkpoint_*") if (p / "epoch.txt").is_file() and int((p / "epoch.txt").read_text()) == epoch]
+    assert found, f"no checkpoint for epoch {epoch} in {run_dir}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def separate(ray_cluster, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("sep"), "separate", ["ray.placement=separate"])
+
+
+@pytest.fixture(scope="module")
+def together(ray_cluster, tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("tog"), "together", ["ray.placement=together"])
+
+
+def test_both_peers_train_and_summary_is_written(separate):
+    cfg, run_dir, summary = separate
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk == summary
+    assert [p["name"] for p in summary["peers"]] == ["peerA", "peerB"]
+    assert summary["epochs_run"] == EPOCHS and summary["eval_split"] == "test"
+    for peer in summary["peers"]:
+        assert peer["arch"] == "cnn_small"
+        assert 20.0 < peer["test_acc"] <= 100.0  # 10 classes: well above chance after 3 epochs
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "git_rev.txt").read_text().strip()
+    assert load_config(run_dir / "config.yaml").run_name == "separate"
+
+
+def test_knowledge_flows_both_ways_and_is_logged(separate):
+    _, run_dir, _ = separate
+    rows = _rows(run_dir)
+    assert len(rows) == 2 * EPOCHS
+    first = {r["peer"]: r for r in rows if r["epoch"] == 1}
+    assert first["peerA"]["distilled_from"]["peerB"] > 0  # B -> A
+    assert first["peerB"]["distilled_from"]["peerA"] > 0  # A -> B
+    assert all(r["train_peer_loss"] > 0 for r in rows if r["epoch"] == 1)
+    assert all(0 <= r["train_acc_clean"] <= 100 and 0 <= r["train_acc_noisy"] <= 100 for r in rows)
+
+
+def test_tensorboard_tags_read_back(separate):
+    _, run_dir, _ = separate
+    for me, other in (("peerA", "peerB"), ("peerB", "peerA")):
+        acc = EventAccumulator(str(run_dir / "tb" / me))
+        acc.Reload()
+        tags = set(acc.Tags()["scalars"])
+        want = {"train/loss", "train/self_kd_loss", "train/peer_loss", "train/acc_noisy_labels",
+                "train/acc_clean_labels", "test/acc", "train/lr", "knowledge/chi", "self_kd/epsilon_mean",
+                "self_kd/certainty_r", f"knowledge/distilled_from_{other}", "throughput/images_per_s"}
+        assert want <= tags, want - tags
+        assert [e.step for e in acc.Scalars("test/acc")] == list(range(1, EPOCHS + 1))
+        assert acc.Scalars(f"knowledge/distilled_from_{other}")[0].value > 0
+    ex = EventAccumulator(str(run_dir / "tb" / "exchange"))
+    ex.Reload()
+    assert {"knowledge/total_distilled", "knowledge/peerA_to_peerB", "knowledge/peerB_to_peerA"} <= set(ex.Tags()["scalars"])
+
+
+def test_checkpoint_holds_every_peer_from_both_workers(separate):
+    cfg, run_dir, _ = separate
+    folder = _final_checkpoint(run_dir, EPOCHS)
+    for k in range(2):
+        state = load_peer_state(folder, k)
+        assert state["epoch"] == EPOCHS
+        assert {"model", "optimizer", "scheduler", "certainty", "torch_rng"} <= set(state)
+        assert 0.0 < state["certainty"]["r"] < 1.0
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= cfg.ray.keep_checkpoints
+
+
+def test_one_worker_equals_two_workers(separate, together):
+    """Peers hosted in one worker or one per worker: the same run (1e-5 on CPU, same seed)."""
+    _, sep_dir, sep_summary = separate
+    _, tog_dir, tog_summary = together
+    for a, b in zip(_rows(sep_dir), _rows(tog_dir)):
+        assert (a["epoch"], a["peer"]) == (b["epoch"], b["peer"])
+        for key in ("train_loss", "train_self_loss", "train_peer_loss", "eval_acc", "epsilon_mean", "certainty_r"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["epoch"], a["peer"])
+        assert a["distilled_from"] == b["distilled_from"]
+    for k in range(2):
+        wa = load_peer_state(_final_checkpoint(sep_dir, EPOCHS), k)["model"]
+        wb = load_peer_state(_final_checkpoint(tog_dir, EPOCHS), k)["model"]
+        for name in wa:
+            torch.testing.assert_close(wa[name].float(), wb[name].float(), atol=1e-5, rtol=0, msg=name)
+    assert [p["test_acc"] for p in sep_summary["peers"]] == [p["test_acc"] for p in tog_summary["peers"]]
+
+
+def test_zero_knowledge_distils_nothing(ray_cluster, tmp_path):
+    _, run_dir, summary = _run(tmp_path, "zero", ["ray.placement=together", "method.knowledge=zero",
+                                                  "train.epochs=1", "train.milestones=[]"])
+    rows = _rows(run_dir)
+    assert len(rows) == 2
+    for r in rows:
+        assert all(v == 0 for v in r["distilled_from"].values())
+        assert r["train_peer_loss"] == 0.0
+    assert all(p["test_acc"] is not None for p in summary["peers"])
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_CIFAR, "cifar-100-python", "train")),
+                    reason="../shared/data/cifar-100-python not present")
+def test_real_cifar100_slice(ray_cluster, tmp_path):
+    """A short run on real CIFAR-100 (a slice, a small model), one peer per Ray worker."""
+    from cmd_dist import launcher
+
+    cfg = load_config(None, [
+        "data.dataset=cifar100", f"data.root={SHARED_CIFAR}", "data.train_subset=1024", "data.test_subset=512",
+        "train.epochs=2", "train.milestones=[]", "train.lr=0.05", "method.eta=1.0", "method.b2=-1.0",
+        "peers=[{arch: cnn_small, name: a}, {arch: cnn_small, name: b}]", f"output_dir={tmp_path}", "run_name=cifar",
+    ])
+    run_dir = launcher.resolve_run_dir(cfg)
+    summary = launcher.train(cfg, run_dir)
+    assert summary["epochs_run"] == 2
+    rows = _rows(run_dir)
+    assert {r["peer"] for r in rows} == {"a", "b"}
+    for peer in summary["peers"]:
+        assert 0.0 <= peer["test_acc"] <= 100.0
+    assert rows[0]["distilled_from"]  # the exchange ran across the two workers
