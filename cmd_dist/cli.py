@@ -43,6 +43,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             fail(f"--resume {args.resume}: no config.yaml there; pass a run folder written by cmd-dist train")
         cfg = load_config(run_dir / "config.yaml", args.overrides)
         cfg.output_dir, cfg.run_name = str(run_dir.parent), run_dir.name
+        if args.overrides:  # e.g. train.epochs=200 extends a finished run; record what now applies
+            from cmd_dist.config import dump_yaml
+
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     else:
         if args.config is None:
             fail("a CONFIG file is required (e.g. configs/demo.yaml), or --resume RUN_DIR")
@@ -57,8 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if run_dir is None:
         run_dir = launcher.resolve_run_dir(cfg)
     print(f"cmd-dist: run folder {run_dir}", flush=True)
-    _sigterm_as_interrupt()
     try:
+        launcher.init_ray(cfg)
+        _sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
         summary = launcher.train(cfg, run_dir)
     except KeyboardInterrupt:
         _stop_ray()
@@ -95,13 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     t.set_defaults(func=cmd_train)
     u = sub.add_parser("tune", help="search b1, b2, eta with Ray Tune, then retrain the best and test it")
-    u.add_argument("config")
-    u.add_argument("overrides", nargs="*")
+    u.add_argument("config", nargs="?", help="YAML config the trials vary (see configs/)")
+    u.add_argument("overrides", nargs="*", help="key=value overrides of the config, e.g. train.epochs=50")
     u.add_argument("--space", help="search-space YAML (default tune/space.yaml)")
-    u.add_argument("--trials", type=int, default=16)
+    u.add_argument("--trials", type=int, default=None, help="number of trials (default 16; grid: the grid size)")
     u.add_argument("--max-concurrent", type=int, default=0, help="0 = as many as resources allow")
     u.add_argument("--algo", choices=["optuna", "random", "grid"], default="optuna")
     u.add_argument("--no-asha", action="store_true", help="run every trial to the end (no early stopping)")
+    u.add_argument("--grace-period", type=int, default=None,
+                   help="ASHA: epochs every trial runs before it can be stopped (default epochs/4)")
+    u.add_argument("--reduction-factor", type=float, default=None,
+                   help="ASHA: keep the best 1/N of trials at each rung (default 3)")
     u.add_argument("--metric", default="mean", help="trial score: mean over peers, or a peer name")
     u.add_argument("--no-final", action="store_true", help="skip the final retrain on all training data")
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")

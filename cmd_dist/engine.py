@@ -9,7 +9,10 @@ and are read once per epoch (plus an optional progress read every ``train.log_ev
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cmd_dist.checkpoint import (
+    atomic_write_bytes,
     candidate_checkpoints,
     first_valid_checkpoint,
     load_peer_state,
@@ -293,9 +297,15 @@ def run_worker(
             start_epoch = load_into_peer(p, load_peer_state(folder, p.index))
         if exchange.rank == 0:
             log(f"resuming from {folder} at epoch {start_epoch + 1}")
+    last: dict[str, Any] = {}
+    if folder is not None and start_epoch >= cfg.train.epochs:
+        # Restarted after the last epoch (e.g. the same run name again): nothing to train.
+        last = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+        reporter.report(last, None)
+        return last
+    _write_worker_info(run_dir, exchange)
     monitor = monitor_factory(cfg, run_dir, start_epoch) if (monitor_factory and exchange.rank == 0) else None
 
-    last: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = peers[0].optimizer.param_groups[0]["lr"]
         res = train_one_epoch(cfg, peers, exchange, data, epoch, device, reporter.progress if exchange.rank == 0 else None)
@@ -328,11 +338,20 @@ def run_worker(
             for p in peers:
                 save_peer_state(Path(tmp), p.index, peer_state(p, epoch + 1))
             if exchange.rank == 0:
+                atomic_write_bytes(Path(tmp) / "metrics.json", json.dumps(metrics).encode())
                 write_epoch_marker(Path(tmp), epoch + 1)
             reporter.report(metrics, Path(tmp))
     if monitor:
         monitor.close()
     return last
+
+
+def _write_worker_info(run_dir: Path, exchange: Exchange) -> None:
+    """``workers/rank<r>.json``: which process hosts which peers (for operators and fault tests)."""
+    folder = Path(run_dir) / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"rank": exchange.rank, "pid": os.getpid(), "host": socket.gethostname(), "peers": exchange.local_peers}
+    atomic_write_bytes(folder / f"rank{exchange.rank}.json", json.dumps(info).encode())
 
 
 def flatten_metrics(cfg: Config, data: PeerData, epoch: int, rows: dict[int, dict], res: EpochResult, lr: float) -> dict:

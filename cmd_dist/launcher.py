@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cmd_dist.config import Config, dump_yaml, from_dict
+from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
 
 # Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -47,6 +47,10 @@ def resolve_run_dir(cfg: Config) -> Path:
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / cfg.run_name
+    existing = run_dir / "config.yaml"
+    if existing.is_file() and existing.read_text() != dump_yaml(cfg):
+        raise ConfigError(f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
+                          f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "git_rev.txt").write_text(git_revision() + "\n")

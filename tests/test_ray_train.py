@@ -152,3 +152,97 @@ def test_real_cifar100_slice(ray_cluster, tmp_path):
     for peer in summary["peers"]:
         assert 0.0 <= peer["test_acc"] <= 100.0
     assert rows[0]["distilled_from"]  # the exchange ran across the two workers
+
+
+# ----------------------------------------------------------------------------- faults (issue 6)
+
+def _wait_for(predicate, timeout: float = 240.0, every: float = 0.05):
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def _epochs_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return max((json.loads(x)["epoch"] for x in path.read_text().splitlines() if x.strip()), default=0)
+
+
+def _assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    ra, rb = _rows(a_dir), _rows(b_dir)
+    assert [(r["epoch"], r["peer"]) for r in ra] == [(r["epoch"], r["peer"]) for r in rb]
+    for a, b in zip(ra, rb):
+        for key in ("train_loss", "eval_acc", "certainty_r"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["epoch"], a["peer"])
+    for k in range(2):
+        wa = load_peer_state(_final_checkpoint(a_dir, EPOCHS), k)["model"]
+        wb = load_peer_state(_final_checkpoint(b_dir, EPOCHS), k)["model"]
+        for name in wa:
+            torch.testing.assert_close(wa[name].float(), wb[name].float(), atol=1e-5, rtol=0, msg=name)
+
+
+def test_killed_peer_worker_restarts_and_finishes_the_same_run(separate, ray_cluster, tmp_path):
+    """SIGKILL one peer's Ray worker mid-run: the group restarts from the last checkpoint, same result."""
+    import signal
+    import threading
+
+    from cmd_dist import launcher
+
+    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"),
+                      BASE + [f"output_dir={tmp_path}", "run_name=killed", "ray.placement=separate"])
+    run_dir = launcher.resolve_run_dir(cfg)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir)))
+    thread.start()
+    info = run_dir / "workers" / "rank1.json"
+    _wait_for(lambda: _epochs_logged(run_dir) >= 1 and info.is_file())
+    victim = json.loads(info.read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)  # peerB's worker, while epoch 2 runs
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert json.loads(info.read_text())["pid"] != victim  # a new worker process took over
+    assert out["summary"]["epochs_run"] == EPOCHS
+    _assert_same_run(separate[1], run_dir)
+    assert [p["test_acc"] for p in out["summary"]["peers"]] == [p["test_acc"] for p in separate[2]["peers"]]
+
+
+def test_sigterm_on_driver_then_resume_equals_uninterrupted(separate, tmp_path):
+    """SIGTERM the `cmd-dist train` driver mid-run; `--resume` finishes the very same run."""
+    import signal
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "cmd-dist")
+    args = [exe, "train", os.path.join(REPO, "configs", "demo.yaml"), *BASE, f"output_dir={tmp_path}",
+            "run_name=sigterm", "ray.placement=separate"]
+    run_dir = tmp_path / "sigterm"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    _wait_for(lambda: _epochs_logged(run_dir) >= 1 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"cmd-dist train --resume {run_dir}" in err
+    assert 1 <= _epochs_logged(run_dir) < EPOCHS
+    res = subprocess.run([exe, "train", "--resume", str(run_dir)], capture_output=True, text=True, timeout=400,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "final test accuracy  peerA" in res.stdout
+    _assert_same_run(separate[1], run_dir)
+
+
+def test_same_run_name_resumes_instead_of_starting_over(separate, ray_cluster):
+    """Launching a finished run's name again re-trains nothing and reports the same result."""
+    from cmd_dist import launcher
+
+    cfg, run_dir, summary = separate
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = launcher.train(load_config(run_dir / "config.yaml"), run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert [p["test_acc"] for p in again["peers"]] == [p["test_acc"] for p in summary["peers"]]
