@@ -25,8 +25,10 @@ def preflight(cfg: Config) -> None:
     """Checks that need the data: the files exist and parse, and a batch fits the training set."""
     n_train = check_data(cfg.data)
     if cfg.train.batch_size > n_train:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images; "
-                          f"use at most {n_train}")
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images; "
+            f"use at most {n_train}"
+        )
 
 
 def _sigterm_as_interrupt() -> None:
@@ -67,8 +69,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = launcher.train(cfg, run_dir)
     except KeyboardInterrupt:
         _stop_ray()
-        print(f"\ncmd-dist: interrupted; completed epochs are checkpointed. Continue with:\n"
-              f"  cmd-dist train --resume {run_dir}", file=sys.stderr)
+        print(
+            f"\ncmd-dist: interrupted; completed epochs are checkpointed. Continue with:\n"
+            f"  cmd-dist train --resume {run_dir}",
+            file=sys.stderr,
+        )
         return 130
     if summary.get("stopped"):
         print(f"cmd-dist: error: {summary['stopped']}", file=sys.stderr)
@@ -107,10 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-concurrent", type=int, default=0, help="0 = as many as resources allow")
     u.add_argument("--algo", choices=["optuna", "random", "grid"], default="optuna")
     u.add_argument("--no-asha", action="store_true", help="run every trial to the end (no early stopping)")
-    u.add_argument("--grace-period", type=int, default=None,
-                   help="ASHA: epochs every trial runs before it can be stopped (default epochs/4)")
-    u.add_argument("--reduction-factor", type=float, default=None,
-                   help="ASHA: keep the best 1/N of trials at each rung (default 3)")
+    u.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="ASHA: epochs every trial runs before it can be stopped (default epochs/4)",
+    )
+    u.add_argument(
+        "--reduction-factor",
+        type=float,
+        default=None,
+        help="ASHA: keep the best 1/N of trials at each rung (default 3)",
+    )
     u.add_argument("--metric", default="mean", help="trial score: mean over peers, or a peer name")
     u.add_argument("--no-final", action="store_true", help="skip the final retrain on all training data")
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")

@@ -87,6 +87,11 @@ class TrainConfig:
     eval_batch_size: int = 1024
     #: Print the loss and check it every N steps (a host sync; 0 = only at epoch end).
     log_every: int = 50
+    #: GPU fast path: bf16 autocast, channels_last and torch.compile of each peer's network.
+    #: ``auto`` = on when the worker has a CUDA device, ``true`` / ``false`` force it.
+    fast_path: str = "auto"
+    #: torch.compile mode of the fast path (``reduce-overhead`` captures CUDA graphs).
+    compile_mode: str = "reduce-overhead"
 
 
 @dataclass
@@ -170,7 +175,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
-        if isinstance(value, bool) and key.endswith("use_gpu"):
+        if isinstance(value, bool) and key.endswith(("use_gpu", "fast_path")):
             return "true" if value else "false"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -184,7 +189,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {prefix + str(key)!r}; allowed: {', '.join(prefix + n for n in names)}")
+            allowed = ", ".join(prefix + n for n in names)
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}; allowed: {allowed}")
         kwargs[key] = _coerce(prefix + key, value, hints[key])
     return cls(**kwargs)
 
@@ -283,7 +289,9 @@ def validate(cfg: Config) -> None:
     _choice("method.objective", m.objective, OBJECTIVES)
     _choice("method.progress_unit", m.progress_unit, PROGRESS_UNITS)
     if m.eta == 0 or math.isnan(m.eta):
-        raise ConfigError(f"method.eta: {m.eta} is not allowed (chi = H(u)/eta); use eta=inf or knowledge=zero for no knowledge")
+        raise ConfigError(
+            f"method.eta: {m.eta} is not allowed (chi = H(u)/eta); use eta=inf or knowledge=zero for no knowledge"
+        )
     if m.knowledge == "cmd-s" and m.b2 != 0:
         raise ConfigError(f"method.b2: {m.b2} must be 0 with method.knowledge=cmd-s (static chi); use knowledge=cmd-p")
     if m.knowledge == "cmd-p" and m.b2 == 0:
@@ -300,6 +308,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.eval_batch_size: {t.eval_batch_size} must be > 0")
     if not t.lr > 0:
         raise ConfigError(f"train.lr: {t.lr} must be > 0")
+    _choice("train.fast_path", str(t.fast_path).lower(), ("auto", "true", "false"))
+    _choice(
+        "train.compile_mode",
+        t.compile_mode,
+        ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"),
+    )
     if sorted(t.milestones) != t.milestones or any(x <= 0 for x in t.milestones):
         raise ConfigError(f"train.milestones: {t.milestones} must be increasing positive epochs")
     if len(cfg.peers) < 2 and m.objective != "tfkd_reg" and m.knowledge != "zero":

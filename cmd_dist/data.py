@@ -82,7 +82,12 @@ def _cifar_files(dataset: str, root: Path, split: str) -> tuple[Path, list[str],
 
 
 def _maybe_download(dataset: str, root: Path, folder: Path) -> None:
-    """Fetch CIFAR with torchvision when it is missing; offline, a one-line error says what to do."""
+    """Fetch CIFAR with torchvision when it is missing; offline, a one-line error says what to do.
+
+    Only into a ``data.root`` that exists: a mistyped root must not create folders or start a download.
+    """
+    if not root.is_dir():
+        raise DataError(f"data.root {root} does not exist; set data.root to the folder that contains {folder.name}/")
     try:
         from torchvision import datasets
 

@@ -15,9 +15,10 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,14 @@ class Peer:
     certainty: ModelCertainty
     best_eval_acc: float = -1.0
     best_epoch: int = -1
+    #: What the step calls: the network itself, or its torch.compile'd wrapper on the fast path.
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    fast: bool = False
+
+
+def fast_path_enabled(cfg: Config, device: torch.device) -> bool:
+    mode = str(cfg.train.fast_path).lower()
+    return device.type == "cuda" if mode == "auto" else mode == "true"
 
 
 def build_peer(cfg: Config, k: int, num_classes: int, channels: int, device: torch.device) -> Peer:
@@ -82,9 +91,33 @@ def build_peer(cfg: Config, k: int, num_classes: int, channels: int, device: tor
     torch.manual_seed(cfg.seed * 1000 + k)
     model = build_model(cfg.peers[k].arch, num_classes, channels).to(device)
     t = cfg.train
+    fast = fast_path_enabled(cfg, device)
+    forward: Callable[[torch.Tensor], torch.Tensor] = model
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+        forward = model if t.compile_mode == "none" else torch.compile(model, mode=t.compile_mode)
+    # The lr is a plain float in the param group: schedule changes never touch a captured graph.
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=t.milestones, gamma=t.gamma)
-    return Peer(k, cfg.peers[k].name, cfg.peers[k].arch, model, opt, sched, ModelCertainty(num_classes))
+    return Peer(
+        k,
+        cfg.peers[k].name,
+        cfg.peers[k].arch,
+        model,
+        opt,
+        sched,
+        ModelCertainty(num_classes),
+        forward=forward,
+        fast=fast,
+    )
+
+
+def peer_logits(p: Peer, x: torch.Tensor) -> torch.Tensor:
+    """The peer's forward pass; on the fast path in bf16 autocast with channels_last input."""
+    if not p.fast:
+        return p.model(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        return p.forward(x.contiguous(memory_format=torch.channels_last))
 
 
 def epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
@@ -136,21 +169,25 @@ def train_one_epoch(
         p.model.train()
 
     zeros = lambda: torch.zeros((), device=device)  # noqa: E731
-    acc = {p.index: {k: zeros() for k in ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean", "epsilon")}
-           for p in peers}
+    acc = {
+        p.index: {k: zeros() for k in ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean", "epsilon")}
+        for p in peers
+    }
     bad_step = {p.index: torch.full((), -1, dtype=torch.long, device=device) for p in peers}
     distilled = torch.zeros(n_peers, device=device)
     bar = progress(steps, f"epoch {epoch + 1}/{t.epochs}") if progress else None
     start = time.perf_counter()
     for step in range(steps):
-        idx = order[step * t.batch_size: (step + 1) * t.batch_size]
+        idx = order[step * t.batch_size : (step + 1) * t.batch_size]
         xb, yb, cb = data.train_x[idx], data.train_labels[idx], data.train_clean[idx]
         q = F.one_hot(yb, c).float()
         progress_t = epoch / t.epochs if m.progress_unit == "epoch" else (epoch * steps + step) / (t.epochs * steps)
         live, packs = {}, []
         for p in peers:
             x = augment(xb, data.spec.pad, data.spec.flip, gens[p.index]) if cfg.data.augment else xb
-            logits = p.model(normalize(x, data.mean, data.std))
+            if p.fast and device.type == "cuda" and cfg.train.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = peer_logits(p, normalize(x, data.mean, data.std))
             prob = torch.softmax(logits.float(), dim=1)
             h = entropy(prob.detach())
             if m.self_kd == "proselflc":
@@ -160,12 +197,14 @@ def train_one_epoch(
                 p.certainty.accumulate(h)
             else:
                 eps = torch.full_like(h, eps_fixed if m.self_kd != "ce" else 0.0)
-            refined = refined_label(m.self_kd, q, prob, eps if m.self_kd in ("proselflc", "mconf") else float(eps_fixed))
+            refined = refined_label(
+                m.self_kd, q, prob, eps if m.self_kd in ("proselflc", "mconf") else float(eps_fixed)
+            )
             live[p.index] = (logits, prob, eps, refined)
             packs.append(torch.cat([prob.detach(), refined, h[:, None]], dim=1))
         gathered = exchange.all_gather(packs)  # the knowledge exchange, every peer in global order
         all_p = [g[:, :c] for g in gathered]
-        all_q = [g[:, c: 2 * c] for g in gathered]
+        all_q = [g[:, c : 2 * c] for g in gathered]
         masks = [(g[:, 2 * c] < chi).float() for g in gathered] if m.objective == "cmd" else None
         if masks is not None:
             distilled += torch.stack([mk.sum() for mk in masks])
@@ -178,8 +217,11 @@ def train_one_epoch(
             probs = [prob if j == p.index else all_p[j] for j in range(n_peers)]
             if m.objective == "cmd":
                 own = self_kd_loss(m.self_kd, refined, prob, eps if m.self_kd in ("proselflc", "mconf") else eps_fixed)
-                parts = cmd_peer_loss(p.index, own, prob, all_q, masks) if n_peers > 1 else {
-                    "loss": own.mean(), "self_loss": own.mean(), "peer_loss": own.new_zeros(())}
+                parts = (
+                    cmd_peer_loss(p.index, own, prob, all_q, masks)
+                    if n_peers > 1
+                    else {"loss": own.mean(), "self_loss": own.mean(), "peer_loss": own.new_zeros(())}
+                )
             elif m.objective in ("syncmkd", "asyncmkd"):
                 parts = {"loss": sync_mkd_losses(refined, probs, m.kd_weight)[p.index]}
             elif m.objective == "kdcl":
@@ -197,8 +239,10 @@ def train_one_epoch(
             a["correct_clean"] += (pred == cb).sum()
             a["epsilon"] += eps.mean()
             bad_step[p.index] = torch.where(
-                (bad_step[p.index] < 0) & ~torch.isfinite(loss.detach()), torch.full_like(bad_step[p.index], step),
-                bad_step[p.index])
+                (bad_step[p.index] < 0) & ~torch.isfinite(loss.detach()),
+                torch.full_like(bad_step[p.index], step),
+                bad_step[p.index],
+            )
             if active is not None and p.index != active:
                 continue
             stepping.append(p)
@@ -235,13 +279,18 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, data: PeerData, batch_size: int) -> float:
+def evaluate(peer: Peer, x: torch.Tensor, y: torch.Tensor, data: PeerData, batch_size: int) -> float:
     """Top-1 accuracy (%) on a uint8 image tensor, in eval mode, batched; one host read at the end."""
-    model.eval()
+    peer.model.eval()
     correct = torch.zeros((), device=x.device)
     for i in range(0, x.shape[0], batch_size):
-        logits = model(normalize(x[i: i + batch_size], data.mean, data.std))
-        correct += (logits.argmax(1) == y[i: i + batch_size]).sum()
+        xb = normalize(x[i : i + batch_size], data.mean, data.std)
+        if peer.fast:  # eager bf16: a compiled eval graph per batch shape is not worth its compile time
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                logits = peer.model(xb.contiguous(memory_format=torch.channels_last))
+        else:
+            logits = peer.model(xb)
+        correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
     return 100.0 * float(correct) / max(1, x.shape[0])
 
 
@@ -308,10 +357,12 @@ def run_worker(
 
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = peers[0].optimizer.param_groups[0]["lr"]
-        res = train_one_epoch(cfg, peers, exchange, data, epoch, device, reporter.progress if exchange.rank == 0 else None)
+        res = train_one_epoch(
+            cfg, peers, exchange, data, epoch, device, reporter.progress if exchange.rank == 0 else None
+        )
         for p in peers:
             row = res.rows[p.index]
-            row["eval_acc"] = evaluate(p.model, data.eval_x, data.eval_y, data, cfg.train.eval_batch_size)
+            row["eval_acc"] = evaluate(p, data.eval_x, data.eval_y, data, cfg.train.eval_batch_size)
             row["certainty_r"] = p.certainty.end_epoch() if cfg.method.self_kd == "mconf" else math.nan
             row["lr"] = p.optimizer.param_groups[0]["lr"]
             if row["eval_acc"] > p.best_eval_acc:
@@ -325,8 +376,10 @@ def run_worker(
         bad = [(k, r["nonfinite_step"]) for k, r in sorted(rows.items()) if r["nonfinite_step"] >= 0]
         if bad:
             k, s = bad[0]
-            msg = (f"non-finite loss in peer {cfg.peers[k].name!r} at epoch {epoch + 1}, step {s + 1}; "
-                   f"stopped, the last good checkpoint is kept")
+            msg = (
+                f"non-finite loss in peer {cfg.peers[k].name!r} at epoch {epoch + 1}, step {s + 1}; "
+                f"stopped, the last good checkpoint is kept"
+            )
             metrics["nonfinite"] = msg
             if monitor:
                 monitor.close()
@@ -354,7 +407,9 @@ def _write_worker_info(run_dir: Path, exchange: Exchange) -> None:
     atomic_write_bytes(folder / f"rank{exchange.rank}.json", json.dumps(info).encode())
 
 
-def flatten_metrics(cfg: Config, data: PeerData, epoch: int, rows: dict[int, dict], res: EpochResult, lr: float) -> dict:
+def flatten_metrics(
+    cfg: Config, data: PeerData, epoch: int, rows: dict[int, dict], res: EpochResult, lr: float
+) -> dict:
     """One flat dict per epoch for Ray/Tune: means over peers plus ``<peer>/<metric>`` entries."""
     split = data.eval_split
     out: dict[str, Any] = {

@@ -49,8 +49,10 @@ def resolve_run_dir(cfg: Config) -> Path:
     run_dir = Path(cfg.output_dir) / cfg.run_name
     existing = run_dir / "config.yaml"
     if existing.is_file() and existing.read_text() != dump_yaml(cfg):
-        raise ConfigError(f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
-                          f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name")
+        raise ConfigError(
+            f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
+            f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     (run_dir / "git_rev.txt").write_text(git_revision() + "\n")
@@ -112,12 +114,12 @@ class RayReporter:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: plain dict -> typed config -> the shared training code."""
+    import logging
+
     import torch
 
     from cmd_dist.engine import run_worker
     from cmd_dist.monitor import Monitor
-
-    import logging
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
     cfg = from_dict(config["cfg"])
@@ -126,7 +128,10 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
     run_worker(
-        cfg, run_dir, RayReporter(), device,
+        cfg,
+        run_dir,
+        RayReporter(),
+        device,
         monitor_factory=(lambda c, d, s: Monitor(c, d, s)) if config.get("monitor", True) else None,
         checkpoint_search_dir=run_dir,
     )
@@ -156,18 +161,20 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
     for p in cfg.peers:
         acc = metrics.get(f"{p.name}/{split}_acc")
         best = metrics.get(f"{p.name}/best_{split}_acc")
-        peers.append({
-            "name": p.name,
-            "arch": p.arch,
-            "test_acc": acc if split == "test" else None,
-            "val_acc": acc if split == "val" else None,
-            "best_val_acc": best if split == "val" else None,
-            # Final protocol: the best epoch's test accuracy is shown, never used for selection.
-            "best_test_acc": best if split == "test" else None,
-            "best_epoch": metrics.get(f"{p.name}/best_epoch"),
-            "train_acc_clean": metrics.get(f"{p.name}/train_acc_clean"),
-            "train_acc_noisy": metrics.get(f"{p.name}/train_acc_noisy"),
-        })
+        peers.append(
+            {
+                "name": p.name,
+                "arch": p.arch,
+                "test_acc": acc if split == "test" else None,
+                "val_acc": acc if split == "val" else None,
+                "best_val_acc": best if split == "val" else None,
+                # Final protocol: the best epoch's test accuracy is shown, never used for selection.
+                "best_test_acc": best if split == "test" else None,
+                "best_epoch": metrics.get(f"{p.name}/best_epoch"),
+                "train_acc_clean": metrics.get(f"{p.name}/train_acc_clean"),
+                "train_acc_noisy": metrics.get(f"{p.name}/train_acc_noisy"),
+            }
+        )
     summary = {
         "run_dir": str(run_dir),
         "protocol": cfg.data.protocol,

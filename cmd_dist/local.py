@@ -60,7 +60,10 @@ def run_local(cfg: Config, run_dir: str | Path, device: str = "cpu", echo: bool 
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = LocalReporter(run_dir, cfg.ray.keep_checkpoints)
     metrics = run_worker(
-        cfg, run_dir, reporter, torch.device(device),
+        cfg,
+        run_dir,
+        reporter,
+        torch.device(device),
         monitor_factory=lambda c, d, s: Monitor(c, d, s, echo=echo),
         checkpoint_search_dir=run_dir,
     )

@@ -20,7 +20,11 @@ def truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
     """Drop rows of epochs >= keep_before_epoch (1-based epochs), so a resumed run never duplicates."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] <= keep_before_epoch]
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line)["epoch"] <= keep_before_epoch
+    ]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -64,8 +68,15 @@ class Monitor:
                     into[names[j]] = count
             w.add_scalar("throughput/images_per_s", res.images / max(res.seconds, 1e-9), step)
             w.flush()
-            record = {"epoch": step, "peer": name, "arch": self.cfg.peers[k].arch, "eval_split": split,
-                      "chi": res.chi, "distilled_from": into, **row}
+            record = {
+                "epoch": step,
+                "peer": name,
+                "arch": self.cfg.peers[k].arch,
+                "eval_split": split,
+                "chi": res.chi,
+                "distilled_from": into,
+                **row,
+            }
             lines.append(json.dumps(record, allow_nan=True))
         if res.distilled:
             n = len(names)
@@ -95,7 +106,9 @@ def epoch_line(cfg: Config, step: int, rows: dict[int, dict[str, float]], res: A
         parts.append(f"chi {res.chi:.3f}")
         n = len(names)
         if n == 2:
-            parts.append(f"distilled {names[0]}->{names[1]} {res.distilled[0]:.0f} {names[1]}->{names[0]} {res.distilled[1]:.0f}")
+            parts.append(
+                f"distilled {names[0]}->{names[1]} {res.distilled[0]:.0f} {names[1]}->{names[0]} {res.distilled[1]:.0f}"
+            )
         else:
             parts.append("distilled from " + " ".join(f"{names[j]} {c:.0f}" for j, c in enumerate(res.distilled)))
     parts.append(f"{res.images / max(res.seconds, 1e-9):,.0f} img/s per peer")

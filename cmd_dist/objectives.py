@@ -7,7 +7,7 @@ Batch reductions follow the paper's reference code (appendix C): sum over sample
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +104,10 @@ def sync_mkd_losses(q: torch.Tensor, probs: Sequence[torch.Tensor], epsilon: flo
     """
     n = len(probs)
     return [
-        ((1.0 - epsilon) * cross_entropy(q, probs[k])
-         + epsilon * sum(kl_divergence(probs[j], probs[k]) for j in range(n) if j != k) / (n - 1)).mean()
+        (
+            (1.0 - epsilon) * cross_entropy(q, probs[k])
+            + epsilon * sum(kl_divergence(probs[j], probs[k]) for j in range(n) if j != k) / (n - 1)
+        ).mean()
         for k in range(n)
     ]
 

@@ -23,7 +23,9 @@ def knowledge_threshold(epoch: float, total_epochs: float, num_classes: int, eta
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if eta == 0 or math.isnan(eta):
-        raise ValueError(f"eta must be non-zero (chi = H(u)/eta), got {eta}; use eta=inf or mode 'zero' for no knowledge")
+        raise ValueError(
+            f"eta must be non-zero (chi = H(u)/eta), got {eta}; use eta=inf or mode 'zero' for no knowledge"
+        )
     if total_epochs <= 0:
         raise ValueError(f"total_epochs must be > 0, got {total_epochs}")
     if eta < 0 or math.isinf(eta):
@@ -31,9 +33,7 @@ def knowledge_threshold(epoch: float, total_epochs: float, num_classes: int, eta
     return uniform_entropy(num_classes) / eta * 2.0 * logistic(epoch / total_epochs - 0.5, b2)
 
 
-def threshold_for_mode(
-    mode: str, epoch: float, total_epochs: float, num_classes: int, eta: float, b2: float
-) -> float:
+def threshold_for_mode(mode: str, epoch: float, total_epochs: float, num_classes: int, eta: float, b2: float) -> float:
     """chi for a knowledge mode by name: 'zero' (-inf), 'all' (+inf), 'cmd-s' (b2 = 0), 'cmd-p' (b2 != 0)."""
     if mode not in KNOWLEDGE_MODES:
         raise ValueError(f"unknown knowledge mode {mode!r}; choose one of {', '.join(KNOWLEDGE_MODES)}")

@@ -117,7 +117,9 @@ def refined_label(
     return ((1.0 - epsilon) * q + epsilon * p).detach()
 
 
-def self_kd_loss(method: str, refined: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float = 0.0) -> torch.Tensor:
+def self_kd_loss(
+    method: str, refined: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float = 0.0
+) -> torch.Tensor:
     """Per-sample self-KD loss H(q~, p) (Eq. 7 for Mconf; Table 2 for the others).
 
     For CP the refined label (1-eps)q - eps*p is a target with no gradient, which would leave

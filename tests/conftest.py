@@ -20,7 +20,11 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_config=ray.LoggingConfig(log_level="ERROR"))
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+        )
     yield ray
     ray.shutdown()

@@ -13,8 +13,14 @@ from cmd_dist.checkpoint import CheckpointError, load_peer_state, save_peer_stat
 from cmd_dist.config import load_config
 from cmd_dist.local import run_local
 
-FAST = ["train.epochs=3", "train.milestones=[2]", "method.eta=1.0", "method.b2=-1.0", "train.log_every=0",
-        "data.train_subset=512"]
+FAST = [
+    "train.epochs=3",
+    "train.milestones=[2]",
+    "method.eta=1.0",
+    "method.b2=-1.0",
+    "train.log_every=0",
+    "data.train_subset=512",
+]
 
 
 def _cfg(extra=()):

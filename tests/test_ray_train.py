@@ -27,7 +27,9 @@ BASE = [f"train.epochs={EPOCHS}", "train.milestones=[2]", "method.eta=1.0", "met
 def _run(tmp: Path, name: str, extra: list[str]) -> tuple:
     from cmd_dist import launcher
 
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), BASE + [f"output_dir={tmp}", f"run_name={name}"] + extra)
+    cfg = load_config(
+        os.path.join(REPO, "configs", "demo.yaml"), BASE + [f"output_dir={tmp}", f"run_name={name}"] + extra
+    )
     run_dir = launcher.resolve_run_dir(cfg)
     summary = launcher.train(cfg, run_dir)
     return cfg, run_dir, summary
@@ -38,7 +40,11 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def _final_checkpoint(run_dir: Path, epoch: int) -> Path:
-    found = [p for p in run_dir.glob("checkpoint_*") if (p / "epoch.txt").is_file() and int((p / "epoch.txt").read_text()) == epoch]
+    found = [
+        p
+        for p in run_dir.glob("checkpoint_*")
+        if (p / "epoch.txt").is_file() and int((p / "epoch.txt").read_text()) == epoch
+    ]
     assert found, f"no checkpoint for epoch {epoch} in {run_dir}"
     return found[0]
 
@@ -83,15 +89,28 @@ def test_tensorboard_tags_read_back(separate):
         acc = EventAccumulator(str(run_dir / "tb" / me))
         acc.Reload()
         tags = set(acc.Tags()["scalars"])
-        want = {"train/loss", "train/self_kd_loss", "train/peer_loss", "train/acc_noisy_labels",
-                "train/acc_clean_labels", "test/acc", "train/lr", "knowledge/chi", "self_kd/epsilon_mean",
-                "self_kd/certainty_r", f"knowledge/distilled_from_{other}", "throughput/images_per_s"}
+        want = {
+            "train/loss",
+            "train/self_kd_loss",
+            "train/peer_loss",
+            "train/acc_noisy_labels",
+            "train/acc_clean_labels",
+            "test/acc",
+            "train/lr",
+            "knowledge/chi",
+            "self_kd/epsilon_mean",
+            "self_kd/certainty_r",
+            f"knowledge/distilled_from_{other}",
+            "throughput/images_per_s",
+        }
         assert want <= tags, want - tags
         assert [e.step for e in acc.Scalars("test/acc")] == list(range(1, EPOCHS + 1))
         assert acc.Scalars(f"knowledge/distilled_from_{other}")[0].value > 0
     ex = EventAccumulator(str(run_dir / "tb" / "exchange"))
     ex.Reload()
-    assert {"knowledge/total_distilled", "knowledge/peerA_to_peerB", "knowledge/peerB_to_peerA"} <= set(ex.Tags()["scalars"])
+    assert {"knowledge/total_distilled", "knowledge/peerA_to_peerB", "knowledge/peerB_to_peerA"} <= set(
+        ex.Tags()["scalars"]
+    )
 
 
 def test_checkpoint_holds_every_peer_from_both_workers(separate):
@@ -123,8 +142,9 @@ def test_one_worker_equals_two_workers(separate, together):
 
 
 def test_zero_knowledge_distils_nothing(ray_cluster, tmp_path):
-    _, run_dir, summary = _run(tmp_path, "zero", ["ray.placement=together", "method.knowledge=zero",
-                                                  "train.epochs=1", "train.milestones=[]"])
+    _, run_dir, summary = _run(
+        tmp_path, "zero", ["ray.placement=together", "method.knowledge=zero", "train.epochs=1", "train.milestones=[]"]
+    )
     rows = _rows(run_dir)
     assert len(rows) == 2
     for r in rows:
@@ -133,17 +153,31 @@ def test_zero_knowledge_distils_nothing(ray_cluster, tmp_path):
     assert all(p["test_acc"] is not None for p in summary["peers"])
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED_CIFAR, "cifar-100-python", "train")),
-                    reason="../shared/data/cifar-100-python not present")
+@pytest.mark.skipif(
+    not os.path.isfile(os.path.join(SHARED_CIFAR, "cifar-100-python", "train")),
+    reason="../shared/data/cifar-100-python not present",
+)
 def test_real_cifar100_slice(ray_cluster, tmp_path):
     """A short run on real CIFAR-100 (a slice, a small model), one peer per Ray worker."""
     from cmd_dist import launcher
 
-    cfg = load_config(None, [
-        "data.dataset=cifar100", f"data.root={SHARED_CIFAR}", "data.train_subset=1024", "data.test_subset=512",
-        "train.epochs=2", "train.milestones=[]", "train.lr=0.05", "method.eta=1.0", "method.b2=-1.0",
-        "peers=[{arch: cnn_small, name: a}, {arch: cnn_small, name: b}]", f"output_dir={tmp_path}", "run_name=cifar",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=cifar100",
+            f"data.root={SHARED_CIFAR}",
+            "data.train_subset=1024",
+            "data.test_subset=512",
+            "train.epochs=2",
+            "train.milestones=[]",
+            "train.lr=0.05",
+            "method.eta=1.0",
+            "method.b2=-1.0",
+            "peers=[{arch: cnn_small, name: a}, {arch: cnn_small, name: b}]",
+            f"output_dir={tmp_path}",
+            "run_name=cifar",
+        ],
+    )
     run_dir = launcher.resolve_run_dir(cfg)
     summary = launcher.train(cfg, run_dir)
     assert summary["epochs_run"] == 2
@@ -155,6 +189,7 @@ def test_real_cifar100_slice(ray_cluster, tmp_path):
 
 
 # ----------------------------------------------------------------------------- faults (issue 6)
+
 
 def _wait_for(predicate, timeout: float = 240.0, every: float = 0.05):
     import time
@@ -195,8 +230,10 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(separate, ray_clu
 
     from cmd_dist import launcher
 
-    cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"),
-                      BASE + [f"output_dir={tmp_path}", "run_name=killed", "ray.placement=separate"])
+    cfg = load_config(
+        os.path.join(REPO, "configs", "demo.yaml"),
+        BASE + [f"output_dir={tmp_path}", "run_name=killed", "ray.placement=separate"],
+    )
     run_dir = launcher.resolve_run_dir(cfg)
     out: dict = {}
     thread = threading.Thread(target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir)))
@@ -220,8 +257,15 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(separate, tmp_path):
     import sys
 
     exe = os.path.join(os.path.dirname(sys.executable), "cmd-dist")
-    args = [exe, "train", os.path.join(REPO, "configs", "demo.yaml"), *BASE, f"output_dir={tmp_path}",
-            "run_name=sigterm", "ray.placement=separate"]
+    args = [
+        exe,
+        "train",
+        os.path.join(REPO, "configs", "demo.yaml"),
+        *BASE,
+        f"output_dir={tmp_path}",
+        "run_name=sigterm",
+        "ray.placement=separate",
+    ]
     run_dir = tmp_path / "sigterm"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     _wait_for(lambda: _epochs_logged(run_dir) >= 1 or proc.poll() is not None)
@@ -230,8 +274,9 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(separate, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert f"cmd-dist train --resume {run_dir}" in err
     assert 1 <= _epochs_logged(run_dir) < EPOCHS
-    res = subprocess.run([exe, "train", "--resume", str(run_dir)], capture_output=True, text=True, timeout=400,
-                         cwd=tmp_path)
+    res = subprocess.run(
+        [exe, "train", "--resume", str(run_dir)], capture_output=True, text=True, timeout=400, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "final test accuracy  peerA" in res.stdout
     _assert_same_run(separate[1], run_dir)

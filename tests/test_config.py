@@ -1,0 +1,453 @@
+"""Config errors name the key and what is allowed; the CLI turns them (and bad data files) into one line on
+stderr and exit code 2 before Ray starts. No test here starts Ray: the CLI subprocesses run with a fake ``ray``
+package first on the path, so a run that got past the checks would crash with a traceback instead of training."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cmd_dist.config import ConfigError, dump_yaml, load_config, parse_overrides
+from cmd_dist.data import DataError, check_data, safe_unpickle
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def _error(overrides: list[str] | None = None, path: Path | str | None = DEMO) -> str:
+    """The ConfigError message for loading ``path`` with ``overrides`` (which must fail), checked to be one line."""
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+def test_unknown_top_level_key_in_file(tmp_path):
+    msg = _error(path=_write(tmp_path, "epochs: 3\n"))
+    assert "'epochs'" in msg and "allowed:" in msg and "train" in msg and "method" in msg
+
+
+def test_unknown_nested_key_in_file(tmp_path):
+    msg = _error(path=_write(tmp_path, "method:\n  etta: 3\n"))
+    assert "'method.etta'" in msg and "method.eta" in msg and "method.b2" in msg
+
+
+def test_unknown_peer_key_in_file(tmp_path):
+    msg = _error(path=_write(tmp_path, "peers:\n  - {arch: resnet18, colour: red}\n  - {arch: resnet18}\n"))
+    assert "peers[0].colour" in msg and "peers[0].arch" in msg
+
+
+@pytest.mark.parametrize("override,key", [
+    ("foo=1", "'foo'"),
+    ("method.foo=1", "'method.foo'"),
+    ("data.foo.bar=1", "'data.foo'"),
+    ("train.lr.x=1", "'train.lr'"),
+])
+def test_unknown_key_via_override(override, key):
+    msg = _error([override])
+    assert key in msg and "unknown config key" in msg
+
+
+# ----------------------------------------------------------------------------- wrong types
+
+@pytest.mark.parametrize("override,key,expected", [
+    ("train.epochs=abc", "train.epochs", "integer"),
+    ("train.epochs=1.5", "train.epochs", "integer"),
+    ("train.epochs=true", "train.epochs", "integer"),
+    ("noise.rate=abc", "noise.rate", "number"),
+    ("noise.rate=true", "noise.rate", "number"),
+    ("method.eta=null", "method.eta", "number"),
+    ("train.milestones=5", "train.milestones", "list"),
+    ("train.milestones=[10, x]", "train.milestones[1]", "integer"),
+    ("peers=resnet18", "peers", "list"),
+    ("method=3", "method", "mapping"),
+    ("data.augment=maybe", "data.augment", "true or false"),
+    ("data.dataset=5", "data.dataset", "string"),
+])
+def test_wrong_type_names_key_and_expected_type(override, key, expected):
+    msg = _error([override])
+    assert msg.startswith(key + ":") and expected in msg, msg
+
+
+def test_wrong_type_in_file(tmp_path):
+    msg = _error(path=_write(tmp_path, "train:\n  epochs: ten\n"))
+    assert msg.startswith("train.epochs:") and "'ten'" in msg
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("2.5e+1", 25.0), (".5", 0.5), ("3", 3.0)])
+def test_float_spellings_yaml_reads_as_strings_are_numbers(text, value):
+    """PyYAML (YAML 1.1) reads 1e-3 without a dot as a string; a float key must still accept it."""
+    assert load_config(DEMO, [f"train.lr={text}"]).train.lr == pytest.approx(value)
+
+
+def test_float_exponent_in_file(tmp_path):
+    cfg = load_config(_write(tmp_path, "train:\n  weight_decay: 5e-4\n  lr: 1e-1\n"))
+    assert cfg.train.weight_decay == pytest.approx(5e-4) and cfg.train.lr == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- values
+
+@pytest.mark.parametrize("eta", ["0", "0.0", ".nan"])
+def test_eta_zero_or_nan_is_rejected(eta):
+    msg = _error([f"method.eta={eta}"])
+    assert msg.startswith("method.eta:") and "eta=inf" in msg
+
+
+@pytest.mark.parametrize("rate", ["1.0", "1", "-0.1", "1.5"])
+def test_noise_rate_outside_unit_interval(rate):
+    msg = _error([f"noise.rate={rate}"])
+    assert msg.startswith("noise.rate:") and "[0, 1)" in msg
+
+
+def test_noise_rate_zero_is_clean_labels():
+    assert load_config(DEMO, ["noise.rate=0"]).noise.rate == 0.0
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("peers.1.arch=vgg16", "peers[1].arch", "resnet34"),
+    ("method.self_kd=dino", "method.self_kd", "mconf"),
+    ("method.knowledge=some", "method.knowledge", "cmd-p"),
+    ("method.objective=dml", "method.objective", "syncmkd"),
+    ("noise.kind=asym", "noise.kind", "pairflip"),
+    ("data.dataset=imagenet", "data.dataset", "cifar100"),
+    ("data.protocol=test", "data.protocol", "search"),
+])
+def test_unknown_choice_lists_what_is_allowed(override, key, allowed):
+    msg = _error([override])
+    assert msg.startswith(key + ":") and allowed in msg and "not one of" in msg
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_epochs_must_be_positive(epochs):
+    msg = _error([f"train.epochs={epochs}"])
+    assert msg.startswith("train.epochs:") and "> 0" in msg
+
+
+def test_batch_size_must_be_positive():
+    assert _error(["train.batch_size=0"]).startswith("train.batch_size:")
+
+
+def test_milestones_must_increase():
+    assert _error(["train.milestones=[80, 50]"]).startswith("train.milestones:")
+
+
+def test_cmd_s_needs_b2_zero():
+    msg = _error(["method.knowledge=cmd-s", "method.b2=-4"])
+    assert msg.startswith("method.b2:") and "cmd-s" in msg
+    assert load_config(DEMO, ["method.knowledge=cmd-s", "method.b2=0"]).method.knowledge == "cmd-s"
+
+
+def test_cmd_p_needs_b2_nonzero():
+    msg = _error(["method.knowledge=cmd-p", "method.b2=0"])
+    assert msg.startswith("method.b2:") and "cmd-s" in msg
+
+
+@pytest.mark.parametrize("knowledge", ["zero", "all"])
+def test_b2_is_free_for_zero_and_all(knowledge):
+    for b2 in ("0", "-8", "5"):
+        assert load_config(DEMO, [f"method.knowledge={knowledge}", f"method.b2={b2}"]).method.knowledge == knowledge
+
+
+def test_mutual_distillation_needs_two_peers_but_self_kd_does_not():
+    msg = _error(["peers=[{arch: resnet18}]"])
+    assert msg.startswith("peers:") and "at least 2" in msg
+    assert len(load_config(DEMO, ["peers=[{arch: resnet18}]", "method.knowledge=zero"]).peers) == 1
+    assert len(load_config(DEMO, ["peers=[{arch: resnet18}]", "method.objective=tfkd_reg"]).peers) == 1
+
+
+def test_peer_names_must_be_unique():
+    msg = _error(["peers.1.name=peerA"])
+    assert msg.startswith("peers:") and "unique" in msg
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def test_override_without_equals():
+    msg = _error(["method.eta"])
+    assert "'method.eta'" in msg and "key=value" in msg
+
+
+def test_override_values_are_yaml():
+    pairs = dict(parse_overrides(["a=3", "b=0.5", "c=[1, 2]", "d={x: 1}", "e=true", "f=hello", "g="]))
+    assert pairs == {"a": 3, "b": 0.5, "c": [1, 2], "d": {"x": 1}, "e": True, "f": "hello", "g": ""}
+
+
+def test_override_peers_list_and_default_names():
+    cfg = load_config(DEMO, ["peers=[{arch: resnet18}, {arch: shufflenetv2}]"])
+    assert [(p.arch, p.name) for p in cfg.peers] == [("resnet18", "peer0"), ("shufflenetv2", "peer1")]
+
+
+@pytest.mark.parametrize("text", ["inf", ".inf", "+inf", "Inf"])
+def test_override_eta_inf_is_zero_knowledge_threshold(text):
+    assert load_config(DEMO, [f"method.eta={text}"]).method.eta == math.inf
+
+
+def test_override_negative_eta_is_allowed():
+    """Sec. 4.2: eta in R^- (like +inf) gives zero knowledge; it is a legal value."""
+    assert load_config(DEMO, ["method.eta=-inf"]).method.eta == -math.inf
+    assert load_config(DEMO, ["method.eta=-2"]).method.eta == -2.0
+
+
+def test_override_indexes_into_peers():
+    cfg = load_config(DEMO, ["peers.1.arch=resnet18"])
+    assert [(p.arch, p.name) for p in cfg.peers] == [("cnn_small", "peerA"), ("resnet18", "peerB")]
+
+
+@pytest.mark.parametrize("override", ["peers.2.arch=resnet18", "peers.x.arch=resnet18", "peers.5=1"])
+def test_override_bad_peer_index(override):
+    msg = _error([override])
+    assert "peers" in msg and override.split("=")[0] in msg
+
+
+def test_override_whitespace_around_key_is_ignored():
+    assert load_config(DEMO, [" method.eta =3"]).method.eta == 3.0
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    path = _write(tmp_path, "train:\n  epochs: 7\nmethod:\n  eta: 3\n")
+    cfg = load_config(path, ["method.eta=5"])
+    assert cfg.train.epochs == 7  # file over default
+    assert cfg.method.eta == 5.0  # override over file
+    assert cfg.train.batch_size == 128 and cfg.method.b1 == 16.0  # defaults elsewhere
+
+
+def test_defaults_give_two_named_peers():
+    cfg = load_config()
+    assert [p.name for p in cfg.peers] == ["peer0", "peer1"]
+    assert cfg.method.knowledge == "cmd-p" and cfg.method.b2 != 0  # defaults validate
+
+
+def test_explicit_peer_names_are_kept():
+    assert [p.name for p in load_config(DEMO).peers] == ["peerA", "peerB"]
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    """Run folders store dump_yaml(cfg) and --resume loads it back: it must give the same config."""
+    cfg = load_config(DEMO, ["method.eta=inf", "train.lr=1e-3", "method.epsilon=0.2", "peers.1.arch=resnet18"])
+    again = load_config(_write(tmp_path, dump_yaml(cfg), "config.yaml"))
+    assert again == cfg
+
+
+# ----------------------------------------------------------------------------- files
+
+def test_missing_config_file(tmp_path):
+    msg = _error(path=tmp_path / "nope.yaml")
+    assert "nope.yaml" in msg and "not found" in msg
+
+
+def test_invalid_yaml_file(tmp_path):
+    msg = _error(path=_write(tmp_path, "train: [1, 2\n"))
+    assert "cfg.yaml" in msg and "not valid YAML" in msg
+
+
+def test_non_mapping_yaml_file(tmp_path):
+    msg = _error(path=_write(tmp_path, "- 1\n- 2\n"))
+    assert "cfg.yaml" in msg and "mapping" in msg
+
+
+def test_empty_yaml_file_is_the_defaults(tmp_path):
+    assert load_config(_write(tmp_path, "# nothing\n")) == load_config()
+
+
+# ----------------------------------------------------------------------------- data files (no Ray)
+
+class _Hostile:
+    """Unpickling this runs ``touch MARKER`` (with a plain pickle.load)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _cifar_root(tmp_path: Path, train_bytes: bytes) -> Path:
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    (folder / "train").write_bytes(train_bytes)
+    return folder.parent
+
+
+def test_hostile_pickle_is_refused_not_run(tmp_path):
+    marker = tmp_path / "PWNED"
+    root = _cifar_root(tmp_path, pickle.dumps({"data": _Hostile(marker), "fine_labels": [0]}))
+    with pytest.raises(DataError) as info:
+        safe_unpickle(root / "cifar-100-python" / "train")
+    assert str(root / "cifar-100-python" / "train") in str(info.value) and "refusing" in str(info.value)
+    assert not marker.exists()
+
+
+def test_truncated_pickle_is_a_one_line_error(tmp_path):
+    good = {"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0, 1, 2, 3]}
+    root = _cifar_root(tmp_path, pickle.dumps(good)[:200])
+    cfg = load_config(DEMO, ["data.dataset=cifar100", f"data.root={root}"])
+    with pytest.raises(DataError) as info:
+        check_data(cfg.data)
+    msg = str(info.value)
+    assert str(root / "cifar-100-python" / "train") in msg and "\n" not in msg
+
+
+def test_well_formed_pickle_with_wrong_content(tmp_path):
+    root = _cifar_root(tmp_path, pickle.dumps({"data": np.zeros((4, 10), np.uint8), "fine_labels": [0, 1, 2, 3]}))
+    cfg = load_config(DEMO, ["data.dataset=cifar100", f"data.root={root}"])
+    with pytest.raises(DataError, match="3072"):
+        check_data(cfg.data)
+
+
+# ----------------------------------------------------------------------------- the CLI (subprocess)
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "cmd-dist"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cmd_dist.cli"]
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run ``cmd-dist train ARGS`` from the repo root with Ray unimportable and no network; returns the result.
+
+    Every call writes runs to tmp_path/runs, which must not exist afterwards: the error came before the run
+    folder (and so before Ray).
+    """
+    fence = tmp_path / "fence" / "ray"
+    fence.mkdir(parents=True)
+    (fence / "__init__.py").write_text("raise ImportError('ray is fenced off in tests/test_config.py')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k.lower() != "no_proxy"}
+    env["PYTHONPATH"] = os.pathsep.join([str(fence.parent), str(REPO)])
+    # A missing CIFAR folder makes cmd-dist try a torchvision download: make it fail fast, offline or not.
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        env[var] = "http://127.0.0.1:9"
+    out_dir = tmp_path / "runs"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        cmd = [*_cli(), "train", *args, f"output_dir={out_dir}"]
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert "run folder" not in result.stdout, result.stdout
+        assert not out_dir.exists(), "a run folder was created: the error came too late"
+        return result
+
+    return run
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("cmd-dist: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["method.eta=0"], "method.eta"),
+    (["train.epochs=abc"], "train.epochs"),
+    (["train.batch_size=5000"], "train.batch_size"),  # digits has 1,438 training images: a data check
+])
+def test_cli_config_error_is_one_line_exit_2(run_cli, overrides, needle):
+    line = _one_error_line(run_cli("configs/demo.yaml", *overrides))
+    assert needle in line
+
+
+@pytest.fixture
+def main_without_ray(monkeypatch, tmp_path):
+    """cmd_dist.cli.main in this process, with Ray and the launcher unimportable (a run that got through would
+    fail instead of starting Ray); returns a function giving (exit code, stdout, stderr)."""
+    import cmd_dist
+    from cmd_dist import cli
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launcher", None)
+    monkeypatch.delattr(cmd_dist, "launcher", raising=False)
+    monkeypatch.chdir(REPO)
+    out_dir = tmp_path / "runs"
+
+    def run(capsys, *args: str) -> tuple[int, str, str]:
+        with pytest.raises(SystemExit) as info:
+            cli.main(["train", *args, f"output_dir={out_dir}"])
+        captured = capsys.readouterr()
+        assert not out_dir.exists()
+        return info.value.code, captured.out, captured.err
+
+    return run
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.epochs=1.5"], "train.epochs"),
+    (["noise.rate=1.0"], "noise.rate"),
+    (["noise.rate=-0.1"], "noise.rate"),
+    (["method.bogus=1"], "method.bogus"),
+    (["bogus=1"], "bogus"),
+    (["peers.1.arch=vgg16"], "peers[1].arch"),
+    (["method.self_kd=dino"], "method.self_kd"),
+    (["method.objective=dml"], "method.objective"),
+    (["method.knowledge=some"], "method.knowledge"),
+    (["train.epochs=0"], "train.epochs"),
+    (["method.knowledge=cmd-s"], "method.b2"),  # demo.yaml has b2 = -4
+    (["method.knowledge=cmd-p", "method.b2=0"], "method.b2"),
+    (["method.eta"], "key=value"),
+])
+def test_cli_main_config_error_is_one_line_exit_2(main_without_ray, capsys, overrides, needle):
+    code, out, err = main_without_ray(capsys, "configs/demo.yaml", *overrides)
+    assert code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cmd-dist: error: ") and needle in lines[0], err
+
+
+def test_cli_missing_config_file(run_cli):
+    line = _one_error_line(run_cli("configs/no_such.yaml"))
+    assert "configs/no_such.yaml" in line
+
+
+def test_cli_missing_cifar_root(run_cli, tmp_path):
+    root = tmp_path / "nonexistent"
+    line = _one_error_line(run_cli("configs/demo.yaml", "data.dataset=cifar100", f"data.root={root}"))
+    assert str(root) in line and "cifar-100-python" in line and "data.root" in line
+    assert not root.exists()  # a mistyped root is never created (no download attempt into it)
+
+
+def test_cli_corrupted_cifar_pickle(run_cli, tmp_path):
+    root = _cifar_root(tmp_path, b"\x00 this is not a pickle \xff" * 64)
+    line = _one_error_line(run_cli("configs/demo.yaml", "data.dataset=cifar100", f"data.root={root}"))
+    assert str(root / "cifar-100-python" / "train") in line
+
+
+def test_cli_hostile_cifar_pickle_is_not_run(run_cli, tmp_path):
+    marker = tmp_path / "PWNED"
+    root = _cifar_root(tmp_path, pickle.dumps({"data": _Hostile(marker), "fine_labels": [0]}))
+    assert not marker.exists()
+    line = _one_error_line(run_cli("configs/demo.yaml", "data.dataset=cifar100", f"data.root={root}"))
+    assert str(root / "cifar-100-python" / "train") in line
+    assert not marker.exists(), "the hostile pickle's payload ran"
+
+
+def test_cli_fence_really_blocks_ray(tmp_path):
+    """The guard the CLI tests rely on: with the fence first on the path, importing ray fails."""
+    fence = tmp_path / "ray"
+    fence.mkdir()
+    (fence / "__init__.py").write_text("raise ImportError('fenced')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "fenced" in result.stderr
+
+
+def test_yaml_of_the_demo_is_a_mapping():
+    """Sanity for the CLI tests: they rely on demo.yaml's values (two cnn_small peers, b2 = -4, digits)."""
+    raw = yaml.safe_load(DEMO.read_text())
+    assert raw["method"]["b2"] == -4.0 and raw["data"]["dataset"] == "digits" and len(raw["peers"]) == 2
