@@ -109,6 +109,9 @@ class RayConfig:
     #: ``auto`` uses one GPU per worker when the cluster has them; ``true`` / ``false`` force it.
     use_gpu: str = "auto"
     cpus_per_worker: float = 1.0
+    #: GPUs per worker when GPUs are used; below 1 lets peers' workers share a GPU (then gloo, since
+    #: NCCL cannot run two ranks on one device).
+    gpus_per_worker: float = 1.0
     #: Worker-group restarts from the last checkpoint after a worker dies (Ray FailureConfig).
     max_failures: int = 3
     #: Checkpoints kept (the latest N) besides the best by validation accuracy.
@@ -331,6 +334,8 @@ def validate(cfg: Config) -> None:
     _choice("ray.use_gpu", str(cfg.ray.use_gpu).lower(), ("auto", "true", "false"))
     if cfg.ray.cpus_per_worker <= 0:
         raise ConfigError(f"ray.cpus_per_worker: {cfg.ray.cpus_per_worker} must be > 0")
+    if not 0 < cfg.ray.gpus_per_worker <= 1:
+        raise ConfigError(f"ray.gpus_per_worker: {cfg.ray.gpus_per_worker} must be in (0, 1]")
     if cfg.ray.max_failures < 0:
         raise ConfigError(f"ray.max_failures: {cfg.ray.max_failures} must be >= 0")
     if cfg.ray.keep_checkpoints < 1:

@@ -46,6 +46,8 @@ _ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
+    # Protocol-2 pickles written by Python 3 rebuild bytes with codecs.encode(str, "latin1"): pure.
+    ("_codecs", "encode"),
 }
 
 

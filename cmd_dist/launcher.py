@@ -76,11 +76,13 @@ def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
     workers = len(cfg.peers) if cfg.ray.placement == "separate" else 1
     gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
     mode = str(cfg.ray.use_gpu).lower()
-    use_gpu = gpus >= workers if mode == "auto" else mode == "true"
+    per_gpu = cfg.ray.gpus_per_worker
+    use_gpu = gpus >= workers * per_gpu if mode == "auto" else mode == "true"
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = 1.0
-    backend = "nccl" if use_gpu and workers > 1 else "gloo"
+        resources["GPU"] = per_gpu
+    # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
+    backend = "nccl" if use_gpu and workers > 1 and per_gpu >= 1 else "gloo"
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend, use_gpu
 
 

@@ -1,0 +1,147 @@
+"""The training loop in one process (no Ray): objectives, self-KD methods, N peers, fast path, augmentation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from cmd_dist.config import load_config
+from cmd_dist.data import augment
+from cmd_dist.local import run_local
+
+SMALL = [
+    "train.epochs=2",
+    "train.milestones=[]",
+    "train.log_every=0",
+    "data.train_subset=384",
+    "data.test_subset=128",
+    "method.eta=1.0",
+    "method.b2=-1.0",
+]
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["syncmkd", "asyncmkd", "kdcl", "tfkd_reg"])
+def test_baseline_objectives_train(tmp_path, objective):
+    cfg = load_config(
+        None, SMALL + [f"method.objective={objective}", "data.train_subset=0", "train.epochs=3", "train.lr=0.05"]
+    )
+    metrics, _ = run_local(cfg, tmp_path)
+    for peer in ("peer0", "peer1"):
+        assert math.isfinite(metrics[f"{peer}/train_loss"]) and metrics[f"{peer}/train_loss"] > 0
+        assert metrics[f"{peer}/test_acc"] > 25.0  # learning, not chance (10 classes)
+    assert math.isnan(metrics["chi"])  # baselines do not select knowledge
+
+
+def test_asyncmkd_steps_one_peer_per_iteration(tmp_path):
+    """Eq. (2): with one step per epoch, only the active peer's weights may change in that step."""
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=1",
+            "train.milestones=[]",
+            "train.log_every=0",
+            "data.train_subset=64",
+            "train.batch_size=64",
+            "method.objective=asyncmkd",
+            "train.weight_decay=0",
+        ],
+    )
+    from cmd_dist.engine import build_peer
+
+    init = [build_peer(cfg, k, 10, 1, torch.device("cpu")).model.state_dict() for k in range(2)]
+    run_local(cfg, tmp_path)
+    from cmd_dist.checkpoint import load_peer_state
+
+    after = [load_peer_state(tmp_path / "checkpoint_000001", k)["model"] for k in range(2)]
+    changed = [any(not torch.equal(init[k][n], after[k][n]) for n in init[k] if "weight" in n) for k in range(2)]
+    assert changed == [True, False]  # t = 1 is odd: peer A (index 0) trains, B waits
+
+
+@pytest.mark.parametrize("self_kd", ["ce", "ls", "cp", "bootsoft", "proselflc"])
+def test_self_kd_methods_train(tmp_path, self_kd):
+    extra = ["method.progress_unit=iteration"] if self_kd == "proselflc" else []
+    metrics, _ = run_local(load_config(None, SMALL + [f"method.self_kd={self_kd}"] + extra), tmp_path)
+    assert all(math.isfinite(metrics[f"peer{k}/train_loss"]) for k in range(2))
+    rows = _rows(tmp_path)
+    if self_kd == "ce":
+        assert all(r["epsilon_mean"] == 0 for r in rows)
+    elif self_kd in ("ls", "cp"):
+        assert all(r["epsilon_mean"] == pytest.approx(0.1) for r in rows)
+
+
+def test_mconf_certainty_is_updated_each_epoch(tmp_path):
+    run_local(load_config(None, SMALL + ["train.epochs=3"]), tmp_path)
+    r = [row["certainty_r"] for row in _rows(tmp_path) if row["peer"] == "peer0"]
+    assert len(r) == 3 and all(0 < x < 1 for x in r)
+    assert r[0] != r[1] != r[2]
+
+
+def test_three_peers_exchange_with_each_other(tmp_path):
+    cfg = load_config(None, SMALL + ["peers=[{arch: cnn_small}, {arch: cnn_small}, {arch: cnn_small}]"])
+    metrics, _ = run_local(cfg, tmp_path)
+    rows = [r for r in _rows(tmp_path) if r["epoch"] == 1]
+    assert len(rows) == 3
+    for r in rows:
+        others = {f"peer{k}" for k in range(3)} - {r["peer"]}
+        assert set(r["distilled_from"]) == others and all(v > 0 for v in r["distilled_from"].values())
+    assert all(f"peer{k}/test_acc" in metrics for k in range(3))
+
+
+def test_different_architectures_as_peers(tmp_path):
+    cfg = load_config(
+        None,
+        SMALL
+        + [
+            "train.epochs=1",
+            "peers=[{arch: cnn_small}, {arch: shufflenetv2}]",
+            "train.batch_size=64",
+            "data.train_subset=128",
+        ],
+    )
+    metrics, _ = run_local(cfg, tmp_path)
+    assert {r["arch"] for r in _rows(tmp_path)} == {"cnn_small", "shufflenetv2"}
+    assert math.isfinite(metrics["peer1/train_loss"])
+
+
+def test_fast_path_bf16_channels_last_matches_plain_path(tmp_path):
+    plain, _ = run_local(load_config(None, SMALL + ["train.fast_path=false"]), tmp_path / "plain")
+    fast, _ = run_local(
+        load_config(None, SMALL + ["train.fast_path=true", "train.compile_mode=none"]), tmp_path / "fast"
+    )
+    for k in range(2):
+        assert fast[f"peer{k}/train_loss"] == pytest.approx(plain[f"peer{k}/train_loss"], rel=0.05)
+        assert fast[f"peer{k}/train_loss"] != plain[f"peer{k}/train_loss"]  # bf16 really ran
+
+
+def test_fast_path_with_torch_compile(tmp_path):
+    """torch.compile of each peer (inductor on CPU; reduce-overhead CUDA graphs on GPU) trains the same."""
+    eager, _ = run_local(load_config(None, SMALL + ["train.fast_path=true", "train.compile_mode=none"]), tmp_path / "e")
+    comp, _ = run_local(
+        load_config(None, SMALL + ["train.fast_path=true", "train.compile_mode=default"]), tmp_path / "c"
+    )
+    for k in range(2):
+        assert comp[f"peer{k}/train_loss"] == pytest.approx(eager[f"peer{k}/train_loss"], rel=0.05)
+
+
+def test_augment_crops_and_flips_per_sample():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    out = augment(x, 1, True, g)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    again = augment(x, 1, True, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    # Every output is a (possibly flipped) 4x4 window of the zero-padded image.
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for b in range(2):
+        windows = [padded[b, :, i : i + 4, j : j + 4] for i in range(3) for j in range(3)]
+        windows += [w.flip(2) for w in windows]
+        assert any(torch.equal(out[b], w) for w in windows)
+    outs = {tuple(augment(x, 1, True, torch.Generator().manual_seed(s))[0].flatten().tolist()) for s in range(30)}
+    assert len(outs) > 5  # random offsets and flips, not a constant
