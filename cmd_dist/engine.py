@@ -202,24 +202,28 @@ def train_one_epoch(
             )
             live[p.index] = (logits, prob, eps, refined)
             packs.append(torch.cat([prob.detach(), refined, h[:, None]], dim=1))
-        gathered = exchange.all_gather(packs)  # the knowledge exchange, every peer in global order
-        all_p = [g[:, :c] for g in gathered]
-        all_q = [g[:, c : 2 * c] for g in gathered]
-        masks = [(g[:, 2 * c] < chi).float() for g in gathered] if m.objective == "cmd" else None
-        if masks is not None:
-            distilled += torch.stack([mk.sum() for mk in masks])
+        # Zero knowledge (chi = -inf, the same on every rank for the whole epoch) needs no exchange at all.
+        exchanging = n_peers > 1 and not (m.objective == "cmd" and chi == -math.inf)
+        masks = None
+        if exchanging:
+            gathered = exchange.all_gather(packs)  # the knowledge exchange, every peer in global order
+            all_p = [g[:, :c] for g in gathered]
+            all_q = [g[:, c : 2 * c] for g in gathered]
+            if m.objective == "cmd":
+                masks = [(g[:, 2 * c] < chi).float() for g in gathered]
+                distilled += torch.stack([mk.sum() for mk in masks])
 
         active = async_mkd_active_peer(epoch * steps + step + 1, n_peers) if m.objective == "asyncmkd" else None
         total = None
         stepping = []
         for p in peers:
             logits, prob, eps, refined = live[p.index]
-            probs = [prob if j == p.index else all_p[j] for j in range(n_peers)]
-            if m.objective == "cmd":
+            probs = [prob if j == p.index else all_p[j] for j in range(n_peers)] if exchanging else [prob]
+            if m.objective == "cmd":  # Eq. (10)-(11); zero knowledge leaves the self-KD term alone
                 own = self_kd_loss(m.self_kd, refined, prob, eps if m.self_kd in ("proselflc", "mconf") else eps_fixed)
                 parts = (
                     cmd_peer_loss(p.index, own, prob, all_q, masks)
-                    if n_peers > 1
+                    if masks is not None
                     else {"loss": own.mean(), "self_loss": own.mean(), "peer_loss": own.new_zeros(())}
                 )
             elif m.objective in ("syncmkd", "asyncmkd"):

@@ -20,6 +20,9 @@ from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray Train's controller takes one report per health check (default every 2 s): short epochs would
+# wait for it. 0.25 s halves `make demo` and changes nothing for CIFAR-sized epochs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
@@ -66,7 +69,11 @@ def init_ray(cfg: Config) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     # Ray's own INFO/WARNING chatter (per-report logs; the placement-group cleaner polling a state
     # API that only exists with the dashboard) drowns the epoch lines; errors still show.
-    kwargs: dict[str, Any] = dict(log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    kwargs: dict[str, Any] = dict(
+        log_to_driver=True,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+        runtime_env={"env_vars": {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}},
+    )
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
     ray.init(address=address, **kwargs)

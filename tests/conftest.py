@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR = os.path.join(REPO, "..", "shared", "data")
