@@ -1,0 +1,292 @@
+"""The Ray Tune side of ``cmd-dist tune``: each trial hosts one Ray Train job, the same one ``cmd-dist train`` runs.
+
+Ray Train V2 trainers cannot be handed to ``Tuner``; a trial (:class:`CMDTrial`) builds the TorchTrainer
+with ``cmd_dist.launcher.build_trainer`` and fits it in a thread, and a Train callback forwards each
+epoch's report to the trial, so Tune (and ASHA) sees every epoch. The trial process asks Ray for no
+CPU: its Train workers hold the CPUs and GPUs, and :func:`tune.resources.plan_resources` caps how many
+trials run at once (on a 2-CPU machine a trial that also held a CPU would wait forever for its workers).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune as ray_tune
+from ray.train import UserCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.util.queue import Empty, Queue
+
+from cmd_dist import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
+from cmd_dist.config import Config, ConfigError, from_dict
+from tune.resources import plan_resources
+from tune.results import TrialRow, make_row
+from tune.search import TUNE_EXPERIMENT, SearchJob
+from tune.space import Param, plain_value, trial_config
+
+#: Seconds a stopped trial's Ray Train run gets to finish (last epoch) or to abort (stopped early).
+ABORT_GRACE_S = 60.0
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short, stable trial folder names (Tune's default spells out every parameter)."""
+    return f"trial_{trial.trial_id}"
+
+
+class _ForwardReports(UserCallback):
+    """Runs in the Ray Train controller: hands each epoch's metrics (rank 0's) to the trial's queue.
+
+    The first report also carries the controller's handle, so the trial can abort the run cleanly.
+    """
+
+    def __init__(self, reports: Queue) -> None:
+        self._reports = reports
+        self._sent_handle = False
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        item: dict[str, Any] = {"metrics": dict(metrics[0])}
+        if not self._sent_handle:
+            item["controller"] = ray.get_runtime_context().current_actor
+            self._sent_handle = True
+        self._reports.put(item)
+
+
+class CMDTrial(ray_tune.Trainable):
+    """One trial: the sampled values on the user's config, search protocol, a full multi-peer CMD fit.
+
+    A class, not a function trainable, for its ``cleanup``: when Tune stops a trial (ASHA, or the last
+    epoch) it kills the trial's process, and a Ray Train run killed with it keeps its workers'
+    placement group (Train frees it through the state API, absent without the dashboard): the CPUs
+    stay reserved and every later trial waits for them forever. ``cleanup`` first lets a finishing
+    run end, or aborts a running one, so its workers and resources are released.
+
+    The trial's cmd-dist run folder is its Tune trial folder: tb/, metrics.jsonl and config.yaml sit
+    beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there.
+    """
+
+    def setup(self, config: dict[str, Any], base: dict[str, Any], experiment_dir: str) -> None:
+        cfg = trial_config(base, config)
+        cfg.output_dir, cfg.run_name = experiment_dir, f"trial_{self.trial_id}"
+        self._epochs = cfg.train.epochs
+        self._reports = Queue(actor_options={"num_cpus": 0})
+        self._controller: Any = None
+        self._error: BaseException | None = None
+        self._last: dict[str, Any] = {}
+        self._done = threading.Event()
+        trainer = launcher.build_trainer(cfg, launcher.resolve_run_dir(cfg), callbacks=[_ForwardReports(self._reports)])
+        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="cmd-fit", daemon=True)
+        self._thread.start()
+
+    def _fit(self, trainer: Any) -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to step(), which fails the trial with it
+            self._error = e
+        finally:
+            self._done.set()
+
+    def step(self) -> dict[str, Any]:
+        """The next epoch's metrics; ``done`` on the last epoch (or a non-finite loss, which ends the run)."""
+        while True:
+            finished = self._done.is_set()  # read before the queue: a report put before the end is not missed
+            item = self._next_report(timeout=1.0)
+            if item is None:
+                if not finished:
+                    continue
+                if self._error is not None:
+                    raise self._error
+                # The run ended without a further report (e.g. resumed after its last epoch).
+                return {**self._last, "done": True}
+            self._controller = item.get("controller", self._controller)
+            metrics = item["metrics"]
+            self._last = metrics
+            done = bool(metrics.get("nonfinite")) or int(metrics.get("epoch", 0)) >= self._epochs
+            return {**metrics, "done": done} if done else metrics
+
+    def _next_report(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            return self._reports.get(timeout=timeout)
+        except Empty:
+            return None
+
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        """Nothing for Tune to keep: the Train run checkpoints every epoch in the trial folder, and a
+        restored trial's run resumes from there."""
+        return None
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        return None
+
+    def cleanup(self) -> None:
+        # A run past its last report needs only a moment to close; otherwise it was stopped early: abort it.
+        last_epoch = int(self._last.get("epoch", 0)) >= self._epochs or bool(self._last.get("nonfinite"))
+        self._thread.join(timeout=ABORT_GRACE_S if last_epoch else 0.1)
+        if self._thread.is_alive() and self._controller is not None:
+            try:
+                ray.get(self._controller.abort.remote(), timeout=ABORT_GRACE_S)
+            except Exception:  # noqa: BLE001 - the controller exits inside abort(); that is success
+                pass
+            self._thread.join(timeout=ABORT_GRACE_S)
+
+
+def tune_domain(param: Param) -> Any:
+    if param.distribution == "uniform":
+        return ray_tune.uniform(param.low, param.high)
+    if param.distribution == "loguniform":
+        return ray_tune.loguniform(param.low, param.high)
+    if param.distribution == "randint":
+        return ray_tune.randint(param.low, param.high + 1)  # Tune leaves high out; the space includes it
+    return ray_tune.choice(list(param.values))
+
+
+def search_setup(job: SearchJob, seed: int) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search algorithm, num_samples) for --algo optuna / random / grid."""
+    algo = job.options.algo
+    start = [dict(p) for p in job.space.start] or None
+    if algo == "grid":
+        return {p.key: ray_tune.grid_search(p.grid_values()) for p in job.space.params}, None, 1
+    space = {p.key: tune_domain(p) for p in job.space.params}
+    if algo == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        # Optuna's TPE, seeded; the space's start points are enqueued before TPE samples.
+        return space, OptunaSearch(points_to_evaluate=start, seed=seed), job.options.trials
+    return space, BasicVariantGenerator(points_to_evaluate=start, random_state=seed), job.options.trials
+
+
+def max_epochs(job: SearchJob) -> int:
+    """ASHA's max_t: the config's epochs, or the most a searched train.epochs allows."""
+    epochs = from_dict(job.base).train.epochs
+    for p in job.space.params:
+        if p.key == "train.epochs":
+            epochs = max([epochs, *(p.values or ()), *([p.high] if p.high is not None else [])])
+    return int(epochs)
+
+
+@dataclass
+class SearchOutcome:
+    rows: list[TrialRow]
+    #: The config trials were built on (resource shares adjusted to this cluster); the final retrain uses it.
+    trial_base: dict[str, Any]
+    wall_s: float
+    #: Trials that did not finish (interrupted search): the caller reports and offers --resume.
+    unfinished: bool = False
+
+
+def run_search(job: SearchJob) -> SearchOutcome:
+    """Start or join Ray, size the trials to the cluster, run (or restore and continue) the Tune experiment."""
+    cfg = from_dict(job.base)
+    launcher.init_ray(cfg)
+    probe = trial_config(job.base, {})
+    scaling, _, _ = launcher.scaling_for(probe)
+    plan = plan_resources(
+        scaling.num_workers,
+        dict(scaling.resources_per_worker or {"CPU": 1.0}),
+        ray.cluster_resources(),
+        job.options.max_concurrent,
+        job.options.trials,
+    )
+    for note in plan.notes:
+        print(f"cmd-dist: {note}", flush=True)
+    trial_base = copy.deepcopy(job.base)
+    trial_base["ray"]["cpus_per_worker"] = plan.resources_per_worker.get("CPU", cfg.ray.cpus_per_worker)
+    # Trials run inside the cluster already; without the address their run folders' config.yaml stays the
+    # same when a search is resumed with another --address (a changed config would refuse to resume).
+    trial_base["ray"]["address"] = None
+    print(
+        f"cmd-dist: {plan.concurrency} trial(s) at once, each {scaling.num_workers} worker(s) x "
+        f"{plan.resources_per_worker}",
+        flush=True,
+    )
+
+    trainable = ray_tune.with_resources(
+        ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir)),
+        {"CPU": 0, "memory": 1},
+    )
+    param_space, searcher, num_samples = search_setup(job, cfg.seed)
+    start = time.time()
+    if job.resume and ray_tune.Tuner.can_restore(str(job.experiment_dir)):
+        print(f"cmd-dist: continuing the search in {job.experiment_dir}", flush=True)
+        tuner = ray_tune.Tuner.restore(
+            str(job.experiment_dir), trainable=trainable, param_space=param_space, resume_unfinished=True
+        )
+    else:
+        epochs = max_epochs(job)
+        scheduler = None
+        if job.options.asha:
+            scheduler = ASHAScheduler(
+                time_attr="epoch",
+                max_t=epochs,
+                grace_period=job.options.grace_period,
+                reduction_factor=job.options.reduction_factor,
+            )
+        tuner = ray_tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=ray_tune.TuneConfig(
+                metric=job.score_key,
+                mode="max",
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=plan.concurrency,
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=ray_tune.RunConfig(
+                name=TUNE_EXPERIMENT,
+                storage_path=str(job.search_dir),
+                # Worker failures are retried inside a trial (ray.max_failures); a failed trial stays failed.
+                failure_config=ray_tune.FailureConfig(max_failures=0),
+                checkpoint_config=ray_tune.CheckpointConfig(checkpoint_at_end=False),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    wall = time.time() - start
+    rows = [_row(result, job, trial_base) for result in grid]
+    finished = grid.num_terminated + grid.num_errors
+    return SearchOutcome(rows, trial_base, wall, unfinished=finished < len(grid) or len(grid) < job.options.trials)
+
+
+def _row(result: Any, job: SearchJob, trial_base: dict[str, Any]) -> TrialRow:
+    metrics = dict(result.metrics or {})
+    trial_dir = Path(result.path)
+    trial_id = metrics.get("trial_id") or trial_dir.name.removeprefix("trial_")
+    params = {k: plain_value(result.config.get(k)) for k in job.space.keys}
+    try:
+        epochs = trial_config(trial_base, params).train.epochs
+    except ConfigError:
+        epochs = from_dict(trial_base).train.epochs
+    error = _one_line(result.error) if result.error is not None else ""
+    return make_row(trial_id, params, metrics, job.peers, job.score_key, epochs, error, str(trial_dir))
+
+
+def _one_line(error: BaseException) -> str:
+    """The root cause's message: Tune wraps a trial's exception in its own, with a traceback."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+def final_retrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    """The best config with the final protocol (all training data, test): ``cmd-dist train``'s own code path.
+
+    A retrain that already finished (a resumed search) is not repeated; an interrupted one continues.
+    """
+    done = run_dir / "summary.json"
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("epochs_run") == cfg.train.epochs and summary.get("eval_split") == "test":
+            print(f"cmd-dist: final retrain already done: {done}", flush=True)
+            return summary
+    print(f"\ncmd-dist: retraining the best config on all training data, testing: {run_dir}", flush=True)
+    run_dir = launcher.resolve_run_dir(cfg)
+    return launcher.train(cfg, run_dir)
