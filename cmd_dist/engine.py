@@ -357,6 +357,8 @@ def run_worker(
         reporter.report(last, None)
         return last
     _write_worker_info(run_dir, exchange)
+    best_dir = Path(run_dir) / "best_checkpoint"
+    best_score = _stored_best_score(best_dir)
     monitor = monitor_factory(cfg, run_dir, start_epoch) if (monitor_factory and exchange.rank == 0) else None
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -391,9 +393,14 @@ def run_worker(
             return metrics
         if monitor:
             monitor.log_epoch(epoch, rows, res, metrics)
+        states = {p.index: peer_state(p, epoch + 1) for p in peers}
+        score = metrics[f"{data.eval_split}_acc"]
+        if score > best_score:
+            best_score = score
+            _save_best(best_dir, exchange, states, metrics, epoch + 1)
         with tempfile.TemporaryDirectory(prefix="cmd-ckpt-") as tmp:
-            for p in peers:
-                save_peer_state(Path(tmp), p.index, peer_state(p, epoch + 1))
+            for k, state in states.items():
+                save_peer_state(Path(tmp), k, state)
             if exchange.rank == 0:
                 atomic_write_bytes(Path(tmp) / "metrics.json", json.dumps(metrics).encode())
                 write_epoch_marker(Path(tmp), epoch + 1)
@@ -401,6 +408,33 @@ def run_worker(
     if monitor:
         monitor.close()
     return last
+
+
+def _stored_best_score(best_dir: Path) -> float:
+    """The mean eval accuracy of ``best_checkpoint/`` (kept across resumes), or -inf."""
+    try:
+        stored = json.loads((best_dir / "metrics.json").read_text())
+        return float(stored[f"{stored['eval_split']}_acc"])
+    except (OSError, ValueError, KeyError):
+        return -math.inf
+
+
+def _save_best(best_dir: Path, exchange: Exchange, states: dict[int, dict], metrics: dict, epoch: int) -> None:
+    """Keep the epoch with the best mean accuracy on the eval split (validation in the search protocol).
+
+    Each worker writes its peers' files atomically; after everyone is done (the gather is a barrier),
+    rank 0 writes metrics.json and epoch.txt last, so a complete marker means a consistent set.
+    """
+    best_dir.mkdir(parents=True, exist_ok=True)
+    if exchange.rank == 0:
+        (best_dir / "epoch.txt").unlink(missing_ok=True)
+    exchange.gather_objects(None)
+    for k, state in states.items():
+        save_peer_state(best_dir, k, state)
+    exchange.gather_objects(None)
+    if exchange.rank == 0:
+        atomic_write_bytes(best_dir / "metrics.json", json.dumps(metrics).encode())
+        write_epoch_marker(best_dir, epoch)
 
 
 def _write_worker_info(run_dir: Path, exchange: Exchange) -> None:

@@ -103,3 +103,17 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     load_peer_state(tmp_path / "run" / "checkpoint_000001", 0)  # verifies
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["epoch"] for r in rows} == {1}
+
+
+def test_best_checkpoint_is_kept_beside_the_latest(tmp_path):
+    cfg = _cfg(["train.epochs=4", "data.protocol=search"])
+    run_local(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    mean = {e: sum(r["eval_acc"] for r in rows if r["epoch"] == e) / 2 for e in range(1, 5)}
+    best_epoch = max(mean, key=lambda e: (mean[e], -e))  # the first epoch reaching the best mean
+    best = tmp_path / "run" / "best_checkpoint"
+    assert int((best / "epoch.txt").read_text()) == best_epoch
+    assert json.loads((best / "metrics.json").read_text())["val_acc"] == pytest.approx(mean[best_epoch])
+    for k in range(2):
+        assert load_peer_state(best, k)["epoch"] == best_epoch
+    assert [c.name for c in _ckpts(tmp_path / "run")] == ["checkpoint_000003", "checkpoint_000004"]
