@@ -191,9 +191,9 @@ def train_one_epoch(
             prob = torch.softmax(logits.float(), dim=1)
             h = entropy(prob.detach())
             if m.self_kd == "proselflc":
-                eps = proselflc_trust(prob, progress_t, m.b1)
+                eps = proselflc_trust(prob, progress_t, m.b1, entropies=h)
             elif m.self_kd == "mconf":
-                eps = mconf_trust(prob, p.certainty.r, m.b1, m.rho)
+                eps = mconf_trust(prob, p.certainty.r, m.b1, m.rho, entropies=h)
                 p.certainty.accumulate(h)
             else:
                 eps = torch.full_like(h, eps_fixed if m.self_kd != "ce" else 0.0)

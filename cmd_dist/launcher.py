@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cmd_dist.checkpoint import atomic_write_bytes
 from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
 
 # Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
@@ -196,9 +197,7 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
         "stopped": metrics.get("nonfinite"),
         "splits_read": metrics.get("splits_read"),
     }
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 

@@ -64,29 +64,41 @@ def cross_entropy(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return -(q * torch.log(p + LOG_EPS)).sum(dim=1)
 
 
-def sample_confidence(p: torch.Tensor) -> torch.Tensor:
-    """l(p) = 1 - H(p)/H(u) of Eq. (5), clamped to [0, 1] (the +1e-6 entropy can dip below 0)."""
+def sample_confidence(p: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+    """l(p) = 1 - H(p)/H(u) of Eq. (5), clamped to [0, 1] (the +1e-6 entropy can dip below 0).
+
+    ``entropies`` = entropy(p) when the caller already has it (the training step does).
+    """
     h_u = uniform_entropy(p.shape[1])
-    return (1.0 - entropy(p) / h_u).clamp(0.0, 1.0)
+    h = entropy(p) if entropies is None else entropies
+    return (1.0 - h / h_u).clamp(0.0, 1.0)
 
 
-def proselflc_trust(p: torch.Tensor, progress: float | torch.Tensor, b1: float) -> torch.Tensor:
+def proselflc_trust(
+    p: torch.Tensor, progress: float | torch.Tensor, b1: float, entropies: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. (5): ProSelfLC's per-sample trust epsilon = g(t) * l(p), g(t) = h(t/Gamma - 0.5, b1).
 
     ``progress`` is t/Gamma in [0, 1], counted in iterations or epochs as the caller chooses.
     """
     p = p.detach()
-    return (logistic(progress - 0.5, b1) * sample_confidence(p)).detach()
+    return (logistic(progress - 0.5, b1) * sample_confidence(p, entropies)).detach()
 
 
-def mconf_trust(p: torch.Tensor, certainty: float | torch.Tensor, b1: float, rho: float = 0.5) -> torch.Tensor:
+def mconf_trust(
+    p: torch.Tensor,
+    certainty: float | torch.Tensor,
+    b1: float,
+    rho: float = 0.5,
+    entropies: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Eq. (6): Mconf's per-sample trust epsilon = g(r) * l(p), g(r) = h(r - rho, b1).
 
     ``certainty`` is the model certainty r = 1 - sum_i H(p_i) / (n H(u)) over the training set
     (see :class:`ModelCertainty`).
     """
     p = p.detach()
-    return (logistic(certainty - rho, b1) * sample_confidence(p)).detach()
+    return (logistic(certainty - rho, b1) * sample_confidence(p, entropies)).detach()
 
 
 def refined_label(

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import cmd_dist
 from cmd_dist import (
     ModelCertainty,
     async_mkd_active_peer,
@@ -834,3 +835,11 @@ def test_refined_label_unknown_method_names_it():
 def test_refined_label_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         refined_label("ls", t64(Q), t64(P)[:2], 0.1)
+
+
+def test_trusts_accept_precomputed_entropies():
+    """The training step passes the entropies it already has; the trusts must not change."""
+    p = torch.softmax(torch.randn(6, 5, generator=torch.Generator().manual_seed(3)), dim=1)
+    h = cmd_dist.entropy(p)
+    assert torch.equal(cmd_dist.mconf_trust(p, 0.7, 8.0, entropies=h), cmd_dist.mconf_trust(p, 0.7, 8.0))
+    assert torch.equal(cmd_dist.proselflc_trust(p, 0.3, 8.0, entropies=h), cmd_dist.proselflc_trust(p, 0.3, 8.0))
