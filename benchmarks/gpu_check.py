@@ -29,7 +29,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -348,10 +347,11 @@ def table(info: dict) -> str:
     c = info.get("cell")
     if c:
         v = c["images_per_s_per_peer"]
+        stop = ", stopped at the deadline" if c["stopped_at_deadline"] else ""
         lines.append(
             f"| (c) | {Path(c['config']).name} {' '.join(c['overrides'])} | | | {v:,.0f} | {ratio(v, eager)} | "
             f"{ratio(v, graph)} | {c['epochs_done']} epochs in {c['wall_s']:.0f} s wall "
-            f"({c['s_per_epoch_wall']:.2f} s/epoch incl. start-up){', stopped at the deadline' if c['stopped_at_deadline'] else ''}, rc {c['rc']} |"
+            f"({c['s_per_epoch_wall']:.2f} s/epoch incl. start-up){stop}, rc {c['rc']} |"
         )
         accs = c["acc_by_epoch"]
         marks = [e for e in sorted(accs) if e % 10 == 0 or e == max(accs)]
