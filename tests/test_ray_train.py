@@ -252,7 +252,10 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     cfg = load_config(demo, overrides + [f"output_dir={tmp_path}", "run_name=killed"])
     run_dir = launcher.resolve_run_dir(cfg)
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir)))
+    notices: list[str] = []
+    thread = threading.Thread(
+        target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir, log=notices.append))
+    )
     thread.start()
     info = run_dir / "workers" / "rank1.json"
     _wait_for(lambda: _epochs_logged(run_dir) >= 1 and info.is_file(), every=0.01)
@@ -264,6 +267,12 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     assert killed_after < epochs
     assert json.loads(info.read_text())["pid"] != victim  # a new worker process took over
     assert out["summary"]["epochs_run"] == epochs
+    # One notice, naming the checkpoint the group restarted from; the new workers started there.
+    lost = [n for n in notices if "was lost" in n]
+    assert len(lost) == 1 and "worker 1 was lost" in lost[0], notices
+    resumed = int(lost[0].split("restarting the peer group from epoch ")[1].split("'")[0])
+    assert 1 <= resumed <= killed_after
+    assert json.loads((run_dir / "workers" / "rank0.json").read_text())["resumed_after_epoch"] == resumed
     reference = _local_reference(demo, overrides, tmp_path / "reference")
     _assert_same_run(tmp_path / "reference", run_dir, epochs)
     assert [p["test_acc"] for p in out["summary"]["peers"]] == pytest.approx(
@@ -300,6 +309,10 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "final test accuracy  peerA" in res.stdout
+    # It resumed after the newest complete epoch, not from the start.
+    done = int(err.split("are checkpointed")[0].rsplit("epochs 1-", 1)[1])
+    assert f"(epoch {done} done), training epoch {done + 1} onwards" in res.stdout + res.stderr
+    assert json.loads((run_dir / "workers" / "rank0.json").read_text())["resumed_after_epoch"] == done
 
     _local_reference(demo, overrides, tmp_path / "reference")
     _assert_same_run(tmp_path / "reference", run_dir, epochs)
