@@ -402,8 +402,9 @@ def code_error(error: WorkerGroupError) -> TrainingCodeError | BaseException:
     return next(iter(failures.values()), error)
 
 
-#: errnos that mean "the run folder cannot be written": a one-line error, never a retry.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+#: errnos that mean "the disk cannot take the run's files": a one-line error, never a retry. (Permission
+#: errors keep their traceback: they may come from any file, not only the run folder.)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def _failed_line(err: BaseException, run_dir: Path) -> str:
@@ -411,8 +412,8 @@ def _failed_line(err: BaseException, run_dir: Path) -> str:
     if isinstance(err, TrainingCodeError):
         if err.errno in WRITE_ERRNOS:
             return (
-                f"cannot write to the run folder ({err.kind}: {err.message}); free space or fix the "
-                f"folder's permissions, then continue with: {resume}"
+                f"cannot write to the run folder ({err.kind}: {err.message}); free space (or use a "
+                f"writable output_dir), then continue with: {resume}"
             )
         return (
             f"the training code raised {err.kind} in worker {err.rank}: {err.message} (not retried; the run "
