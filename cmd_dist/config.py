@@ -243,6 +243,15 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line naming the line and column of a YAML syntax error and what is wrong there."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``key=value`` strings to (key, value) pairs; values are parsed as YAML (``peers=[{arch: x}]``)."""
     pairs = []
@@ -268,7 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys")
         tree = _merge(tree, loaded)
