@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 DATASETS = ("cifar100", "cifar10", "digits")
 PROTOCOLS = ("search", "final")
 ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "cnn_small")
-PLACEMENTS = ("separate", "together")
+PLACEMENTS = ("auto", "separate", "together")
 PROGRESS_UNITS = ("epoch", "iteration")
 
 
@@ -118,8 +118,11 @@ class PeerConfig:
 class RayConfig:
     #: Ray cluster address (also RAY_ADDRESS); null starts a local Ray (the embedded default).
     address: str | None = None
-    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker.
-    placement: str = "separate"
+    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker; ``auto``:
+    #: separate unless the cluster has GPUs but fewer than peers, then the peers share the GPUs that exist
+    #: as few workers as GPUs (one GPU: ``together``, the whole multi-peer step as one CUDA graph; measured
+    #: faster than fractional-GPU workers exchanging through gloo, see the README's Performance section).
+    placement: str = "auto"
     #: ``auto`` uses one GPU per worker when the cluster has them; ``true`` / ``false`` force it.
     use_gpu: str = "auto"
     cpus_per_worker: float = 1.0

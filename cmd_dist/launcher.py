@@ -171,6 +171,19 @@ class Placement:
     line: str
 
 
+def auto_workers(num_peers: int, total_gpus: int, use_gpu: str) -> int:
+    """``ray.placement: auto``: a worker per peer, unless GPUs exist but fewer than peers.
+
+    Then as many workers as GPUs can evenly share the peers (the largest divisor of the peer count
+    that is <= the GPUs), each worker a whole GPU hosting its peers in one process: with one GPU that
+    is ``together``, whose step is one CUDA graph for all peers. Fractional-GPU workers exchanging
+    through gloo were slower on one GPU (README, Performance).
+    """
+    if use_gpu == "false" or total_gpus <= 0 or total_gpus >= num_peers:
+        return num_peers
+    return max(d for d in range(1, total_gpus + 1) if num_peers % d == 0)
+
+
 def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
     """Decide the placement from the config and the cluster's alive nodes' total resources (pure).
 
@@ -181,10 +194,12 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
     """
     r = cfg.ray
     names = [p.name for p in cfg.peers]
-    workers = len(names) if r.placement == "separate" else 1
     mode = str(r.use_gpu).lower()
     node_gpus = [int(n.get("GPU", 0.0) + 1e-9) for n in nodes]
     total_gpus = sum(node_gpus)
+    workers = auto_workers(len(names), total_gpus, mode) if r.placement == "auto" else None
+    if workers is None:
+        workers = len(names) if r.placement != "together" else 1
 
     def capacity(share: float) -> int:  # workers of this GPU share the cluster's GPUs hold
         return sum(g * int(1.0 / share + 1e-9) for g in node_gpus)
@@ -223,10 +238,8 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
         resources["GPU"] = share
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
     backend = "nccl" if use_gpu and workers > 1 and share >= 1 else "gloo"
-    if r.placement == "separate":
-        hosted = [[n] for n in names]
-    else:
-        hosted = [names]
+    per = len(names) // workers  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
+    hosted = [names[i * per : (i + 1) * per] for i in range(workers)]
     device = f"{cpu:g} CPU + {share:g} GPU" if use_gpu else f"{cpu:g} CPU"
     where = "; ".join(f"{', '.join(h)} -> worker {i} ({device})" for i, h in enumerate(hosted))
     if use_gpu:

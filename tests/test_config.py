@@ -521,3 +521,9 @@ def test_every_validated_key_names_itself_and_what_is_allowed(override, key, wor
 )
 def test_validated_keys_accept_their_edge_values(override):
     load_config(DEMO, [override])
+
+
+def test_cuda_graph_refuses_a_compile_mode_that_captures_its_own_graphs():
+    msg = _error(["train.cuda_graph=true", "train.compile_mode=reduce-overhead"])
+    assert msg.startswith("train.compile_mode:") and "compile_mode=none" in msg
+    load_config(DEMO, ["train.cuda_graph=true", "train.compile_mode=max-autotune-no-cudagraphs"])
