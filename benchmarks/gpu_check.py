@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.arch, args.steps, args.warmup_steps, args.placement_images = "cnn_small", 4, 2, 512
     if args.cell_overrides is None:
-        args.cell_overrides = ["ray.placement=together", "ray.gpus_per_worker=1"]
+        args.cell_overrides = []  # the config as a user runs it: ray.placement auto decides where the peers go
         if args.tiny:
             args.cell_overrides += [
                 "peers=[{arch: cnn_small, name: peerA}, {arch: cnn_small, name: peerB}]",
