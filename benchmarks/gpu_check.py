@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Ray workers (stage b) and the CLI subprocess (stage c) import cmd_dist from this checkout too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 from cmd_dist.config import load_config  # noqa: E402
 from cmd_dist.data import SPECS, augment, load_split, normalize, prepare_data  # noqa: E402
@@ -196,7 +199,7 @@ def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) ->
         "train.epochs=2",
         "train.log_every=0",
         f"peers=[{peers}]",
-        f"output_dir={out / 'placements'}",
+        f"output_dir={args.run_root / 'placements'}",
         f"ray.use_gpu={'true' if gpus else 'false'}",
         "ray.cpus_per_worker=0.5" if device.type == "cpu" else "ray.cpus_per_worker=1",
     ] + CMD_P_MCONF
@@ -248,7 +251,7 @@ def _rate_from_jsonl(run_dir: Path) -> float:
 
 def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl."""
-    run_root = out / "cell"
+    run_root = args.run_root / "cell"
     cmd = [
         sys.executable,
         "-m",
@@ -261,7 +264,6 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
         *args.cell_overrides,
     ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     log_path = out / "cell.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -300,6 +302,11 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     ]
     evals = [statistics.mean(r.get("eval_s", math.nan) for r in by_epoch[e]) for e in epochs[1:]]
     summary_path = run_root / "cell" / "summary.json"
+    keep = out / "cell_files"  # the small files of the run (not its checkpoints) next to the table
+    keep.mkdir(exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        if (run_root / "cell" / name).is_file():
+            shutil.copy2(run_root / "cell" / name, keep / name)
     return {
         "config": args.config,
         "overrides": args.cell_overrides,
@@ -387,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-root", required=True, help="folder holding cifar-100-python/")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
     ap.add_argument("--out", default="gpu_check_out")
+    ap.add_argument("--run-root", default=None, help="where the runs (with checkpoints) go; default --out")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default="configs/table1/cmdp_mconf.yaml")
     ap.add_argument("--cell-overrides", nargs="*", default=None, help="key=value for the paper cell")
@@ -416,6 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.data_root = str(Path(args.data_root).resolve())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    args.run_root = Path(args.run_root).resolve() if args.run_root else out
+    args.run_root.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
