@@ -60,6 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from cmd_dist import launcher  # imports Ray: only after the config is known to be good
 
+    launcher.set_console(verbose=args.verbose)
     if run_dir is None:
         run_dir = launcher.resolve_run_dir(cfg)
     print(f"cmd-dist: run folder {run_dir}", flush=True)
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eta=3 train.epochs=10")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    t.add_argument("--verbose", action="store_true", help="show Ray's own logs (worker set-up, every report)")
     t.set_defaults(func=cmd_train)
     u = sub.add_parser("tune", help="search b1, b2, eta with Ray Tune, then retrain the best and test it")
     u.add_argument("config", nargs="?", help="YAML config the trials vary (see configs/)")
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-final", action="store_true", help="skip the final retrain on all training data")
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
     u.add_argument("--address")
+    u.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Tune's trial tables")
     u.set_defaults(func=_cmd_tune)
     return parser
 
@@ -138,8 +141,31 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return cmd_tune(args)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, CONFIG and ``key=value`` overrides in any order (``tune CONFIG --trials 3 a=b`` included).
+
+    argparse stops filling ``overrides`` at the first flag; the overrides after it come back as extras.
+    The first positional that is not ``key=value`` is CONFIG; anything else left over is an error.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if not hasattr(args, "overrides"):
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+    unknown = [x for x in extras if x.startswith("-") or "=" not in x]
+    if any(x.startswith("-") for x in unknown):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    positionals = [x for x in [args.config, *args.overrides, *extras] if x is not None]
+    config = [x for x in positionals if "=" not in x or Path(x).is_file()]
+    if len(config) > 1:
+        parser.error(f"unexpected argument {config[1]!r}: give one CONFIG file; overrides are key=value")
+    args.config = config[0] if config else None
+    args.overrides = [x for x in positionals if x is not args.config]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

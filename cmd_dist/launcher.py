@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 
@@ -63,17 +66,47 @@ def resolve_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+@dataclass
+class Console:
+    """What the driver's console shows. Quiet by default: the epoch lines, one live progress bar when
+    stdout is a terminal, and errors; ``verbose`` (``--verbose``) brings Ray's own INFO logs back."""
+
+    verbose: bool = False
+    #: A live progress bar; only on a terminal (piped into a file, tqdm's carriage returns are garbage).
+    progress: bool = False
+
+
+CONSOLE = Console()
+
+
+def set_console(verbose: bool = False, progress: bool | None = None) -> Console:
+    """Called by the CLI before Ray starts; ``progress`` defaults to "stdout is a terminal"."""
+    CONSOLE.verbose = verbose
+    CONSOLE.progress = sys.stdout.isatty() if progress is None else progress
+    return CONSOLE
+
+
+def ray_log_level() -> str:
+    """Ray's and Ray Train's own loggers: INFO with --verbose; otherwise WARNING for Train (its
+    warnings matter: failures, restarts) and ERROR for core Ray (the placement-group cleaner polls a
+    state API that only exists with the dashboard and warns every time)."""
+    return "INFO" if CONSOLE.verbose else "ERROR"
+
+
 def init_ray(cfg: Config) -> None:
     """Join ``ray.address`` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1, no dashboard."""
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    # Ray's own INFO/WARNING chatter (per-report logs; the placement-group cleaner polling a state
-    # API that only exists with the dashboard) drowns the epoch lines; errors still show.
+    env_vars = {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}
+    if address is None and not CONSOLE.verbose:
+        # Ray Train's preemption watcher (for cloud spot nodes; nothing to watch on one local machine)
+        # makes Ray's core print a C++ error line about its constructor arguments on every run.
+        env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs: dict[str, Any] = dict(
         log_to_driver=True,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env={"env_vars": {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}},
+        logging_config=ray.LoggingConfig(log_level=ray_log_level()),
+        runtime_env={"env_vars": env_vars},
     )
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
@@ -97,8 +130,10 @@ def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
 class RayReporter:
     """Ray Train's report/checkpoint API behind the engine's Reporter protocol."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool = False) -> None:
         self._tmp: list[Any] = []
+        self._show_progress = progress
+        self._bar: _RunBar | None = None
 
     def latest_checkpoint(self) -> Path | None:
         ckpt = ray.train.get_checkpoint()
@@ -117,9 +152,46 @@ class RayReporter:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def progress(self, total: int, desc: str) -> Any:
+        if not self._show_progress:
+            return None
+        if self._bar is None:
+            self._bar = _RunBar()
+        return self._bar.start_epoch(total, desc)
+
+
+_EPOCH_DESC = re.compile(r"epoch (\d+)/(\d+)")
+
+
+class _RunBar:
+    """One ``tqdm_ray`` bar for the whole run, reset at each epoch.
+
+    The driver draws a worker's tqdm_ray bars and keeps the line of every closed bar; one bar per
+    epoch would leave a bar line beside every epoch line. This one is reused and closed only after
+    the last epoch's steps, long before the run ends, so the final lines print below it.
+    """
+
+    def __init__(self) -> None:
         from ray.experimental.tqdm_ray import tqdm
 
-        return tqdm(total=total, desc=desc)
+        self._bar = tqdm(total=1, desc="")
+        self._last = False
+
+    def start_epoch(self, total: int, desc: str) -> _RunBar:
+        match = _EPOCH_DESC.search(desc)
+        self._last = bool(match) and int(match.group(1)) >= int(match.group(2))
+        self._bar.n = 0
+        self._bar.total = total
+        self._bar.set_description(desc)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._last:
+            self._bar.close()
+        else:
+            self._bar.refresh()
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -137,17 +209,29 @@ def train_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
+    echo, hparams = config.get("echo", True), config.get("hparams")
     run_worker(
         cfg,
         run_dir,
-        RayReporter(),
+        RayReporter(progress=config.get("progress", False)),
         device,
-        monitor_factory=(lambda c, d, s: Monitor(c, d, s)) if config.get("monitor", True) else None,
+        monitor_factory=(lambda c, d, s: Monitor(c, d, s, echo=echo, hparams=hparams))
+        if config.get("monitor", True)
+        else None,
         checkpoint_search_dir=run_dir,
     )
 
 
-def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None, monitor: bool = True) -> TorchTrainer:
+def build_trainer(
+    cfg: Config,
+    run_dir: Path,
+    callbacks: list | None = None,
+    monitor: bool = True,
+    echo: bool = True,
+    hparams: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """The Ray Train job for one run. ``echo``: print the epoch lines (Tune trials do not: the search
+    prints one line per finished trial). ``hparams``: written as TensorBoard HParams (Tune trials)."""
     scaling, backend, _ = scaling_for(cfg)
     run_config = RunConfig(
         name=run_dir.name,
@@ -155,10 +239,21 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None, mon
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
         callbacks=callbacks or None,
+        # Ray Train's per-report `Reporting training result ...: TrainingReport(...)` lines and worker-group
+        # set-up chatter are INFO; its warnings (restarts, failures) stay.
+        logging_config=LoggingConfig(log_level="INFO" if CONSOLE.verbose else "WARNING"),
     )
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "run_dir": str(run_dir),
+        "monitor": monitor,
+        "echo": echo,
+        "progress": CONSOLE.progress and echo,
+        "hparams": hparams,
+    }
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir), "monitor": monitor},
+        train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend=backend),

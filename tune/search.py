@@ -216,10 +216,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    from cmd_dist import launcher
     from tune import driver  # imports Ray: only after everything above is known to be good
 
+    verbose = bool(getattr(args, "verbose", False))
+    launcher.set_console(verbose=verbose)
     try:
-        outcome = driver.run_search(job)
+        outcome = driver.run_search(job, verbose=verbose)
     except KeyboardInterrupt:
         return _interrupted(job)
     if outcome.unfinished:
