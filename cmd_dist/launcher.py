@@ -99,17 +99,23 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     env_vars = {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}
-    if address is None and not CONSOLE.verbose:
-        # Ray Train's preemption watcher (for cloud spot nodes; nothing to watch on one local machine)
-        # makes Ray's core print a C++ error line about its constructor arguments on every run.
+    if not CONSOLE.verbose:
+        # Ray Train's preemption watcher only logs spot-node preemptions (failures are handled either way)
+        # and makes Ray's core print a C++ error line about its constructor arguments on every run.
         env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs: dict[str, Any] = dict(
         log_to_driver=True,
         logging_config=ray.LoggingConfig(log_level=ray_log_level()),
-        runtime_env={"env_vars": env_vars},
     )
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
+    elif not address.startswith("ray://"):
+        # Ray Train's placement-group cleaner looks its cluster up by RAY_ADDRESS; with several Ray
+        # instances on one machine it cannot guess and dies with a traceback on the console.
+        env_vars.setdefault("RAY_ADDRESS", address)
+        if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: this node is 127.0.0.1 too
+    kwargs["runtime_env"] = {"env_vars": env_vars}
     ray.init(address=address, **kwargs)
 
 
@@ -196,14 +202,13 @@ class _RunBar:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point: plain dict -> typed config -> the shared training code."""
-    import logging
-
     import torch
 
     from cmd_dist.engine import run_worker
     from cmd_dist.monitor import Monitor
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
+    if not config.get("verbose", False):
+        _quiet_report_log()
     cfg = from_dict(config["cfg"])
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -220,6 +225,19 @@ def train_worker(config: dict[str, Any]) -> None:
         else None,
         checkpoint_search_dir=run_dir,
     )
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report (``Reporting training result 1: TrainingReport(...)``, every metric, on
+    one line) through a logger named after its file, outside ``ray.train``, so RunConfig's log level
+    misses it: raise that logger's level here, in the worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module does not print these lines either
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def build_trainer(
@@ -250,6 +268,7 @@ def build_trainer(
         "echo": echo,
         "progress": CONSOLE.progress and echo,
         "hparams": hparams,
+        "verbose": CONSOLE.verbose,
     }
     return TorchTrainer(
         train_worker,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -311,6 +312,9 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
     epochs = max_epochs(job)
     # Ray Tune's own trial tables (every few seconds, every column) with --verbose; otherwise one line per trial.
     callbacks = [] if verbose else [TrialLines(job, epochs, live=launcher.CONSOLE.progress)]
+    if not verbose:
+        # Ray Tune's newer console output prints its boxed settings and paths even at verbose=0.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     start = time.time()
     if job.resume and ray_tune.Tuner.can_restore(str(job.experiment_dir)):
         print(f"cmd-dist: continuing the search in {job.experiment_dir}", flush=True)
