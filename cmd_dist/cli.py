@@ -1,4 +1,4 @@
-"""``cmd-dist train CONFIG [key=value ...]`` and ``cmd-dist tune CONFIG [...]``.
+"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]`` and ``cmd-dist report DIR...``.
 
 User mistakes (config, data files) print one line and exit with code 2, before Ray starts.
 """
@@ -132,7 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--address")
     u.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Tune's trial tables")
     u.set_defaults(func=_cmd_tune)
+    r = sub.add_parser("report", help="report.md and PNG figures from run and search folders")
+    r.add_argument(
+        "paths", nargs="+", metavar="RUN_OR_SEARCH_DIR", help="run folders, search folders, or folders of runs"
+    )
+    r.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: FOLDER/report)")
+    r.set_defaults(func=cmd_report)
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cmd_dist.report import write_report  # matplotlib, no Ray
+
+    report = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    print(f"report: {report}")
+    return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -145,22 +159,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
     """Flags, CONFIG and ``key=value`` overrides in any order (``tune CONFIG --trials 3 a=b`` included).
 
     argparse stops filling ``overrides`` at the first flag; the overrides after it come back as extras.
-    The first positional that is not ``key=value`` is CONFIG; anything else left over is an error.
+    The first positional that is not ``key=value`` is CONFIG; an unknown flag is an error, and any other
+    word is kept as an override, which the config loader rejects as "not key=value".
     """
     args, extras = parser.parse_known_args(argv)
     if not hasattr(args, "overrides"):
         if extras:
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
         return args
-    unknown = [x for x in extras if x.startswith("-") or "=" not in x]
-    if any(x.startswith("-") for x in unknown):
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    flags = [x for x in extras if x.startswith("-")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
     positionals = [x for x in [args.config, *args.overrides, *extras] if x is not None]
-    config = [x for x in positionals if "=" not in x or Path(x).is_file()]
-    if len(config) > 1:
-        parser.error(f"unexpected argument {config[1]!r}: give one CONFIG file; overrides are key=value")
-    args.config = config[0] if config else None
-    args.overrides = [x for x in positionals if x is not args.config]
+    # CONFIG: the first positional that is not key=value (a file named a=b.yaml counts as a file).
+    config = next((x for x in positionals if "=" not in x or Path(x).is_file()), None)
+    args.config = config
+    args.overrides = [x for x in positionals if x is not config]  # a stray word fails there as "not key=value"
     return args
 
 

@@ -107,16 +107,33 @@ def init_ray(cfg: Config) -> None:
         log_to_driver=True,
         logging_config=ray.LoggingConfig(log_level=ray_log_level()),
     )
+    # Ray Train's placement-group cleaner (an actor) finds its cluster through RAY_ADDRESS; without it, on
+    # a machine with several Ray instances, it cannot tell which is its own and dies with a traceback.
+    chosen_port = None
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
+        if not os.environ.get("RAY_GCS_SERVER_PORT"):
+            chosen_port = _free_port()
+            os.environ["RAY_GCS_SERVER_PORT"] = str(chosen_port)  # read by ray.init's local start
+        env_vars["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     elif not address.startswith("ray://"):
-        # Ray Train's placement-group cleaner looks its cluster up by RAY_ADDRESS; with several Ray
-        # instances on one machine it cannot guess and dies with a traceback on the console.
         env_vars.setdefault("RAY_ADDRESS", address)
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: this node is 127.0.0.1 too
     kwargs["runtime_env"] = {"env_vars": env_vars}
-    ray.init(address=address, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    finally:
+        if chosen_port is not None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
