@@ -142,9 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cmd_dist.report import write_report  # matplotlib, no Ray
+    from cmd_dist.report import ReportError, write_report  # matplotlib, no Ray
 
-    report = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    try:
+        report = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    except ReportError as e:
+        fail(str(e))
     print(f"report: {report}")
     return 0
 

@@ -126,6 +126,55 @@ def init_ray(cfg: Config) -> None:
     finally:
         if chosen_port is not None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    if not CONSOLE.verbose:
+        _collapse_forwarded_tracebacks()
+
+
+class _CollapseTracebacks:
+    """Wraps Ray's printer of the lines its workers and actors write to stderr/stdout (``log_to_driver``).
+
+    Ray's internal actors log transient trouble with a full traceback (a resource request timing out on
+    a busy machine, a state-API poll failing, a worker thread hit by SIGTERM while the cluster shuts
+    down). Each traceback becomes its last line, the exception, so a warning that matters still shows in
+    one line; a process told to exit (SystemExit, KeyboardInterrupt) shows nothing. ``--verbose`` keeps all.
+    """
+
+    def __init__(self, handler: Any) -> None:
+        self._handler = handler
+        self._inside: set[tuple[Any, Any]] = set()
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        key = (data.get("ip"), data.get("pid"))
+        out = []
+        for line in data.get("lines", []):
+            if line.startswith("Traceback (most recent call last)") or _THREAD_DIED.match(line):
+                self._inside.add(key)
+            elif key not in self._inside:
+                out.append(line)
+            elif not line.strip() or line[0] in " \t^~" or line.startswith(_CHAINED):
+                continue  # a frame, a caret line, a blank, or "During handling of the above exception ..."
+            else:
+                self._inside.discard(key)
+                if not line.startswith(("SystemExit", "KeyboardInterrupt")):
+                    out.append(line)
+        if out:
+            self._handler({**data, "lines": out})
+
+
+_THREAD_DIED = re.compile(r"^Exception (in thread|ignored in)\b")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+def _collapse_forwarded_tracebacks() -> None:
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: its output stays as it is
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, _CollapseTracebacks(h) if name == "ray_print_logs" and not isinstance(h, _CollapseTracebacks) else h)
+            for name, h in dispatcher.handlers
+        ]
 
 
 def _free_port() -> int:

@@ -209,6 +209,11 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        if ax.get_xlabel() == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     _pyplot().close(fig)
@@ -217,15 +222,18 @@ def _save(fig: Any, path: Path) -> Path:
 
 def _paper_line(ax: Any, cfg: Config, color: str = "black", label: bool = True) -> None:
     if cfg.paper.value is not None:
-        text = f"paper {cfg.paper.table}: {cfg.paper.value:.2f}%".replace("  ", " ") if label else None
+        text = f"paper, {cfg.paper.table}: {cfg.paper.value:.2f}%" if label else None
         ax.axhline(cfg.paper.value, color=color, linestyle="--", linewidth=1, label=text)
 
 
 def fig_accuracy(run: Run, out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    for peer in run.peers:
-        ax.plot(run.epochs(peer), run.series(peer, "eval_acc"), marker=".", label=f"{peer} ({run.split})")
+    for i, peer in enumerate(run.peers):
+        ax.plot(run.epochs(peer), run.series(peer, "eval_acc"), marker=".", color=f"C{i}", label=f"{peer}")
+        if run.cfg.paper.peers:
+            value = run.cfg.paper.peers[i]
+            ax.axhline(value, color=f"C{i}", linestyle="--", linewidth=1, label=f"paper {peer}: {value:.2f}%")
     _paper_line(ax, run.cfg)
     ax.set(xlabel="epoch", ylabel=f"{run.split} accuracy (%)", title=f"{run.label}: {run.split} accuracy")
     ax.grid(alpha=0.3)
@@ -384,9 +392,12 @@ def describe(cfg: Config) -> str:
 
 
 def paper_text(cfg: Config) -> str:
-    if cfg.paper.value is None:
-        return "-"
-    return f"{cfg.paper.value:.2f} ({cfg.paper.table})" if cfg.paper.table else f"{cfg.paper.value:.2f}"
+    """The paper's number(s): the mean (``paper.value``) or one per peer (``paper.peers``, Table 6)."""
+    if cfg.paper.value is not None:
+        return f"{cfg.paper.value:.2f} ({cfg.paper.table})"
+    if cfg.paper.peers:
+        return " / ".join(f"{v:.2f}" for v in cfg.paper.peers) + f" ({cfg.paper.table})"
+    return "-"
 
 
 def _table(header: list[str], body: list[list[str]]) -> list[str]:

@@ -107,8 +107,17 @@ def test_tune_prints_one_line_per_trial_then_the_table_and_records_hparams(ray_c
     # 3 header lines, a line per trial, the table (2 + trials), best trial, comparison, TensorBoard hint.
     assert len(lines) <= 2 * trials + 16, out
 
-    # TensorBoard HParams: every trial's peers carry their b1, b2, eta, read back from the event files.
+    # cmd-dist report on the search folder: the trials' table holds summary.json's numbers.
+    from cmd_dist.report import write_report
+
     summary = json.loads((search / "summary.json").read_text())
+    report = write_report([search], tmp_path / "report")
+    text = report.read_text()
+    for row in summary["trials"]:
+        assert f"| {row['trial']} |" in text and f"| {row['mean_acc']:.2f} |" in text
+    assert (tmp_path / "report" / "search0_search_values.png").stat().st_size > 0
+
+    # TensorBoard HParams: every trial's peers carry their b1, b2, eta, read back from the event files.
     for row in summary["trials"]:
         acc = EventAccumulator(str(Path(row["run_dir"]) / "tb" / "peerA"))
         acc.Reload()
@@ -118,3 +127,17 @@ def test_tune_prints_one_line_per_trial_then_the_table_and_records_hparams(ray_c
         assert values == pytest.approx({k: row["params"][k] for k in ("method.b1", "method.b2", "method.eta")})
         experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
         assert [m.name.tag for m in experiment.experiment.metric_infos][0] == "val/acc"
+
+
+def test_forwarded_tracebacks_collapse_to_their_exception_line():
+    """Ray's internal actors' tracebacks (forwarded to the console) shrink to the exception; exits vanish."""
+    from cmd_dist.launcher import _CollapseTracebacks
+
+    printed: list[str] = []
+    show = _CollapseTracebacks(lambda data: printed.extend(data["lines"]))
+    frames = ['  File "x.py", line 1, in f', "    f()", "    ^^^"]
+    show({"pid": 1, "lines": ["epoch 1/3 | ok", "Exception in thread PlacementGroupCleanerMonitor:"]})
+    show({"pid": 2, "lines": ["Traceback (most recent call last):", *frames, "SystemExit: 1", "next"]})
+    show({"pid": 1, "lines": ["Traceback (most recent call last):", *frames, "", "During handling of the above"]})
+    show({"pid": 1, "lines": ["Traceback (most recent call last):", *frames, "ConnectionError: two Rays", "epoch 2/3"]})
+    assert printed == ["epoch 1/3 | ok", "next", "ConnectionError: two Rays", "epoch 2/3"]
