@@ -138,6 +138,16 @@ def test_forwarded_tracebacks_collapse_to_their_exception_line():
     frames = ['  File "x.py", line 1, in f', "    f()", "    ^^^"]
     show({"pid": 1, "lines": ["epoch 1/3 | ok", "Exception in thread PlacementGroupCleanerMonitor:"]})
     show({"pid": 2, "lines": ["Traceback (most recent call last):", *frames, "SystemExit: 1", "next"]})
-    show({"pid": 1, "lines": ["Traceback (most recent call last):", *frames, "", "During handling of the above"]})
+    show(
+        {
+            "pid": 1,
+            "lines": [
+                "Traceback (most recent call last):",
+                *frames,
+                "",
+                "During handling of the above exception, another exception occurred:",
+            ],
+        }
+    )
     show({"pid": 1, "lines": ["Traceback (most recent call last):", *frames, "ConnectionError: two Rays", "epoch 2/3"]})
     assert printed == ["epoch 1/3 | ok", "next", "ConnectionError: two Rays", "epoch 2/3"]
