@@ -87,9 +87,9 @@ def set_console(verbose: bool = False, progress: bool | None = None) -> Console:
 
 
 def ray_log_level() -> str:
-    """Ray's and Ray Train's own loggers: INFO with --verbose; otherwise WARNING for Train (its
-    warnings matter: failures, restarts) and ERROR for core Ray (the placement-group cleaner polls a
-    state API that only exists with the dashboard and warns every time)."""
+    """Core Ray's Python loggers in every process: INFO with --verbose, else ERROR (the placement-group
+    cleaner warns on every poll of a state API that only exists with the dashboard). Ray Train's own
+    level is set per run in :func:`build_trainer` (WARNING: its failure and restart warnings stay)."""
     return "INFO" if CONSOLE.verbose else "ERROR"
 
 

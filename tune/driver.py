@@ -322,8 +322,10 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
             str(job.experiment_dir), trainable=trainable, param_space=param_space, resume_unfinished=True
         )
         # A restored Tuner keeps its saved RunConfig; the console settings are this session's.
-        restored = tuner._local_tuner.get_run_config()
-        restored.callbacks, restored.verbose = callbacks or None, 1 if verbose else 0
+        local = getattr(tuner, "_local_tuner", None)  # Ray 2.60's Tuner; other versions keep their saved console
+        if local is not None:
+            restored = local.get_run_config()
+            restored.callbacks, restored.verbose = callbacks or None, 1 if verbose else 0
     else:
         scheduler = None
         if job.options.asha:
