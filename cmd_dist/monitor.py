@@ -28,8 +28,8 @@ def truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-#: Per-peer entropy quantiles of the training predictions (against chi: how much would pass a threshold).
-ENTROPY_QUANTILES = ("entropy_q10", "entropy_q25", "entropy_q50", "entropy_q75", "entropy_q90")
+#: The per-peer entropy-quantile keys of metrics.jsonl rows (the engine's ENTROPY_QUANTILES), read by the report.
+ENTROPY_QUANTILE_KEYS = ("entropy_q10", "entropy_q25", "entropy_q50", "entropy_q75", "entropy_q90")
 
 
 def write_hparams(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: list[str]) -> None:
@@ -101,10 +101,6 @@ class Monitor:
                     w.add_scalar(f"knowledge/distilled_from_{names[j]}", count, step)
                     into[names[j]] = count
             w.add_scalar("throughput/images_per_s", res.images / max(res.seconds, 1e-9), step)
-            for q in ENTROPY_QUANTILES:  # present once the training step measures them
-                value = row.get(q)
-                if value is not None and math.isfinite(value):
-                    w.add_scalar(f"knowledge/{q}", value, step)
             w.flush()
             record = {
                 "epoch": step,

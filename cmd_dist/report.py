@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from cmd_dist.config import Config, ConfigError, from_dict
-from cmd_dist.monitor import ENTROPY_QUANTILES
+from cmd_dist.monitor import ENTROPY_QUANTILE_KEYS
 
 
 class ReportError(ConfigError):
@@ -312,7 +312,7 @@ def fig_selfkd(run: Run, out: Path) -> Path:
 
 
 def has_entropy(run: Run) -> bool:
-    return any(math.isfinite(v) for p in run.peers for q in ENTROPY_QUANTILES for v in run.series(p, q))
+    return any(math.isfinite(v) for p in run.peers for q in ENTROPY_QUANTILE_KEYS for v in run.series(p, q))
 
 
 def fig_entropy(run: Run, out: Path) -> Path:
@@ -320,7 +320,7 @@ def fig_entropy(run: Run, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(run.peers), figsize=(4.8 * len(run.peers), 4), squeeze=False, sharey=True)
     for ax, peer in zip(axes[0], run.peers, strict=True):
         epochs = run.epochs(peer)
-        q = {name: run.series(peer, name) for name in ENTROPY_QUANTILES}
+        q = {name: run.series(peer, name) for name in ENTROPY_QUANTILE_KEYS}
         ax.fill_between(epochs, q["entropy_q10"], q["entropy_q90"], alpha=0.2, color="C0", label="q10-q90")
         ax.fill_between(epochs, q["entropy_q25"], q["entropy_q75"], alpha=0.35, color="C0", label="q25-q75")
         ax.plot(epochs, q["entropy_q50"], color="C0", label="median")

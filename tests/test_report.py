@@ -93,26 +93,36 @@ def test_single_run_report_numbers_are_summary_json_and_figures_open(runs, tmp_p
     assert f"Epochs {EPOCHS}/{EPOCHS}" in text and "wall time 12.3 s" in text
 
     names = {p.name.split("_", 2)[-1] for p in _pngs_open(report)}
-    assert names == {"accuracy.png", "memorisation.png", "exchange.png", "selfkd.png"}
-    assert "No entropy quantiles" in text  # this engine's metrics.jsonl may predate them: skipped, said so
+    assert names == {"accuracy.png", "memorisation.png", "exchange.png", "selfkd.png", "entropy.png"}
+    assert "No entropy quantiles" not in text
 
 
-def test_entropy_quantiles_are_drawn_when_metrics_jsonl_has_them(runs, tmp_path):
-    """A run whose rows carry <peer>/entropy_q10..q90 (or entropy_q10.. in the peer's row) gets the chi figure."""
+def test_runs_without_entropy_quantiles_skip_that_figure(runs, tmp_path):
+    """Runs from before the engine logged entropy quantiles: no entropy figure, the report says why. The
+    quantiles may also come prefixed with the peer's name (``peerB/entropy_q10``): both spellings are read."""
     import shutil
 
     from cmd_dist.report import write_report
 
-    run = tmp_path / "with_entropy"
-    shutil.copytree(runs / "cmdp", run, ignore=shutil.ignore_patterns("checkpoint_*", "best_checkpoint", "tb"))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for r in rows:  # both spellings the engine may write: flat in the peer's row, or prefixed with the peer
-        quantiles = {"entropy_q10": 0.1, "entropy_q25": 0.4, "entropy_q50": 0.9, "entropy_q75": 1.5, "entropy_q90": 2}
-        r.update(quantiles if r["peer"] == "peerA" else {f"peerB/{k}": v for k, v in quantiles.items()})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = write_report([run], tmp_path / "rep")
+    old, prefixed = tmp_path / "old", tmp_path / "prefixed"
+    for run in (old, prefixed):
+        shutil.copytree(runs / "cmdp", run, ignore=shutil.ignore_patterns("checkpoint_*", "best_checkpoint", "tb"))
+    rows = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    assert all("entropy_q50" in r for r in rows), "the engine no longer logs entropy quantiles"
+    (old / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if not k.startswith("entropy_")}) + "\n" for r in rows)
+    )
+    (prefixed / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps({(f"{r['peer']}/{k}" if k.startswith("entropy_") else k): v for k, v in r.items()}) + "\n"
+            for r in rows
+        )
+    )
+    report = write_report([old], tmp_path / "rep_old")
+    assert not any(p.name.endswith("_entropy.png") for p in _pngs_open(report))
+    assert "No entropy quantiles" in report.read_text()
+    report = write_report([prefixed], tmp_path / "rep_prefixed")
     assert any(p.name.endswith("_entropy.png") for p in _pngs_open(report))
-    assert "No entropy quantiles" not in report.read_text()
 
 
 def test_several_runs_table_and_overlaid_plot(runs, tmp_path):
@@ -138,7 +148,7 @@ def test_several_runs_table_and_overlaid_plot(runs, tmp_path):
     assert "ZERO + mconf" in by_run["zero"][1] and "CMD-P + mconf" in by_run["cmdp"][1]
     pngs = _pngs_open(report)
     assert (tmp_path / "rep" / "runs_accuracy.png") in pngs
-    assert len(pngs) == 1 + 2 * 4  # the overlay, then each run's four figures
+    assert len(pngs) == 1 + 2 * 5  # the overlay, then each run's five figures
 
 
 def test_search_folder_report_reads_the_trials_table(tmp_path):
