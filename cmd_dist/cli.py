@@ -175,9 +175,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     positionals = [x for x in [args.config, *args.overrides, *extras] if x is not None]
     # CONFIG: the first positional that is not key=value (a file named a=b.yaml counts as a file).
-    config = next((x for x in positionals if "=" not in x or Path(x).is_file()), None)
-    args.config = config
-    args.overrides = [x for x in positionals if x is not config]  # a stray word fails there as "not key=value"
+    at = next((i for i, x in enumerate(positionals) if "=" not in x or Path(x).is_file()), None)
+    args.config = None if at is None else positionals.pop(at)
+    args.overrides = positionals  # a stray word fails there, in the config loader, as "not key=value"
     return args
 
 

@@ -133,21 +133,26 @@ def init_ray(cfg: Config) -> None:
 class _CollapseTracebacks:
     """Wraps Ray's printer of the lines its workers and actors write to stderr/stdout (``log_to_driver``).
 
-    Ray's internal actors log transient trouble with a full traceback (a resource request timing out on
-    a busy machine, a state-API poll failing, a worker thread hit by SIGTERM while the cluster shuts
-    down). Each traceback becomes its last line, the exception, so a warning that matters still shows in
-    one line; a process told to exit (SystemExit, KeyboardInterrupt) shows nothing. ``--verbose`` keeps all.
+    Ray's internal actors log transient trouble with a full traceback (a state-API poll failing, a worker
+    thread hit by SIGTERM while the cluster shuts down). Each traceback becomes its last line, the
+    exception, so a warning that matters still shows in one line; a process told to exit (SystemExit,
+    KeyboardInterrupt) shows nothing, nor do warnings Ray itself calls safe to ignore (its autoscaling
+    coordinator timing out on a busy machine; this fixed-size job asks no autoscaler for anything).
+    ``--verbose`` keeps everything.
     """
 
     def __init__(self, handler: Any) -> None:
         self._handler = handler
         self._inside: set[tuple[Any, Any]] = set()
+        self._benign: set[tuple[Any, Any]] = set()
 
     def __call__(self, data: dict[str, Any]) -> None:
         key = (data.get("ip"), data.get("pid"))
         out = []
         for line in data.get("lines", []):
-            if line.startswith("Traceback (most recent call last)") or _THREAD_DIED.match(line):
+            if line.startswith(_BENIGN):
+                self._benign.add(key)  # and the traceback that follows it
+            elif line.startswith("Traceback (most recent call last)") or _THREAD_DIED.match(line):
                 self._inside.add(key)
             elif key not in self._inside:
                 out.append(line)
@@ -155,7 +160,9 @@ class _CollapseTracebacks:
                 continue  # a frame, a caret line, a blank, or "During handling of the above exception ..."
             else:
                 self._inside.discard(key)
-                if not line.startswith(("SystemExit", "KeyboardInterrupt")):
+                if key in self._benign:
+                    self._benign.discard(key)
+                elif not line.startswith(("SystemExit", "KeyboardInterrupt")):
                     out.append(line)
         if out:
             self._handler({**data, "lines": out})
@@ -163,6 +170,7 @@ class _CollapseTracebacks:
 
 _THREAD_DIED = re.compile(r"^Exception (in thread|ignored in)\b")
 _CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+_BENIGN = ("Failed to send resource request for ",)  # "... it's safe to ignore this error", says Ray
 
 
 def _collapse_forwarded_tracebacks() -> None:

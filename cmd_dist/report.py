@@ -19,7 +19,7 @@ import csv
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,16 @@ class Run:
         final, paper = self.final(), self.cfg.paper.value
         return None if final is None or paper is None else final - paper
 
+    def peer_final(self, k: int) -> float | None:
+        return _num(self.summary["peers"][k].get(f"{self.split}_acc")) if self.summary else None
+
+    def delta_text(self) -> str:
+        """Final minus the paper: of the mean (``paper.value``), or per peer (``paper.peers``, Table 6)."""
+        if self.cfg.paper.value is not None or not self.cfg.paper.peers:
+            return signed(self.delta())
+        finals = [self.peer_final(k) for k in range(len(self.peers))]
+        return " / ".join(signed(None if f is None else f - v) for f, v in zip(finals, self.cfg.paper.peers))
+
 
 @dataclass
 class Search:
@@ -87,7 +97,6 @@ class Search:
     peers: list[str]
     best: dict[str, Any] | None
     final: Run | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -424,8 +433,12 @@ def run_section(run: Run, out: Path, stem: str, level: str = "##") -> list[str]:
         lines.append("")
         header = ["peer", "arch", f"final {split} acc (%)", f"best {split} acc (%)", "best epoch"]
         header += ["train acc, noisy labels (%)", "train acc, clean labels (%)"]
-        body = [
-            [
+        per_peer_paper = list(run.cfg.paper.peers)
+        if per_peer_paper:
+            header += ["paper (%)", "delta"]
+        body = []
+        for k, p in enumerate(s["peers"]):
+            row = [
                 p["name"],
                 p["arch"],
                 pct(p.get(f"{split}_acc")),
@@ -434,13 +447,15 @@ def run_section(run: Run, out: Path, stem: str, level: str = "##") -> list[str]:
                 pct(p.get("train_acc_noisy")),
                 pct(p.get("train_acc_clean")),
             ]
-            for p in s["peers"]
-        ]
+            if per_peer_paper:
+                final = run.peer_final(k)
+                row += [pct(per_peer_paper[k]), signed(None if final is None else final - per_peer_paper[k])]
+            body.append(row)
         lines += _table(header, body)
         lines.append("")
         lines.append(
             f"Mean final {split} accuracy: **{pct(run.final())}%**; paper: {paper_text(run.cfg)}; "
-            f"delta: {signed(run.delta())}."
+            f"delta: {run.delta_text()}."
         )
         lines.append("")
     if not any(run.rows.get(p) for p in run.peers):
@@ -470,7 +485,7 @@ def runs_table(runs: list[Run]) -> list[str]:
             paper_text(r.cfg),
             pct(r.final()),
             pct(r.best()),
-            signed(r.delta()),
+            r.delta_text(),
             "-" if not r.summary else f"{r.summary['wall_s']:.1f}",
         ]
         for r in runs

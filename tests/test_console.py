@@ -150,4 +150,6 @@ def test_forwarded_tracebacks_collapse_to_their_exception_line():
         }
     )
     show({"pid": 1, "lines": ["Traceback (most recent call last):", *frames, "ConnectionError: two Rays", "epoch 2/3"]})
-    assert printed == ["epoch 1/3 | ok", "next", "ConnectionError: two Rays", "epoch 2/3"]
+    show({"pid": 3, "lines": ["Failed to send resource request for train-1. ... it's safe to ignore this error."]})
+    show({"pid": 3, "lines": ["Traceback (most recent call last):", *frames, "GetTimeoutError: Get timed out", "ok"]})
+    assert printed == ["epoch 1/3 | ok", "next", "ConnectionError: two Rays", "epoch 2/3", "ok"]

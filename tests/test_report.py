@@ -27,7 +27,16 @@ def _train(out: Path, name: str, overrides: list[str]) -> Path:
     from cmd_dist.local import run_local
 
     cfg = load_config(
-        DEMO, [f"train.epochs={EPOCHS}", "train.log_every=0", f"output_dir={out}", f"run_name={name}", *overrides]
+        DEMO,
+        [
+            f"train.epochs={EPOCHS}",
+            "train.log_every=0",
+            "data.train_subset=600",
+            "data.test_subset=300",
+            f"output_dir={out}",
+            f"run_name={name}",
+            *overrides,
+        ],
     )
     run_dir = launcher.resolve_run_dir(cfg)
     metrics, _ = run_local(cfg, run_dir)
@@ -145,6 +154,8 @@ def test_several_runs_table_and_overlaid_plot(runs, tmp_path):
         by_run["cmdp"][5] == f"{json.loads((runs / 'cmdp' / 'summary.json').read_text())['mean_test_acc'] - 69.09:+.2f}"
     )
     assert by_run["zero"][2] == "50.63 / 44.06 (Table 6)"
+    zero = json.loads((runs / "zero" / "summary.json").read_text())["peers"]
+    assert by_run["zero"][5] == f"{zero[0]['test_acc'] - 50.63:+.2f} / {zero[1]['test_acc'] - 44.06:+.2f}"
     assert "ZERO + mconf" in by_run["zero"][1] and "CMD-P + mconf" in by_run["cmdp"][1]
     pngs = _pngs_open(report)
     assert (tmp_path / "rep" / "runs_accuracy.png") in pngs
