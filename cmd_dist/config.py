@@ -136,6 +136,18 @@ class RayConfig:
 
 
 @dataclass
+class PaperConfig:
+    """The paper's result this config reproduces (``cmd-dist report`` draws it beside the run's curve)."""
+
+    #: Where the paper reports it, e.g. ``Table 1``; empty = not a paper setting.
+    table: str = ""
+    #: The paper's final test accuracy in % (mean of the peers), or null when it states none.
+    value: float | None = None
+    #: Per-peer numbers, in the order of ``peers``, where the paper reports each network (Table 6).
+    peers: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -143,6 +155,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peers: list[PeerConfig] = field(default_factory=lambda: [PeerConfig(), PeerConfig()])
     ray: RayConfig = field(default_factory=RayConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
     seed: int = 0
     output_dir: str = "runs"
     #: Run folder name under output_dir; empty = a time stamp. A finished or interrupted run with
@@ -374,6 +387,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ray.max_failures: {cfg.ray.max_failures} must be >= 0")
     if cfg.ray.keep_checkpoints < 1:
         raise ConfigError(f"ray.keep_checkpoints: {cfg.ray.keep_checkpoints} must be >= 1")
+    paper = cfg.paper
+    if paper.value is not None and not 0.0 <= paper.value <= 100.0:
+        raise ConfigError(f"paper.value: {paper.value} must be an accuracy in % (0 to 100), or null")
+    if paper.peers and len(paper.peers) != len(cfg.peers):
+        raise ConfigError(f"paper.peers: {len(paper.peers)} numbers for {len(cfg.peers)} peers; give one per peer")
+    if any(not 0.0 <= v <= 100.0 for v in paper.peers):
+        raise ConfigError(f"paper.peers: {paper.peers} must be accuracies in % (0 to 100)")
+    if (paper.value is not None or paper.peers) and not paper.table.strip():
+        raise ConfigError("paper.table: name where the paper reports these numbers, e.g. 'Table 1'")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
 

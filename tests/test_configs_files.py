@@ -67,6 +67,7 @@ def _load_command(cmd: str):
 def _comparable(cfg) -> dict:
     d = cfg.to_dict()
     d.pop("output_dir")  # tables write to their own runs/tableN folder
+    d.pop("paper")  # which table cites the run, not the run itself
     return d
 
 
@@ -96,6 +97,11 @@ def test_config_file_has_a_header(path):
     assert numbers, f"{_rel(path)}: header gives no paper number (NN.NN%)"
     missing = set(numbers) - _paper_numbers()
     assert not missing, f"{_rel(path)}: header numbers {sorted(missing)} are not in the paper"
+    # The machine-readable copy `cmd-dist report` draws: the table the header names, a number it states.
+    paper = load_config(path).paper
+    assert paper.table and paper.table in header, f"{_rel(path)}: paper.table {paper.table!r} not in its header"
+    stated = [paper.value] if paper.value is not None else paper.peers
+    assert stated and all(f"{v:.2f}" in numbers for v in stated), f"{_rel(path)}: paper {stated} vs header {numbers}"
 
 
 @pytest.mark.parametrize("path", [p for p in YAMLS if p.parent != CONFIGS], ids=_rel)
@@ -146,6 +152,10 @@ def test_readme_command_validates(readme, line, cmd):
     assert not missing, f"README numbers {sorted(missing)} are not in the paper: {line}"
     for same in SAME_AS.findall(line):
         assert _comparable(load_config(REPO / same)) == _comparable(cfg), f"{cmd} is not the same run as {same}"
+    # The command carries the row's paper number(s), so `cmd-dist report` compares the run with its own cell.
+    row = [float(n) for n in PAPER_NUMBER.findall(line.split("`cmd-dist")[0])]
+    stated = [cfg.paper.value] if cfg.paper.value is not None else cfg.paper.peers
+    assert stated == row, f"{cmd}: paper {stated}, but the row says {row}"
 
 
 @pytest.mark.parametrize("table", ["table1", "table3", "table5", "table6", "table7"])
