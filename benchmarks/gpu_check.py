@@ -56,6 +56,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def write_synthetic_cifar100(root: Path, seed: int = 0) -> None:
+    """Random images and labels in the exact CIFAR-100 pickle layout (for throughput when no data is at hand).
+
+    Accuracies on it mean nothing; speeds, the step and every placement's code path are the real ones.
+    """
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", 50_000), ("test", 10_000)):
+        d = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": rng.integers(0, 100, n).tolist(),
+            "coarse_labels": rng.integers(0, 20, n).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+    meta = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+
+
 # ----------------------------------------------------------------------------- (a) throughput
 
 
@@ -249,20 +272,24 @@ def _rate_from_jsonl(run_dir: Path) -> float:
 # ----------------------------------------------------------------------------- (c) a paper cell
 
 
+_LOCAL_CELL = (
+    "import sys, torch; from cmd_dist.config import load_config; from cmd_dist.local import run_local; "
+    "cfg = load_config(sys.argv[1], sys.argv[3:]); "
+    "run_local(cfg, cfg.output_dir + '/' + cfg.run_name, device=sys.argv[2], echo=True)"
+)
+
+
 def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
-    """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl."""
+    """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl.
+
+    ``--cell-local``: the same training loop in one plain process (cmd_dist.local.run_local), no Ray.
+    """
     run_root = args.run_root / "cell"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cmd_dist.cli",
-        "train",
-        args.config,
-        f"data.root={args.data_root}",
-        f"output_dir={run_root}",
-        "run_name=cell",
-        *args.cell_overrides,
-    ]
+    overrides = [f"data.root={args.data_root}", f"output_dir={run_root}", "run_name=cell", *args.cell_overrides]
+    if args.cell_local:
+        cmd = [sys.executable, "-c", _LOCAL_CELL, args.config, args.device, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "cmd_dist.cli", "train", args.config, *overrides]
     env = dict(os.environ)
     log_path = out / "cell.log"
     start = time.perf_counter()
@@ -333,7 +360,8 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
 def table(info: dict) -> str:
     lines = [
         f"gpu_check on {info['device_name']} ({info['date']}), torch {info['torch']}, batch {info['batch_size']}, "
-        f"{info['arch']}",
+        f"{info['arch']}"
+        + (" (synthetic data: speeds only, accuracies meaningless)" if info["synthetic_data"] else ""),
         "",
         "| stage | setup | peers | ms/step | img/s per peer | ratio to plain eager | ratio to plain graph | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -406,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--placement-images", type=int, default=12800)
     ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: cnn_small, few steps, a 2-epoch cell slice")
+    ap.add_argument("--synthetic", action="store_true", help="write random CIFAR-100-layout data to --data-root first")
+    ap.add_argument("--cell-local", action="store_true", help="run the cell in one process without Ray")
     args = ap.parse_args(argv)
     deadline = time.perf_counter() + args.budget
     device = torch.device(args.device)
@@ -422,11 +452,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "ray.cpus_per_worker=0.5",
             ]
     args.data_root = str(Path(args.data_root).resolve())
+    if args.synthetic:
+        write_synthetic_cifar100(Path(args.data_root))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.run_root = Path(args.run_root).resolve() if args.run_root else out
     args.run_root.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
+        "synthetic_data": args.synthetic,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
