@@ -27,8 +27,6 @@ def preflight(cfg: Config, echo: bool = True) -> None:
     Prints the labels trained on and their realised noise rate.
     """
     check = check_data(cfg.data, cfg.noise)
-    if echo:
-        print(f"cmd-dist: {check.line()}", flush=True)
     n_train = check.num_train
     if cfg.train.batch_size > n_train:
         raise ConfigError(
@@ -38,6 +36,8 @@ def preflight(cfg: Config, echo: bool = True) -> None:
     from cmd_dist.models import check_peer_weights
 
     check_peer_weights(cfg)
+    if echo:
+        print(f"cmd-dist: {check.line()}", flush=True)
 
 
 def _sigterm_as_interrupt() -> None:

@@ -108,6 +108,11 @@ def read_webvision(root: Path, num_classes: int) -> dict[str, ImageList]:
             f"WebVision train list {wv / 'info' / 'train_filelist_google.txt'} has no image of "
             f"the first {num_classes} classes"
         )
+    if max(y) < num_classes - 1:
+        raise DataError(
+            f"WebVision train list {wv / 'info' / 'train_filelist_google.txt'} has labels 0..{max(y)} only; "
+            f"data.num_classes={num_classes} needs 0..{num_classes - 1} (set data.num_classes={max(y) + 1})"
+        )
     out = {"train": _image_list(wv, rel, y, np.full(len(y), -1), "webvision-train")}
     vrel, vy = _path_label_list(wv / "info" / "val_filelist.txt", "WebVision val list", num_classes)
     val_dir = wv / "val_images_256"
@@ -173,7 +178,7 @@ def read_food101n(root: Path, train_set: str = "food101n") -> dict[str, ImageLis
     trel = [f"{e}.jpg" if not e.lower().endswith(IMAGE_EXTENSIONS) else e for e in tlines]
     ty = [label_of(e, test_file, n) for n, e in enumerate(tlines, 1)]
     _require_dir(food / "images", "Food-101 image folder")
-    out = {"test": _image_list(food / "images", trel, ty, name="food101-test")}
+    out = {"test": _image_list(food / "images", trel, ty, name="food101-test"), "classes": classes}
 
     if train_set == "food101":
         f = food / "meta" / "train.txt"
@@ -469,9 +474,7 @@ def default_workers(data_cfg) -> int:
 def streamed_num_classes(data_cfg, lists: dict) -> int:
     if data_cfg.dataset == "webvision":
         return data_cfg.num_classes or 50
-    if data_cfg.dataset == "imagefolder":
-        return len(lists["classes"])
-    return 101
+    return len(lists["classes"])  # Food-101's 101 from its class list; imagefolder's folders
 
 
 def read_lists(data_cfg) -> dict:
