@@ -199,14 +199,20 @@ class PeerData:
     splits_read: list[str] = field(default_factory=list)
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
-    #: Realised fraction of training labels that differ from the clean ones (any noise kind).
-    noise_rate: float = math.nan
-    #: Unreadable images skipped (streamed datasets only; in-memory data has none).
-    skipped_images: int = 0
 
     @property
     def num_train(self) -> int:
         return int(self.train_x.shape[0])
+
+    @property
+    def noise_rate(self) -> float:
+        """The realised fraction of training labels that differ from the clean ones."""
+        return float((self.train_labels != self.train_clean).float().mean()) if self.num_train else 0.0
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images skipped: none for in-memory data (streamed datasets count theirs)."""
+        return 0
 
 
 def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu"):
@@ -217,7 +223,7 @@ def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu"):
     if data_cfg.dataset in STREAMED:
         from cmd_dist.streaming import build_streamed
 
-        return build_streamed(data_cfg, noise_cfg)
+        return build_streamed(data_cfg, noise_cfg, device=device)
     spec = dataset_spec(data_cfg, noise_cfg)
     coarse = uses_coarse_labels(noise_cfg)
     x, clean = load_split(data_cfg.dataset, data_cfg.root, "train", coarse)
@@ -249,7 +255,6 @@ def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu"):
         splits_read=read,
         mean=torch.tensor(spec.mean, device=dev).view(shape),
         std=torch.tensor(spec.std, device=dev).view(shape),
-        noise_rate=noise_rate(noisy, clean),
     )
 
 

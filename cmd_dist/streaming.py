@@ -387,6 +387,8 @@ class StreamedData:
     splits_read: list[str]
     noise_rate: float
     workers: int = 1
+    #: Where batches go when the caller names no device (prepare_data passes the worker's device).
+    device: torch.device | str = "cpu"
     log: Callable[[str], None] = warn
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason, every unreadable file met
 
@@ -403,7 +405,8 @@ class StreamedData:
         """Names of the evaluation sets: ``eval_split`` first, then extra test sets."""
         return list(self.evals)
 
-    def num_batches(self, batch_size: int) -> int:
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches per epoch (fewer when a whole batch is unreadable: every peer skips the same one)."""
         return math.ceil(self.num_train / batch_size)
 
     def _loader(self, images: ImageList, requests: list[_Request], device) -> Iterator[dict]:
@@ -433,13 +436,13 @@ class StreamedData:
         std = torch.tensor(self.spec.std, device=dev).view(shape) * 255.0
         return (x.to(dev, non_blocking=True).float() - mean) / std
 
-    def epoch_batches(self, epoch: int, peers: list[int], batch_size: int, seed: int, device) -> Iterator[Batch]:
+    def epoch_batches(self, epoch: int, peers: list[int], batch_size: int, seed: int, device=None) -> Iterator[Batch]:
         """The epoch's batches: same ids for every peer (a function of seed and epoch), one view per peer."""
         order = sample_order(seed, epoch, self.num_train).numpy()
         reqs = [
             _Request(order[s : s + batch_size], epoch, seed, tuple(peers)) for s in range(0, len(order), batch_size)
         ]
-        dev = torch.device(device)
+        dev = torch.device(device if device is not None else self.device)
         for item in self._loader(self.train, reqs, dev):
             yield Batch(
                 xs=[self._normalise(item["x"][j], dev) for j in range(len(peers))],
@@ -449,13 +452,13 @@ class StreamedData:
             )
 
     def eval_batches(
-        self, batch_size: int, device, split: str | None = None
+        self, batch_size: int, device=None, split: str | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised centre crops, labels) of the eval split (or of another of ``eval_sets``)."""
         images = self.evals[split or self.eval_split]
         n = len(images)
         reqs = [_Request(np.arange(s, min(n, s + batch_size)), 0, 0, ()) for s in range(0, n, batch_size)]
-        dev = torch.device(device)
+        dev = torch.device(device if device is not None else self.device)
         for item in self._loader(images, reqs, dev):
             yield self._normalise(item["x"][0], dev), item["y"].to(dev, non_blocking=True)
 
@@ -496,7 +499,7 @@ def _subset(images: ImageList, n: int, seed: int) -> ImageList:
     return images.take(idx)
 
 
-def build_streamed(data_cfg, noise_cfg, workers: int | None = None) -> StreamedData:
+def build_streamed(data_cfg, noise_cfg, workers: int | None = None, device: torch.device | str = "cpu") -> StreamedData:
     """File lists, labels (synthetic noise for imagefolder), the split of the protocol; no image is read."""
     lists = read_lists(data_cfg)
     c = streamed_num_classes(data_cfg, lists)
@@ -563,4 +566,5 @@ def build_streamed(data_cfg, noise_cfg, workers: int | None = None) -> StreamedD
         splits_read=read,
         noise_rate=rate,
         workers=default_workers(data_cfg) if workers is None else workers,
+        device=device,
     )

@@ -39,8 +39,14 @@ def corrupt_jpeg(path: Path) -> None:
     path.write_bytes(data[: len(data) // 3])
 
 
-def make_webvision(root: Path, classes: int = 4, per_class: int = 6, val_per_class: int = 2, corrupt: bool = False,
-                   imagenet: bool = True) -> Path:
+def make_webvision(
+    root: Path,
+    classes: int = 4,
+    per_class: int = 6,
+    val_per_class: int = 2,
+    corrupt: bool = False,
+    imagenet: bool = True,
+) -> Path:
     """mini-WebVision (DivideMix layout) with ``classes`` classes; imagenet/val/<c>/ when ``imagenet``."""
     wv = root / "webvision"
     train_lines, val_lines = [], []
@@ -57,7 +63,7 @@ def make_webvision(root: Path, classes: int = 4, per_class: int = 6, val_per_cla
             val_lines.append(f"{name} {c}")
             seed += 1
         if imagenet:
-            for j in range(val_per_class):
+            for _ in range(val_per_class):
                 write_jpeg(root / "imagenet" / "val" / str(c) / f"ILSVRC2012_val_{seed:08d}.JPEG", c, seed)
                 seed += 1
     if corrupt:
@@ -92,7 +98,7 @@ def make_food101n(root: Path, per_class: int = 6, test_per_class: int = 2) -> Pa
             elif j == 2:
                 verified_val.append(f"{key}\t1")
             seed += 1
-        for j in range(test_per_class):
+        for _ in range(test_per_class):
             ident = f"{seed}"
             write_jpeg(food / "images" / name / f"{ident}.jpg", c, seed)
             test_lines.append(f"{name}/{ident}")
@@ -114,8 +120,13 @@ def make_food101n(root: Path, per_class: int = 6, test_per_class: int = 2) -> Pa
     return root
 
 
-def make_imagefolder(root: Path, classes: tuple[str, ...] = ("cat", "dog", "fox"), per_class: int = 6,
-                     splits: tuple[str, ...] = ("train", "val", "test"), png: bool = True) -> Path:
+def make_imagefolder(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    per_class: int = 6,
+    splits: tuple[str, ...] = ("train", "val", "test"),
+    png: bool = True,
+) -> Path:
     seed = 500
     for split in splits:
         n = per_class if split == "train" else 2
@@ -142,6 +153,9 @@ def make_cifar10(root: Path, labels: np.ndarray, test_labels: np.ndarray | None 
             pickle.dump({b"data": data, b"labels": [int(x) for x in part]}, f, protocol=2)
     tl = np.arange(20) % 10 if test_labels is None else test_labels
     with open(folder / "test_batch", "wb") as f:
-        pickle.dump({b"data": rng.integers(0, 256, (len(tl), 3072), dtype=np.uint8), b"labels": [int(x) for x in tl]},
-                    f, protocol=2)
+        pickle.dump(
+            {b"data": rng.integers(0, 256, (len(tl), 3072), dtype=np.uint8), b"labels": [int(x) for x in tl]},
+            f,
+            protocol=2,
+        )
     return root

@@ -30,7 +30,8 @@ def _cfg(dataset: str, root, *overrides: str):
     if dataset == "webvision" and not any(o.startswith("data.num_classes") for o in overrides):
         overrides = ("data.num_classes=4", *overrides)  # the fixture's class count (the default is 50)
     return load_config(
-        None, [f"data.dataset={dataset}", f"data.root={root}", "data.image_size=32", noise, "data.workers=0", *overrides]
+        None,
+        [f"data.dataset={dataset}", f"data.root={root}", "data.image_size=32", noise, "data.workers=0", *overrides],
     )
 
 
@@ -257,8 +258,17 @@ def test_cli_bad_list_is_one_line_exit_2_before_ray(tmp_path, capsys, monkeypatc
     monkeypatch.delattr(cmd_dist, "launcher", raising=False)
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:
-        cli.main(["train", "configs/demo.yaml", "data.dataset=webvision", f"data.root={root}", "noise.kind=none",
-                  "data.num_classes=2", f"output_dir={out}"])
+        cli.main(
+            [
+                "train",
+                "configs/demo.yaml",
+                "data.dataset=webvision",
+                f"data.root={root}",
+                "noise.kind=none",
+                "data.num_classes=2",
+                f"output_dir={out}",
+            ]
+        )
     err = capsys.readouterr().err.splitlines()
     assert info.value.code == 2 and len(err) == 1 and "val_filelist.txt" in err[0] and not out.exists()
 
