@@ -277,3 +277,26 @@ def test_prepare_data_dispatches_streamed_datasets(webvision_root):
     cfg = _cfg("webvision", webvision_root)
     d = prepare_data(cfg.data, cfg.noise, "cpu")
     assert isinstance(d, StreamedData) and d.num_train == 25 and d.workers == 0
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["data.dataset=webvision"], "noise.kind: symmetric would add synthetic noise"),
+        (["data.dataset=food101n", "noise.kind=pairflip"], "use noise.kind=none"),
+        (["data.image_size=16"], "data.image_size"),
+        (["data.image_size=2048"], "data.image_size"),
+        (["data.dataset=webvision", "noise.kind=none", "data.num_classes=1001"], "data.num_classes"),
+        (["data.dataset=cifar100", "data.num_classes=50"], "applies to webvision only"),
+        (["data.workers=-1"], "data.workers"),
+        (["data.workers=two"], "data.workers"),
+        (["data.food_train=food2k"], "data.food_train"),
+        (["data.dataset=imagenet"], "data.dataset"),
+    ],
+)
+def test_streamed_data_config_errors_name_the_key(overrides, needle):
+    from cmd_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert needle in str(info.value) and "\n" not in str(info.value)
