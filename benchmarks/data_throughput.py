@@ -112,9 +112,8 @@ class _Bytes(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from torchvision.io import read_file
-
-        return read_file(str(self.paths[i])), self.labels[i]
+        # Plain bytes through the pipe: one shared-memory tensor per file would cost a file descriptor each.
+        return self.paths[i].read_bytes(), self.labels[i]
 
 
 def _collate_bytes(items):
@@ -136,7 +135,7 @@ def gpu_decode_epoch(paths, labels, size: int, batch: int, workers: int, device:
     rng = np.random.default_rng(seed)
     n = 0
     for raw, y in loader:
-        imgs = decode_jpeg(raw, device=device)
+        imgs = decode_jpeg([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw], device=device)
         crops = []
         for img in imgs:
             top, left, ch, cw = random_resized_crop_box(img.shape[1], img.shape[2], rng)
