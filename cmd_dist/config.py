@@ -361,8 +361,8 @@ def validate(cfg: Config) -> None:
             )
         if peer.arch == "inception_resnet_v2" and importlib.util.find_spec("timm") is None:
             raise ConfigError(f"peers[{i}].arch: inception_resnet_v2 needs the timm package (pip install timm)")
-        if peer.weights is not None and not Path(peer.weights).expanduser().is_file():
-            raise ConfigError(f"peers[{i}].weights: file {peer.weights!r} not found; give a local weights file")
+        if peer.weights is not None and not peer.weights.strip():
+            raise ConfigError(f"peers[{i}].weights: empty path; give a local weights file or null")
         if not peer.name:
             peer.name = f"peer{i}"
     names = [p.name for p in cfg.peers]

@@ -100,8 +100,6 @@ def test_peer_weights_config_and_preflight(tmp_path):
     from cmd_dist.cli import preflight
     from tests.image_fixtures import make_imagefolder
 
-    with pytest.raises(ConfigError, match=r"peers\[0\].weights: file .*nope.pt.* not found"):
-        load_config(None, [f"peers=[{{arch: resnet18, weights: {tmp_path / 'nope.pt'}}}, {{arch: resnet18}}]"])
     _, good = _imagenet_like_file(tmp_path)
     root = make_imagefolder(tmp_path / "imgs", per_class=2, png=False)
     base = [
@@ -111,6 +109,12 @@ def test_peer_weights_config_and_preflight(tmp_path):
         "noise.kind=none",
         "train.batch_size=4",
     ]
+    nope = tmp_path / "nope.pt"
+    missing = load_config(None, [*base, f"peers=[{{arch: resnet18, weights: {nope}}}, {{arch: resnet18}}]"])
+    with pytest.raises(ConfigError, match=r"peers\[0\].weights: weights file .*nope.pt not found"):
+        preflight(missing, echo=False)
+    with pytest.raises(ConfigError, match=r"peers\[0\].weights: empty path"):
+        load_config(None, ["peers=[{arch: resnet18, weights: ' '}, {arch: resnet18}]"])
     cfg = load_config(None, [*base, f"peers=[{{arch: resnet18, weights: {good}}}, {{arch: resnet18}}]"])
     preflight(cfg, echo=False)
     bad = load_config(None, [*base, f"peers=[{{arch: resnet18}}, {{arch: resnet34, weights: {good}}}]"])
