@@ -289,7 +289,10 @@ def decode(path: Path) -> torch.Tensor:
 
 
 def _reason(e: Exception) -> str:
+    """A short reason: torchvision's errors read "decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete"."""
     text = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    if ".cpp:" in text:
+        text = text.rsplit(", ", 1)[-1]
     return f"{type(e).__name__}: {text[-120:]}" if text else type(e).__name__
 
 
