@@ -323,9 +323,10 @@ class _Request:
 class _BatchDecoder(Dataset):
     """Map-style dataset whose items are whole batches: a DataLoader worker decodes one batch per request."""
 
-    def __init__(self, images: ImageList, size: int) -> None:
+    def __init__(self, images: ImageList, size: int, augment: bool = True) -> None:
         self.images = images
         self.size = size
+        self.augment = augment
 
     def __len__(self) -> int:  # pragma: no cover - items come from the request sampler
         return 0
@@ -339,7 +340,9 @@ class _BatchDecoder(Dataset):
             except Exception as e:  # noqa: BLE001 - any failure to read or decode skips the image
                 bad.append((i, str(path), _reason(e)))
                 continue
-            if req.peers:
+            if req.peers and not self.augment:  # data.augment=false: every peer trains on the centre crop
+                views.append(eval_view(img, self.size)[None].expand(len(req.peers), -1, -1, -1))
+            elif req.peers:
                 # Peer k's view of sample i depends only on (seed, epoch, k, i): any worker, any placement.
                 views.append(
                     torch.stack(
@@ -390,6 +393,8 @@ class StreamedData:
     splits_read: list[str]
     noise_rate: float
     workers: int = 1
+    #: Random-resized crop + flip per peer when training (``data.augment``); false: the evaluation centre crop.
+    augment: bool = True
     #: Where batches go when the caller names no device (prepare_data passes the worker's device).
     device: torch.device | str = "cpu"
     log: Callable[[str], None] = warn
@@ -415,7 +420,7 @@ class StreamedData:
     def _loader(self, images: ImageList, requests: list[_Request], device) -> Iterator[dict]:
         dev = torch.device(device)
         loader = DataLoader(
-            _BatchDecoder(images, self.spec.size),
+            _BatchDecoder(images, self.spec.size, self.augment),
             batch_size=None,
             sampler=requests,
             num_workers=self.workers,
@@ -569,5 +574,6 @@ def build_streamed(data_cfg, noise_cfg, workers: int | None = None, device: torc
         splits_read=read,
         noise_rate=rate,
         workers=default_workers(data_cfg) if workers is None else workers,
+        augment=data_cfg.augment,
         device=device,
     )

@@ -137,6 +137,16 @@ def test_batches_do_not_depend_on_placement_or_loader_processes(webvision_root):
         assert torch.equal(t.xs[0], a0.xs[0]) and torch.equal(t.xs[1], a1.xs[0])
 
 
+def test_augment_false_gives_every_peer_the_centre_crop(webvision_root):
+    d = _data(_cfg("webvision", webvision_root, "data.augment=false"))
+    b = _epoch(d, [0, 1])[0]
+    assert torch.equal(b.xs[0], b.xs[1])
+    alone = _epoch(d, [1])[0]  # peer 1 in a worker of its own: the same centre crop
+    assert torch.equal(alone.ids, b.ids) and torch.equal(alone.xs[0], b.xs[0])
+    augmented = _epoch(_data(_cfg("webvision", webvision_root)), [0])[0]
+    assert torch.equal(augmented.ids, b.ids) and not torch.equal(augmented.xs[0], b.xs[0])
+
+
 def test_order_and_pixels_are_a_function_of_seed_and_epoch(webvision_root):
     d = _data(_cfg("webvision", webvision_root))
     e0, e0b, e1 = _epoch(d, [0]), _epoch(d, [0]), _epoch(d, [0], epoch=1)
