@@ -6,6 +6,9 @@ Accuracy claims need the paper's protocol on CIFAR-100; this is a CPU proxy that
 this process (``cmd_dist.local.run_local``, no Ray) and reports the final test accuracy, mean of peers.
 
     .venv/bin/python benchmarks/gradient_semantics.py --seeds 0 1 2 --rates 0.4 0.6 --out runs/gradsem
+
+With 80 epochs (the default) plain CE memorises: on digits at 40% noise its test accuracy peaks near 84%
+around the first lr drop and ends near 76%.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rates", type=float, nargs="+", default=[0.4, 0.6])
-    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=80)
     ap.add_argument("--cmd", default="method.eta=4 method.b2=-8", help="CMD-P overrides for the CMD rows")
     ap.add_argument("--only", type=int, nargs="*", help="variant indices to run (default all)")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md")
@@ -59,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         f"train.epochs={args.epochs}",
         "train.batch_size=128",
         "train.lr=0.05",
-        f"train.milestones=[{round(args.epochs * 0.7)}, {round(args.epochs * 0.9)}]",
+        # the paper's schedule shape (lr / 10 at 50% and 80% of training): long enough after the first
+        # drop for cross entropy to memorise the noisy labels, as it does on CIFAR-100
+        f"train.milestones=[{round(args.epochs * 0.5)}, {round(args.epochs * 0.8)}]",
         "train.log_every=0",
         "method.self_kd=mconf",
         "method.knowledge=cmd-p",

@@ -88,7 +88,7 @@ class MethodConfig:
     knowledge: str = "cmd-p"
     #: ``cmd`` (Eq. 10-11) or a baseline: syncmkd (Eq. 3), asyncmkd (Eq. 2), kdcl, tfkd_reg.
     objective: str = "cmd"
-    eta: float = 2.0
+    eta: float = 4.0
     b1: float = 16.0
     b2: float = -8.0
     rho: float = 0.5

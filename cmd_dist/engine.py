@@ -370,6 +370,7 @@ def run_worker(
             row["eval_acc"] = evaluate(p, data, cfg.train.eval_batch_size)
             row["certainty_r"] = p.certainty.end_epoch() if cfg.method.self_kd == "mconf" else math.nan
             row["lr"] = p.optimizer.param_groups[0]["lr"]
+            row["images_per_s"] = res.images / max(res.seconds, 1e-9)  # this peer's training images / train time
             if row["eval_acc"] > p.best_eval_acc:
                 p.best_eval_acc, p.best_epoch = row["eval_acc"], epoch + 1
             row["best_eval_acc"], row["best_epoch"] = p.best_eval_acc, p.best_epoch
