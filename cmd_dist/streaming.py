@@ -427,7 +427,7 @@ class StreamedData:
             collate_fn=_identity,
             pin_memory=dev.type == "cuda",
             worker_init_fn=_worker_init if self.workers else None,
-            prefetch_factor=4 if self.workers else None,
+            prefetch_factor=2 if self.workers else None,
         )
         for item in loader:
             for _, path, reason in item["bad"]:
