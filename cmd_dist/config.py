@@ -60,6 +60,9 @@ class DataConfig:
     image_size: int = 224
     #: webvision: train on the first N classes (0 = 50, the "Mini" setting); other datasets: 0 (from the files).
     num_classes: int = 0
+    #: webvision: training lists read, ``train_filelist_<source>.txt``: ``[google]`` (the "Mini" setting) or
+    #: ``[google, flickr]`` (all of WebVision 1.0).
+    webvision_sources: list[str] = field(default_factory=lambda: ["google"])
     #: Streamed datasets: decoding/augmenting processes per training worker; null = usable CPUs - 1 (1..8).
     workers: int | None = None
     #: food101n: ``food101n`` (the 310k Food-101N web images) or ``food101`` (Food-101's 75,750 training
@@ -439,6 +442,10 @@ def _validate_data(cfg: Config) -> None:
     if d.workers is not None and d.workers < 0:
         raise ConfigError(f"data.workers: {d.workers} must be >= 0 (0 = decode in the training process) or null")
     _choice("data.food_train", d.food_train, FOOD_TRAIN_SETS)
+    if not d.webvision_sources or len(set(d.webvision_sources)) != len(d.webvision_sources):
+        raise ConfigError(f"data.webvision_sources: {d.webvision_sources} must list google and/or flickr once each")
+    for source in d.webvision_sources:
+        _choice("data.webvision_sources", source, ("google", "flickr"))
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -94,23 +94,27 @@ def _path_label_list(path: Path, what: str, num_classes: int) -> tuple[list[str]
     return rel, labels
 
 
-def read_webvision(root: Path, num_classes: int) -> dict[str, ImageList]:
-    """mini-WebVision (DivideMix layout): Google train list, WebVision val, ImageNet val when present.
+def read_webvision(root: Path, num_classes: int, sources: tuple[str, ...] = ("google",)) -> dict[str, ImageList]:
+    """WebVision 1.0 (DivideMix layout): train lists, WebVision val, ImageNet val when present.
 
-    ``webvision/info/train_filelist_google.txt`` and ``val_filelist.txt`` hold ``path label`` lines;
-    the first ``num_classes`` classes are kept. ``imagenet/val/<c>/`` (c = 0..num_classes-1, or the
-    synset id of ``webvision/info/synsets.txt`` line c) is the ILSVRC12 test set of the "Mini" setting.
+    ``webvision/info/train_filelist_<source>.txt`` (``google``: the "Mini" setting; add ``flickr`` for the full
+    2.4M-image set) and ``val_filelist.txt`` hold ``path label`` lines; the first ``num_classes`` classes are kept.
+    ``imagenet/val/<c>/`` (c = 0..num_classes-1, or the synset id of ``webvision/info/synsets.txt`` line c) is the
+    ILSVRC12 test set of the "Mini" setting.
     """
     wv = root / "webvision"
-    rel, y = _path_label_list(wv / "info" / "train_filelist_google.txt", "WebVision train list", num_classes)
+    rel, y = [], []
+    lists = [wv / "info" / f"train_filelist_{source}.txt" for source in sources]
+    for path in lists:
+        r, labels = _path_label_list(path, "WebVision train list", num_classes)
+        rel += r
+        y += labels
+    names = " + ".join(str(p) for p in lists)
     if not rel:
-        raise DataError(
-            f"WebVision train list {wv / 'info' / 'train_filelist_google.txt'} has no image of "
-            f"the first {num_classes} classes"
-        )
+        raise DataError(f"WebVision train list {names} has no image of the first {num_classes} classes")
     if max(y) < num_classes - 1:
         raise DataError(
-            f"WebVision train list {wv / 'info' / 'train_filelist_google.txt'} has labels 0..{max(y)} only; "
+            f"WebVision train list {names} has labels 0..{max(y)} only; "
             f"data.num_classes={num_classes} needs 0..{num_classes - 1} (set data.num_classes={max(y) + 1})"
         )
     out = {"train": _image_list(wv, rel, y, np.full(len(y), -1), "webvision-train")}
@@ -493,7 +497,7 @@ def read_lists(data_cfg) -> dict:
     if not root.is_dir():
         raise DataError(f"data.root {root} does not exist; set it to the folder that holds the dataset")
     if data_cfg.dataset == "webvision":
-        return read_webvision(root, data_cfg.num_classes or 50)
+        return read_webvision(root, data_cfg.num_classes or 50, tuple(data_cfg.webvision_sources))
     if data_cfg.dataset == "food101n":
         return read_food101n(root, data_cfg.food_train)
     return read_imagefolder(root)

@@ -68,6 +68,22 @@ def test_webvision_keeps_the_first_num_classes_and_uses_imagenet_val_as_test(web
     assert "imagenet_val" not in search.splits_read and search.spec.num_classes == 4
 
 
+def test_webvision_flickr_list_adds_its_images(tmp_path):
+    root = make_webvision(tmp_path, classes=2, per_class=3, imagenet=False)
+    info = root / "webvision" / "info"
+    (info / "train_filelist_flickr.txt").write_text(
+        "flickr/q0001/a.jpg 0\nflickr/q0002/b.jpg 1\nflickr/q0009/c.jpg 8\n"
+    )
+    both = _data(_cfg("webvision", root, "data.num_classes=2", "data.webvision_sources=[google, flickr]"))
+    google = _data(_cfg("webvision", root, "data.num_classes=2"))
+    assert both.num_train == google.num_train + 2  # class 8 is beyond the first 2
+    assert b"flickr/q0002/b.jpg" in both.train.rel.tolist()
+    (info / "train_filelist_flickr.txt").unlink()
+    cfg = _cfg("webvision", root, "data.num_classes=2", "data.webvision_sources=[google, flickr]")
+    with pytest.raises(DataError, match="train_filelist_flickr.txt"):
+        check_data(cfg.data, cfg.noise)
+
+
 def test_webvision_without_imagenet_tests_on_webvision_val(tmp_path):
     root = make_webvision(tmp_path, classes=2, per_class=3, imagenet=False)
     d = _data(_cfg("webvision", root, "data.num_classes=2"))
@@ -301,6 +317,9 @@ def test_prepare_data_dispatches_streamed_datasets(webvision_root):
         (["data.workers=-1"], "data.workers"),
         (["data.workers=two"], "data.workers"),
         (["data.food_train=food2k"], "data.food_train"),
+        (["data.webvision_sources=[bing]"], "data.webvision_sources"),
+        (["data.webvision_sources=[]"], "data.webvision_sources"),
+        (["data.webvision_sources=[google, google]"], "data.webvision_sources"),
         (["data.dataset=imagenet"], "data.dataset"),
     ],
 )
