@@ -22,14 +22,23 @@ def fail(msg: str, code: int = EXIT_USAGE) -> None:
     raise SystemExit(code)
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that need the data: the files exist and parse, and a batch fits the training set."""
-    n_train = check_data(cfg.data)
+def preflight(cfg: Config, echo: bool = True) -> None:
+    """Checks that need the data: the files exist and parse, a batch fits the training set, peer weights load.
+
+    Prints the labels trained on and their realised noise rate.
+    """
+    check = check_data(cfg.data, cfg.noise)
+    n_train = check.num_train
     if cfg.train.batch_size > n_train:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images; "
             f"use at most {n_train}"
         )
+    from cmd_dist.models import check_peer_weights
+
+    check_peer_weights(cfg)
+    if echo:
+        print(f"cmd-dist: {check.line()}", flush=True)
 
 
 def _sigterm_as_interrupt() -> None:

@@ -37,7 +37,7 @@ from cmd_dist.checkpoint import (
 from cmd_dist.config import Config
 from cmd_dist.data import PeerData, augment_generator, epoch_order, prepare_data  # noqa: F401 (re-exported)
 from cmd_dist.exchange import Exchange
-from cmd_dist.models import build_model
+from cmd_dist.models import build_model, load_weights
 from cmd_dist.objectives import async_mkd_active_peer
 from cmd_dist.selection import threshold_for_mode
 from cmd_dist.selfkd import DEFAULT_FIXED_EPSILON, ModelCertainty, uniform_entropy
@@ -108,10 +108,15 @@ def resolved_compile_mode(cfg: Config, device: torch.device, graphed: bool) -> s
     return "reduce-overhead" if (device.type == "cuda" and not graphed) else "none"
 
 
-def build_peer(cfg: Config, k: int, num_classes: int, channels: int, device: torch.device) -> Peer:
+def build_peer(
+    cfg: Config, k: int, num_classes: int, channels: int, device: torch.device, image_size: int = 32
+) -> Peer:
     """Peer k's network, SGD optimiser and step schedule; the init depends only on (seed, k)."""
     torch.manual_seed(cfg.seed * 1000 + k)
-    model = build_model(cfg.peers[k].arch, num_classes, channels).to(device)
+    model = build_model(cfg.peers[k].arch, num_classes, channels, image_size)
+    if cfg.peers[k].weights:
+        load_weights(model, cfg.peers[k].weights, f"peers[{k}].weights")
+    model = model.to(device)
     t = cfg.train
     fast = fast_path_enabled(cfg, device)
     if fast:
@@ -338,7 +343,10 @@ def run_worker(
     if cfg.train.batch_size > data.num_train:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the {data.num_train} training images")
     exchange = Exchange(len(cfg.peers))
-    peers = [build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device) for k in exchange.local_peers]
+    peers = [
+        build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device, data.spec.size)
+        for k in exchange.local_peers
+    ]
     run_dir = Path(run_dir)
     n_peers = len(cfg.peers)
 
@@ -527,6 +535,8 @@ def flatten_metrics(
         "images_per_s": res.images / max(res.seconds, 1e-9),
         f"{split}_acc": sum(r["eval_acc"] for r in rows.values()) / len(rows),
         f"best_{split}_acc": sum(r["best_eval_acc"] for r in rows.values()) / len(rows),
+        "noise_rate": float(getattr(data, "noise_rate", math.nan)),
+        "skipped_images": int(getattr(data, "skipped_images", 0)),
     }
     names = [p.name for p in cfg.peers]
     for k, r in sorted(rows.items()):

@@ -87,6 +87,11 @@ def resolve_run_dir(cfg: Config) -> Path:
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.noise.label_file:
+        cfg.noise.label_file = str(Path(cfg.noise.label_file).expanduser().resolve())
+    for peer in cfg.peers:  # workers may run elsewhere: every file path absolute
+        if peer.weights:
+            peer.weights = str(Path(peer.weights).expanduser().resolve())
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -690,6 +695,8 @@ def fit_with_restarts(
                 f"Ray could not run the worker group: {str(cause).strip().splitlines()[0]}",
                 "".join(traceback.format_exception(e)),
             ) from None
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
 
 
 def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float) -> dict[str, Any]:
@@ -723,6 +730,9 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
         "wall_s": round(wall_s, 1),
         "stopped": metrics.get("nonfinite"),
         "splits_read": metrics.get("splits_read"),
+        # Realised fraction of training labels != clean labels (null where no clean label is known).
+        "noise_rate": _finite_or_none(metrics.get("noise_rate")),
+        "skipped_images": metrics.get("skipped_images", 0),
     }
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
