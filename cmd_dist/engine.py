@@ -249,7 +249,8 @@ class Trainer:
                 "train_self_loss": a["self_loss"] / steps,
                 "train_peer_loss": a["peer_loss"] / steps,
                 "train_acc_noisy": 100.0 * a["correct_noisy"] / n,
-                "train_acc_clean": 100.0 * a["correct_clean"] / n,
+                # over the samples whose clean label is known; NaN when none is (e.g. WebVision)
+                "train_acc_clean": 100.0 * a["correct_clean"] / a["clean_known"] if a["clean_known"] else math.nan,
                 "epsilon_mean": a["epsilon"] / n,
                 "entropy_mean": a["entropy"] / n,
                 "nonfinite_step": bad[slot],
