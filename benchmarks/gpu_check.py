@@ -290,6 +290,15 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
         for e in epochs
     }
     rates = [statistics.mean(r.get("images_per_s", math.nan) for r in by_epoch[e]) for e in epochs[1:]]
+    # evaluation + checkpoint + report per epoch: epoch wall (between consecutive log times) minus train time
+    times = [statistics.mean(r["time"] for r in by_epoch[e]) for e in epochs if all("time" in r for r in by_epoch[e])]
+    trains = [statistics.mean(r.get("train_s", math.nan) for r in by_epoch[e]) for e in epochs]
+    overhead = [
+        (times[i] - times[i - 1] - trains[i]) / (times[i] - times[i - 1])
+        for i in range(2, min(len(times), len(trains)))
+        if times[i] > times[i - 1]
+    ]
+    evals = [statistics.mean(r.get("eval_s", math.nan) for r in by_epoch[e]) for e in epochs[1:]]
     summary_path = run_root / "cell" / "summary.json"
     return {
         "config": args.config,
@@ -301,6 +310,10 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
         "s_per_epoch_wall": (wall / len(epochs)) if epochs else math.nan,
         "images_per_s_per_peer": statistics.median(rates) if rates else math.nan,
         "acc_by_epoch": acc,
+        "overhead_fraction_median": statistics.median(overhead) if overhead else math.nan,
+        "overhead_fraction_max": max(overhead) if overhead else math.nan,
+        "eval_s_median": statistics.median(evals) if evals else math.nan,
+        "train_s_median": statistics.median(trains[1:]) if len(trains) > 1 else math.nan,
         "eval_split": split,
         "summary": json.loads(summary_path.read_text()) if summary_path.is_file() else None,
         "log_tail": log_path.read_text()[-3000:],
@@ -351,7 +364,9 @@ def table(info: dict) -> str:
         lines.append(
             f"| (c) | {Path(c['config']).name} {' '.join(c['overrides'])} | | | {v:,.0f} | {ratio(v, eager)} | "
             f"{ratio(v, graph)} | {c['epochs_done']} epochs in {c['wall_s']:.0f} s wall "
-            f"({c['s_per_epoch_wall']:.2f} s/epoch incl. start-up){stop}, rc {c['rc']} |"
+            f"({c['s_per_epoch_wall']:.2f} s/epoch incl. start-up){stop}, rc {c['rc']}; train "
+            f"{c['train_s_median']:.2f} s/epoch, eval+checkpoint+report {100 * c['overhead_fraction_median']:.1f}% "
+            f"of an epoch (median; max {100 * c['overhead_fraction_max']:.1f}%) |"
         )
         accs = c["acc_by_epoch"]
         marks = [e for e in sorted(accs) if e % 10 == 0 or e == max(accs)]

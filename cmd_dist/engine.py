@@ -359,7 +359,9 @@ def run_worker(
         res = trainer.train_one_epoch(epoch, reporter.progress if exchange.rank == 0 else None)
         for p in peers:
             row = res.rows[p.index]
+            t_eval = time.perf_counter()
             row["eval_acc"] = evaluate(p, data, cfg.train.eval_batch_size)
+            row["train_s"], row["eval_s"] = res.seconds, time.perf_counter() - t_eval
             row["certainty_r"] = p.certainty.end_epoch() if cfg.method.self_kd == "mconf" else math.nan
             row["lr"] = p.optimizer.param_groups[0]["lr"]
             row["images_per_s"] = res.images / max(res.seconds, 1e-9)  # this peer's training images / train time

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ class Monitor:
             w.flush()
             record = {
                 "epoch": step,
+                "time": time.time(),  # wall clock at logging: epoch wall time = difference of consecutive rows
                 "peer": name,
                 "arch": self.cfg.peers[k].arch,
                 "eval_split": split,
