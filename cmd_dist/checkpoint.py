@@ -1,9 +1,15 @@
 """Per-epoch checkpoints: written atomically, verified on load, loaded with weights_only=True.
 
-A checkpoint folder holds one ``peer<k>.pt`` per peer (written by the worker hosting it; Ray Train
-merges the workers' files into one folder) and ``peer<k>.sha256`` beside it. A file is first
-written under a temporary name and then renamed, so a crash never leaves a half-written file under
-the final name; the checksum catches truncation or corruption afterwards.
+A checkpoint folder ``run_dir/checkpoint_<epoch>`` holds one ``peer<k>.pt`` per peer (written by
+the worker hosting it, straight into the run folder, which every worker sees) and ``peer<k>.sha256``
+beside it; rank 0 writes ``metrics.json`` and, last, ``epoch.txt`` once every worker's files are
+there. A file is first written under a temporary name and then renamed, so a crash never leaves a
+half-written file under the final name (and a failed write, e.g. a full disk, leaves no temporary
+file); the checksum catches truncation or corruption afterwards.
+
+Which checkpoint a run resumes from and which ones it keeps are decided here, from the files alone:
+the newest *complete* checkpoint (marker written, every peer file verified) is the one to resume
+from, and retention never deletes it (:func:`prune_checkpoints`).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +30,21 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename; on any failure (full disk, ...) the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
 
 
 def save_peer_state(folder: Path, peer: int, state: dict[str, Any]) -> Path:
@@ -61,39 +77,164 @@ def verify_checkpoint(folder: Path, num_peers: int) -> None:
         load_peer_state(folder, k)
 
 
-def candidate_checkpoints(latest: Path | None, search_dir: Path | None) -> list[Path]:
-    """The latest checkpoint first, then older sibling ``checkpoint_*`` folders, newest first."""
-    seen: list[Path] = []
-    if latest is not None:
-        seen.append(Path(latest))
-    roots = {Path(latest).parent} if latest is not None else set()
-    if search_dir is not None:
-        roots.add(Path(search_dir))
-    others = []
-    for root in roots:
-        if root.is_dir():
-            others += [p for p in root.glob("checkpoint_*") if p.is_dir() and p not in seen]
-    others.sort(key=lambda p: _epoch_of(p), reverse=True)
-    return seen + others
+CHECKPOINT_PREFIX = "checkpoint_"
 
 
-def _epoch_of(folder: Path) -> int:
+def checkpoint_folder(run_dir: Path, epoch: int) -> Path:
+    """Where epoch ``epoch``'s checkpoint lives (1-based: the state after that many epochs)."""
+    return Path(run_dir) / f"{CHECKPOINT_PREFIX}{epoch:06d}"
+
+
+def checkpoint_epoch(folder: Path) -> int:
+    """The epoch a checkpoint folder's marker names, or -1 when the marker is missing or unreadable."""
     try:
-        return int((folder / "epoch.txt").read_text())
+        return int((Path(folder) / "epoch.txt").read_text())
     except (OSError, ValueError):
         return -1
+
+
+def folder_epoch(folder: Path) -> int:
+    """The epoch a checkpoint folder is named for (known before its marker is written), or -1."""
+    try:
+        return int(Path(folder).name.removeprefix(CHECKPOINT_PREFIX))
+    except ValueError:
+        return -1
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every ``checkpoint_*`` folder of a run, complete or not."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+
+
+def check_checkpoint(folder: Path, num_peers: int) -> int:
+    """The epoch of a complete checkpoint: marker present, every peer file verified, each peer at that epoch.
+
+    Raises CheckpointError naming what is wrong (no marker: the run stopped while writing it).
+    """
+    epoch = checkpoint_epoch(folder)
+    if epoch < 0:
+        raise CheckpointError("incomplete (no epoch.txt: the run stopped while writing it)")
+    if folder_epoch(folder) >= 0 and folder_epoch(folder) != epoch:
+        raise CheckpointError(f"epoch.txt says {epoch}, the folder name {folder_epoch(folder)}")
+    for k in range(num_peers):
+        state_epoch = int(load_peer_state(folder, k).get("epoch", -1))
+        if state_epoch != epoch:
+            raise CheckpointError(f"peer{k}.pt holds epoch {state_epoch}, not {epoch}")
+    return epoch
+
+
+def newest_complete_checkpoint(
+    run_dir: Path, num_peers: int, warn: Callable[[str], None] = print, extra: Path | None = None
+) -> Path | None:
+    """The complete checkpoint with the highest epoch (``extra``, e.g. one Ray handed back, competes too).
+
+    Newer folders that fail verification are reported once each through ``warn`` and skipped.
+    """
+    folders = checkpoint_folders(run_dir)
+    if extra is not None and Path(extra).is_dir() and Path(extra) not in folders:
+        folders.append(Path(extra))
+    folders.sort(key=lambda p: (max(folder_epoch(p), checkpoint_epoch(p)), p.name), reverse=True)
+    for folder in folders:
+        try:
+            check_checkpoint(folder, num_peers)
+            return folder
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {folder}: {e}")
+    return None
+
+
+def prune_checkpoints(run_dir: Path, keep: int, num_peers: int, verified: set[Path] | None = None) -> list[Path]:
+    """Keep the ``keep`` newest complete checkpoints; delete older folders and broken ones.
+
+    Never deletes the newest complete checkpoint (there is always one to resume from), and only
+    deletes an incomplete or corrupt folder when a newer complete one exists, so a checkpoint being
+    written right now (always the newest) is never touched. ``verified`` caches folders already
+    checked (their files are immutable once complete), so pruning reads each checkpoint once.
+    Returns the deleted folders.
+    """
+    verified = verified if verified is not None else set()
+    ordered = sorted(checkpoint_folders(run_dir), key=lambda p: (folder_epoch(p), p.name), reverse=True)
+    good: list[Path] = []
+    removed: list[Path] = []
+    for folder in ordered:
+        ok = folder in verified
+        if not ok:
+            try:
+                check_checkpoint(folder, num_peers)
+                ok = True
+                verified.add(folder)
+            except CheckpointError:
+                ok = False
+        if ok and len(good) < keep:
+            good.append(folder)
+            continue
+        if not good:
+            continue  # nothing complete is newer: this may be the checkpoint being written
+        shutil.rmtree(folder, ignore_errors=True)
+        verified.discard(folder)
+        removed.append(folder)
+    return removed
 
 
 def write_epoch_marker(folder: Path, epoch: int) -> None:
     atomic_write_bytes(Path(folder) / "epoch.txt", str(epoch).encode())
 
 
-def first_valid_checkpoint(candidates: list[Path], num_peers: int, warn=print) -> Path | None:
-    """The first candidate whose every peer file verifies; each rejected one is reported."""
-    for folder in candidates:
+# ----------------------------------------------------------------------------- run-folder lock
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds this run folder."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``run_dir/.lock`` for as long as a run owns its folder.
+
+    The kernel drops the lock when the process dies however it dies, so a crashed run never leaves
+    a stale lock behind; the file records who holds it, for the message a second run prints.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import json
+        import socket
+        import time
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            verify_checkpoint(folder, num_peers)
-            return folder
-        except CheckpointError as e:
-            warn(f"warning: skipping checkpoint {folder}: {e}")
-    return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(self.path.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            os.close(fd)
+            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
+            raise RunFolderBusy(
+                f"run folder {self.path.parent} is in use by another cmd-dist run ({who}); wait for it to "
+                f"finish, or choose another run_name"
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(info).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

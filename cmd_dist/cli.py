@@ -14,6 +14,7 @@ from cmd_dist.config import Config, ConfigError, load_config
 from cmd_dist.data import DataError, check_data
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def fail(msg: str, code: int = EXIT_USAGE) -> None:
@@ -32,10 +33,16 @@ def preflight(cfg: Config) -> None:
 
 
 def _sigterm_as_interrupt() -> None:
+    """SIGTERM and SIGINT (Ctrl-C) both raise KeyboardInterrupt in the main thread: one way out, exit 130."""
+
     def handler(signum, frame):  # noqa: ARG001
+        # A second signal while shutting down must not print a traceback over the resume hint.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -63,19 +70,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     launcher.set_console(verbose=args.verbose)
     if run_dir is None:
         run_dir = launcher.resolve_run_dir(cfg)
+    else:
+        launcher.lock_run_dir(run_dir)
     print(f"cmd-dist: run folder {run_dir}", flush=True)
     try:
+        _sigterm_as_interrupt()
         launcher.init_ray(cfg)
-        _sigterm_as_interrupt()  # after ray.init, which installs a SIGTERM handler of its own
-        summary = launcher.train(cfg, run_dir)
+        _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
+        summary = launcher.train(cfg, run_dir, verbose=args.verbose)
     except KeyboardInterrupt:
         _stop_ray()
-        print(
-            f"\ncmd-dist: interrupted; completed epochs are checkpointed. Continue with:\n"
-            f"  cmd-dist train --resume {run_dir}",
-            file=sys.stderr,
-        )
-        return 130
+        print(f"\n{interrupted_message(run_dir, len(cfg.peers))}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except launcher.RunFailed as e:
+        _stop_ray()
+        if e.detail:
+            print(e.detail.rstrip(), file=sys.stderr)
+        print(f"cmd-dist: error: {e}", file=sys.stderr)
+        return e.code
     if summary.get("stopped"):
         print(f"cmd-dist: error: {summary['stopped']}", file=sys.stderr)
         return 1
@@ -85,6 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"final {split} accuracy  {peer['name']} ({peer['arch']}): {acc:.2f}%")
     print(f"summary: {run_dir / 'summary.json'}   tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
     return 0
+
+
+def interrupted_message(run_dir: Path, num_peers: int) -> str:
+    """What an interrupted run kept, and the command that continues it."""
+    from cmd_dist.checkpoint import checkpoint_epoch, newest_complete_checkpoint
+
+    newest = newest_complete_checkpoint(run_dir, num_peers, warn=lambda _: None)
+    kept = (
+        f"epochs 1-{checkpoint_epoch(newest)} are checkpointed"
+        if newest is not None
+        else "no epoch had finished, nothing is lost"
+    )
+    return f"cmd-dist: interrupted; {kept}. Continue with:\n  cmd-dist train --resume {run_dir}"
 
 
 def _stop_ray() -> None:
@@ -104,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eta=3 train.epochs=10")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    t.add_argument("--verbose", action="store_true", help="show Ray's own logs (worker set-up, every report)")
+    t.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs (worker set-up, reports, lost workers' tracebacks)"
+    )
     t.set_defaults(func=cmd_train)
     u = sub.add_parser("tune", help="search b1, b2, eta with Ray Tune, then retrain the best and test it")
     u.add_argument("config", nargs="?", help="YAML config the trials vary (see configs/)")
@@ -130,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-final", action="store_true", help="skip the final retrain on all training data")
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
     u.add_argument("--address")
-    u.add_argument("--verbose", action="store_true", help="show Ray's own logs and Ray Tune's trial tables")
+    u.add_argument(
+        "--verbose", action="store_true", help="show Ray's logs, Tune's trial tables and lost workers' tracebacks"
+    )
     u.set_defaults(func=_cmd_tune)
     r = sub.add_parser("report", help="report.md and PNG figures from run and search folders")
     r.add_argument(

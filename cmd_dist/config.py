@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 DATASETS = ("cifar100", "cifar10", "digits")
 PROTOCOLS = ("search", "final")
 ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "cnn_small")
-PLACEMENTS = ("separate", "together")
+PLACEMENTS = ("auto", "separate", "together")
 PROGRESS_UNITS = ("epoch", "iteration")
 
 
@@ -118,8 +118,11 @@ class PeerConfig:
 class RayConfig:
     #: Ray cluster address (also RAY_ADDRESS); null starts a local Ray (the embedded default).
     address: str | None = None
-    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker.
-    placement: str = "separate"
+    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker; ``auto``:
+    #: separate unless the cluster has GPUs but fewer than peers, then the peers share the GPUs that exist
+    #: as few workers as GPUs (one GPU: ``together``, the whole multi-peer step as one CUDA graph; measured
+    #: faster than fractional-GPU workers exchanging through gloo, see the README's Performance section).
+    placement: str = "auto"
     #: ``auto`` uses one GPU per worker when the cluster has them; ``true`` / ``false`` force it.
     use_gpu: str = "auto"
     cpus_per_worker: float = 1.0
@@ -256,6 +259,15 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """One line naming the line and column of a YAML syntax error and what is wrong there."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """``key=value`` strings to (key, value) pairs; values are parsed as YAML (``peers=[{arch: x}]``)."""
     pairs = []
@@ -281,7 +293,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys")
         tree = _merge(tree, loaded)

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +24,13 @@ from torch import nn
 
 from cmd_dist.checkpoint import (
     atomic_write_bytes,
-    candidate_checkpoints,
-    first_valid_checkpoint,
+    checkpoint_epoch,
+    checkpoint_folder,
+    checkpoint_folders,
+    folder_epoch,
     load_peer_state,
+    newest_complete_checkpoint,
+    prune_checkpoints,
     save_peer_state,
     write_epoch_marker,
 )
@@ -55,11 +58,9 @@ HIST_BINS = 50
 
 
 class Reporter(Protocol):
-    """How a worker hands results and checkpoints to whoever runs it."""
+    """How a worker hands each epoch's metrics to whoever runs it (checkpoints live in the run folder)."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
-
-    def latest_checkpoint(self) -> Path | None: ...
+    def report(self, metrics: dict[str, Any]) -> None: ...
 
     def progress(self, total: int, desc: str) -> Any: ...
 
@@ -322,39 +323,60 @@ def run_worker(
     reporter: Reporter,
     device: torch.device,
     monitor_factory: Callable[..., Any] | None = None,
-    checkpoint_search_dir: Path | None = None,
     log: Callable[[str], None] = print,
+    fault_hook: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train this worker's peers for all epochs; returns the last epoch's gathered metrics."""
+    """Train this worker's peers for all epochs; returns the last epoch's gathered metrics.
+
+    Resumes from the newest complete checkpoint in ``run_dir`` (whatever wrote it: a killed worker
+    group, an interrupted run, the same run name again). After each epoch every worker writes its
+    peers' files into ``run_dir/checkpoint_<epoch>``; after a barrier rank 0 writes the marker, prunes
+    old checkpoints (never the newest complete one) and reports. ``fault_hook(rank, epoch)`` runs
+    before each epoch (tests inject faults with it).
+    """
     data = prepare_data(cfg.data, cfg.noise, device)
     if cfg.train.batch_size > data.num_train:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the {data.num_train} training images")
     exchange = Exchange(len(cfg.peers))
     peers = [build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device) for k in exchange.local_peers]
+    run_dir = Path(run_dir)
+    n_peers = len(cfg.peers)
 
     start_epoch = 0
-    candidates = candidate_checkpoints(reporter.latest_checkpoint(), checkpoint_search_dir)
-    folder = first_valid_checkpoint(candidates, len(cfg.peers), warn=log) if candidates else None
+    # Every rank must pick the same folder: rank 0 decides (and warns once), the others follow.
+    choice = newest_complete_checkpoint(run_dir, n_peers, warn=log) if exchange.rank == 0 else None
+    folder = exchange.gather_objects(str(choice) if choice else None)[0]
+    folder = Path(folder) if folder else None
     if folder is not None:
         for p in peers:
             start_epoch = load_into_peer(p, load_peer_state(folder, p.index))
-        if exchange.rank == 0:
-            log(f"resuming from {folder} at epoch {start_epoch + 1}")
     last: dict[str, Any] = {}
     if folder is not None and start_epoch >= cfg.train.epochs:
         # Restarted after the last epoch (e.g. the same run name again): nothing to train.
         last = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
-        reporter.report(last, None)
+        reporter.report(last)
         return last
-    _write_worker_info(run_dir, exchange)
-    best_dir = Path(run_dir) / "best_checkpoint"
+    if exchange.rank == 0:
+        if folder is not None:
+            log(f"resuming from {folder} (epoch {start_epoch} done), training epoch {start_epoch + 1} onwards")
+        # Folders past the resume point are from epochs about to be retrained (or broken): clear them
+        # so an epoch's folder only ever holds that epoch's files.
+        for stale in checkpoint_folders(run_dir):
+            if stale != folder and (folder_epoch(stale) > start_epoch or checkpoint_epoch(stale) < 0):
+                _remove_tree(stale)
+    exchange.gather_objects(None)  # nobody writes a checkpoint before the stale ones are gone
+    _write_worker_info(run_dir, exchange, start_epoch)
+    best_dir = run_dir / "best_checkpoint"
     best_score = _stored_best_score(best_dir)
     best_pending: tuple[dict, dict, int] | None = None  # (CPU states, metrics, epoch) not yet on disk
     monitor = monitor_factory(cfg, run_dir, start_epoch) if (monitor_factory and exchange.rank == 0) else None
+    verified: set[Path] = {folder} if folder is not None else set()
     trainer = Trainer(cfg, peers, exchange, data, device)  # after loading: a CUDA graph binds the live tensors
     every = cfg.train.checkpoint_every
 
     for epoch in range(start_epoch, cfg.train.epochs):
+        if fault_hook is not None:
+            fault_hook(exchange.rank, epoch + 1)
         lr = peers[0].optimizer.param_groups[0]["lr"]
         res = trainer.train_one_epoch(epoch, reporter.progress if exchange.rank == 0 else None)
         for p in peers:
@@ -384,7 +406,7 @@ def run_worker(
             metrics["nonfinite"] = msg
             if monitor:
                 monitor.close()
-            reporter.report(metrics, None)
+            reporter.report(metrics)
             return metrics
         if monitor:
             monitor.log_epoch(epoch, rows, res, metrics)
@@ -393,19 +415,14 @@ def run_worker(
             best_score = score
             best_pending = ({p.index: _to_cpu(peer_state(p, epoch + 1)) for p in peers}, metrics, epoch + 1)
         if (epoch + 1) % every and epoch + 1 != cfg.train.epochs:
-            reporter.report(metrics, None)
+            reporter.report(metrics)
             continue
         if best_pending is not None:
             _save_best(best_dir, exchange, *best_pending)
             best_pending = None
         states = {p.index: peer_state(p, epoch + 1) for p in peers}
-        with tempfile.TemporaryDirectory(prefix="cmd-ckpt-") as tmp:
-            for k, state in states.items():
-                save_peer_state(Path(tmp), k, state)
-            if exchange.rank == 0:
-                atomic_write_bytes(Path(tmp) / "metrics.json", json.dumps(metrics).encode())
-                write_epoch_marker(Path(tmp), epoch + 1)
-            reporter.report(metrics, Path(tmp))
+        _save_checkpoint(run_dir, exchange, states, metrics, epoch + 1, cfg.ray.keep_checkpoints, n_peers, verified)
+        reporter.report(metrics)
     if monitor:
         monitor.close()
     return last
@@ -420,6 +437,39 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _save_checkpoint(
+    run_dir: Path,
+    exchange: Exchange,
+    states: dict[int, dict],
+    metrics: dict,
+    epoch: int,
+    keep: int,
+    num_peers: int,
+    verified: set[Path],
+) -> None:
+    """Every worker writes its peers' files; after a barrier rank 0 writes the marker (last) and prunes.
+
+    A write that fails (full disk, read-only folder) raises OSError after removing its temporary
+    file; the folder then has no marker, so it is never resumed from, and the next prune removes it.
+    """
+    folder = checkpoint_folder(run_dir, epoch)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, state in states.items():
+        save_peer_state(folder, k, state)
+    exchange.gather_objects(None)
+    if exchange.rank == 0:
+        atomic_write_bytes(folder / "metrics.json", json.dumps(metrics).encode())
+        write_epoch_marker(folder, epoch)
+        verified.add(folder)  # written and checksummed just now, by this run
+        prune_checkpoints(run_dir, keep, num_peers, verified)
 
 
 def _stored_best_score(best_dir: Path) -> float:
@@ -449,11 +499,17 @@ def _save_best(best_dir: Path, exchange: Exchange, states: dict[int, dict], metr
         write_epoch_marker(best_dir, epoch)
 
 
-def _write_worker_info(run_dir: Path, exchange: Exchange) -> None:
-    """``workers/rank<r>.json``: which process hosts which peers (for operators and fault tests)."""
+def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int) -> None:
+    """``workers/rank<r>.json``: which process hosts which peers, and the epochs done when it started."""
     folder = Path(run_dir) / "workers"
     folder.mkdir(parents=True, exist_ok=True)
-    info = {"rank": exchange.rank, "pid": os.getpid(), "host": socket.gethostname(), "peers": exchange.local_peers}
+    info = {
+        "rank": exchange.rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "peers": exchange.local_peers,
+        "resumed_after_epoch": start_epoch,
+    }
     atomic_write_bytes(folder / f"rank{exchange.rank}.json", json.dumps(info).encode())
 
 

@@ -1,23 +1,36 @@
 """The one place that imports Ray for training: a Ray Train (V2) job whose workers host the peers.
 
 By default each peer is its own Ray Train worker (its own GPU when the cluster has GPUs); with
-``ray.placement=together`` one worker hosts every peer. ``ray.init()`` starts a local Ray when no
-address is given (the embedded default); ``ray.address`` / ``RAY_ADDRESS`` joins a cluster.
+``ray.placement=together`` one worker hosts every peer. With no address a fresh local Ray is
+started (never whatever cluster Ray's ``ray_current_cluster`` file names); ``ray.address`` /
+``RAY_ADDRESS`` joins a cluster, after checking within seconds that it answers.
+
+Failures (docs/reliability.md): Ray itself never retries (``FailureConfig(max_failures=0)``); the
+driver looks at what failed. A lost worker (its process died, or its node) restarts the peer group
+from the newest complete checkpoint, at most ``ray.max_failures`` times, with one notice line; an
+exception raised by the training code fails the run at once (:class:`RunFailed`), with the
+worker's traceback, and the run folder as it was.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmd_dist.checkpoint import atomic_write_bytes
+from cmd_dist.checkpoint import RunFolderBusy, RunLock, atomic_write_bytes, checkpoint_epoch, newest_complete_checkpoint
 from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
 
 # Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
@@ -30,7 +43,15 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 import ray  # noqa: E402
 import ray.train  # noqa: E402
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig  # noqa: E402
+from ray.train import (  # noqa: E402
+    CheckpointConfig,
+    ControllerError,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
 
@@ -46,26 +67,75 @@ def git_revision() -> str:
     return "unknown"
 
 
+#: Run folders this process holds the lock of (a process may train the same folder again, e.g. tests).
+_LOCKS: dict[Path, RunLock] = {}
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold ``run_dir``'s lock until this process exits; ConfigError (exit 2) if another run holds it."""
+    run_dir = Path(run_dir)
+    if run_dir in _LOCKS:
+        return
+    try:
+        _LOCKS[run_dir] = RunLock(run_dir).acquire()
+    except RunFolderBusy as e:
+        raise ConfigError(str(e)) from None
+
+
 def resolve_run_dir(cfg: Config) -> Path:
-    """Absolute paths (Ray workers run elsewhere) and a run name; writes config.yaml and git_rev."""
+    """Absolute paths (Ray workers run elsewhere) and a run name; locks the folder, writes config.yaml and git_rev."""
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / cfg.run_name
-    existing = run_dir / "config.yaml"
-    if existing.is_file() and existing.read_text() != dump_yaml(cfg):
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_dir(run_dir)
+        existing = run_dir / "config.yaml"
+        if existing.is_file() and existing.read_text() != dump_yaml(cfg):
+            raise ConfigError(
+                f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
+                f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name"
+            )
+        atomic_write_bytes(run_dir / "config.yaml", dump_yaml(cfg).encode())
+        atomic_write_bytes(run_dir / "git_rev.txt", (git_revision() + "\n").encode())
+    except OSError as e:
         raise ConfigError(
-            f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
-            f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    (run_dir / "git_rev.txt").write_text(git_revision() + "\n")
+            f"output_dir: cannot write the run folder {run_dir} ({e.strerror or e}); choose a writable "
+            f"output_dir with free space"
+        ) from None
     return run_dir
 
 
+#: Seconds to wait for a given Ray address to answer before giving up with one line.
+CONNECT_TIMEOUT_S = 5.0
+
+
+def ray_address(cfg: Config) -> str | None:
+    """The cluster to join (``ray.address``, else RAY_ADDRESS), or None for a fresh local Ray."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A ``HOST:PORT`` address must accept a TCP connection within ``timeout``; ConfigError otherwise.
+
+    Without this, ray.init on a dead address retries "Failed to connect to GCS" for minutes and
+    ignores Ctrl-C. Other forms (``auto``, ``ray://``) are left to Ray.
+    """
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (getattr(e, "strerror", None) or str(e))
+        raise ConfigError(
+            f"ray.address: no Ray cluster answers at {address} ({reason} after {timeout:g} s); start it "
+            f"('ray start --head'), fix the address, or leave it out for a local Ray"
+        ) from None
 @dataclass
 class Console:
     """What the driver's console shows. Quiet by default: the epoch lines, one live progress bar when
@@ -94,10 +164,10 @@ def ray_log_level() -> str:
 
 
 def init_ray(cfg: Config) -> None:
-    """Join ``ray.address`` / RAY_ADDRESS, or start a local Ray bound to 127.0.0.1, no dashboard."""
+    """Join ``ray.address`` / RAY_ADDRESS, or start a fresh local Ray bound to 127.0.0.1, no dashboard."""
     if ray.is_initialized():
         return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    address = ray_address(cfg)
     env_vars = {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}
     if not CONSOLE.verbose:
         # Ray Train's preemption watcher only logs spot-node preemptions (failures are handled either way)
@@ -111,12 +181,17 @@ def init_ray(cfg: Config) -> None:
     # a machine with several Ray instances, it cannot tell which is its own and dies with a traceback.
     chosen_port = None
     if address is None:
+        # "local": always a new cluster. address=None would join whatever Ray's ray_current_cluster
+        # file names (a `ray start` left running, another program's Ray, or one long dead: a hang).
+        address = "local"
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
         if not os.environ.get("RAY_GCS_SERVER_PORT"):
             chosen_port = _free_port()
             os.environ["RAY_GCS_SERVER_PORT"] = str(chosen_port)  # read by ray.init's local start
         env_vars["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
-    elif not address.startswith("ray://"):
+    else:
+        check_reachable(address)
+    if address != "local" and not address.startswith("ray://"):
         env_vars.setdefault("RAY_ADDRESS", address)
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: this node is 127.0.0.1 too
@@ -193,43 +268,125 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
-    workers = len(cfg.peers) if cfg.ray.placement == "separate" else 1
-    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
-    mode = str(cfg.ray.use_gpu).lower()
-    per_gpu = cfg.ray.gpus_per_worker
-    use_gpu = gpus >= workers * per_gpu if mode == "auto" else mode == "true"
-    resources = {"CPU": cfg.ray.cpus_per_worker}
+# ----------------------------------------------------------------------------- placement (pure)
+
+
+@dataclass
+class Placement:
+    """Where the peers run: Ray Train workers, what each asks for, the exchange backend, one line to print."""
+
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+    backend: str
+    line: str
+
+
+def auto_workers(num_peers: int, total_gpus: int, use_gpu: str) -> int:
+    """``ray.placement: auto``: a worker per peer, unless GPUs exist but fewer than peers.
+
+    Then as many workers as GPUs can evenly share the peers (the largest divisor of the peer count
+    that is <= the GPUs), each worker a whole GPU hosting its peers in one process: with one GPU that
+    is ``together``, whose step is one CUDA graph for all peers. Fractional-GPU workers exchanging
+    through gloo were slower on one GPU (README, Performance).
+    """
+    if use_gpu == "false" or total_gpus <= 0 or total_gpus >= num_peers:
+        return num_peers
+    return max(d for d in range(1, total_gpus + 1) if num_peers % d == 0)
+
+
+def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
+    """Decide the placement from the config and the cluster's alive nodes' total resources (pure).
+
+    ``ray.use_gpu: auto`` puts the workers on the GPUs that exist: one GPU each when there are
+    enough, else GPU shares (e.g. 2 workers on 1 GPU: 0.5 each, exchanging through gloo); CPU only
+    when the cluster has no GPU. ``true`` with too few GPUs, and CPU requests that no node or the
+    whole cluster can hold, are a ConfigError (exit 2) before anything starts, never a wait.
+    """
+    r = cfg.ray
+    names = [p.name for p in cfg.peers]
+    mode = str(r.use_gpu).lower()
+    node_gpus = [int(n.get("GPU", 0.0) + 1e-9) for n in nodes]
+    total_gpus = sum(node_gpus)
+    workers = auto_workers(len(names), total_gpus, mode) if r.placement == "auto" else None
+    if workers is None:
+        workers = len(names) if r.placement != "together" else 1
+
+    def capacity(share: float) -> int:  # workers of this GPU share the cluster's GPUs hold
+        return sum(g * int(1.0 / share + 1e-9) for g in node_gpus)
+
+    use_gpu, share, note = False, 0.0, ""
+    if mode == "true":
+        if total_gpus == 0:
+            raise ConfigError("ray.use_gpu: true, but the Ray cluster has no GPU; use ray.use_gpu=auto or false")
+        share = r.gpus_per_worker
+        if capacity(share) < workers:
+            fit = 1.0 / math.ceil(workers / total_gpus)
+            raise ConfigError(
+                f"ray.use_gpu: true: {workers} workers x {share:g} GPU do not fit the cluster's {total_gpus} "
+                f"GPU(s); set ray.gpus_per_worker={math.floor(fit * 10000) / 10000:g}, ray.placement=together, "
+                f"or ray.use_gpu=auto"
+            )
+        use_gpu = True
+    elif mode == "auto" and total_gpus > 0:
+        use_gpu, share = True, r.gpus_per_worker
+        if capacity(share) < workers:
+            share = math.floor(10000 / math.ceil(workers / total_gpus)) / 10000
+            note = f", sharing {total_gpus} GPU(s)"
+    cpu = r.cpus_per_worker
+    node_cpus = [n.get("CPU", 0.0) for n in nodes]
+    total_cpus = sum(node_cpus)
+    if cpu > max(node_cpus, default=0.0) + 1e-9 or sum(int(c / cpu + 1e-9) for c in node_cpus) < workers:
+        fit = math.floor(min(total_cpus / workers, max(node_cpus, default=0.0)) * 100) / 100
+        fix = f"ray.cpus_per_worker={fit:g}, " if fit > 0 else ""
+        raise ConfigError(
+            f"ray.cpus_per_worker: {workers} workers x {cpu:g} CPU do not fit the Ray cluster "
+            f"({total_cpus:g} CPUs, at most {max(node_cpus, default=0.0):g} per node); set {fix}"
+            f"ray.placement=together, or use a bigger cluster"
+        )
+    resources = {"CPU": cpu}
     if use_gpu:
-        resources["GPU"] = per_gpu
+        resources["GPU"] = share
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
-    backend = "nccl" if use_gpu and workers > 1 and per_gpu >= 1 else "gloo"
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend, use_gpu
+    backend = "nccl" if use_gpu and workers > 1 and share >= 1 else "gloo"
+    per = len(names) // workers  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
+    hosted = [names[i * per : (i + 1) * per] for i in range(workers)]
+    device = f"{cpu:g} CPU + {share:g} GPU" if use_gpu else f"{cpu:g} CPU"
+    where = "; ".join(f"{', '.join(h)} -> worker {i} ({device})" for i, h in enumerate(hosted))
+    if use_gpu:
+        how = f"on GPU{note}, {backend} exchange" if workers > 1 else "on GPU"
+    else:
+        how = (
+            "on CPU"
+            + (" (no GPU in the cluster)" if mode == "auto" else "")
+            + (", gloo exchange" if workers > 1 else "")
+        )
+    return Placement(workers, use_gpu, resources, backend, f"placement: {where}; {how}")
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each alive node of the connected cluster."""
+    return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
+
+
+def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
+    """Ray Train's ScalingConfig for ``cfg`` on the connected cluster (CPU counts are checked by train())."""
+    nodes = cluster_nodes() if ray.is_initialized() else []
+    probe = [{**n, "CPU": max(n.get("CPU", 0.0), 1e9)} for n in nodes] or [{"CPU": 1e9}]
+    p = plan_placement(cfg, probe)
+    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=p.resources_per_worker)
+    return scaling, p.backend, p.use_gpu
 
 
 class RayReporter:
-    """Ray Train's report/checkpoint API behind the engine's Reporter protocol."""
+    """Ray Train's report API behind the engine's Reporter protocol (checkpoints live in the run folder)."""
 
     def __init__(self, progress: bool = False) -> None:
-        self._tmp: list[Any] = []
         self._show_progress = progress
         self._bar: _RunBar | None = None
 
-    def latest_checkpoint(self) -> Path | None:
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        if Path(ckpt.path).is_dir():
-            return Path(ckpt.path)
-        import tempfile
-
-        tmp = tempfile.TemporaryDirectory(prefix="cmd-restore-")
-        self._tmp.append(tmp)
-        return Path(ckpt.to_directory(tmp.name))
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+    def report(self, metrics: dict[str, Any]) -> None:
+        ray.train.report(metrics)
 
     def progress(self, total: int, desc: str) -> Any:
         if not self._show_progress:
@@ -274,8 +431,34 @@ class _RunBar:
             self._bar.refresh()
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train worker entry point: plain dict -> typed config -> the shared training code."""
+class TrainingCodeError(RuntimeError):
+    """An exception raised by the training code in a worker, with the worker's traceback as text."""
+
+    def __init__(self, rank: int, kind: str, message: str, tb: str, errno_: int | None = None) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.rank, self.kind, self.message, self.tb, self.errno = rank, kind, message, tb, errno_
+
+    def __reduce__(self):
+        return (self.__class__, (self.rank, self.kind, self.message, self.tb, self.errno))
+
+
+def _test_fault_hook(spec: str) -> Callable[[int, int], None]:
+    """``CMD_DIST_TEST_FAULT=raise:<rank>:<epoch>``: that rank raises before that epoch (tests only)."""
+    kind, rank, epoch = spec.split(":")
+
+    def hook(r: int, e: int) -> None:
+        if kind == "raise" and r == int(rank) and e == int(epoch):
+            raise ValueError(f"test fault: rank {r} raises before epoch {e}")
+
+    return hook
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker entry point: plain dict -> typed config -> the shared training code.
+
+    Exceptions of the training code leave as :class:`TrainingCodeError` carrying the traceback text
+    (Ray hands the driver the exception without its traceback); rank 0 returns the last metrics.
+    """
     import torch
 
     from cmd_dist.engine import run_worker
@@ -288,17 +471,24 @@ def train_worker(config: dict[str, Any]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
+    fault = config.get("test_fault")
     echo, hparams = config.get("echo", True), config.get("hparams")
-    run_worker(
-        cfg,
-        run_dir,
-        RayReporter(progress=config.get("progress", False)),
-        device,
-        monitor_factory=(lambda c, d, s: Monitor(c, d, s, echo=echo, hparams=hparams))
-        if config.get("monitor", True)
-        else None,
-        checkpoint_search_dir=run_dir,
-    )
+    try:
+        return run_worker(
+            cfg,
+            run_dir,
+            RayReporter(progress=config.get("progress", False)),
+            device,
+            monitor_factory=(lambda c, d, s: Monitor(c, d, s, echo=echo, hparams=hparams))
+            if config.get("monitor", True)
+            else None,
+            fault_hook=_test_fault_hook(fault) if fault else None,
+        )
+    except Exception as e:
+        rank = ray.train.get_context().get_world_rank()
+        raise TrainingCodeError(
+            rank, type(e).__name__, str(e), traceback.format_exc(), getattr(e, "errno", None)
+        ) from None
 
 
 def _quiet_report_log() -> None:
@@ -319,21 +509,34 @@ def build_trainer(
     run_dir: Path,
     callbacks: list | None = None,
     monitor: bool = True,
+    placement: Placement | None = None,
+    verbose: bool = False,
     echo: bool = True,
     hparams: dict[str, Any] | None = None,
 ) -> TorchTrainer:
     """The Ray Train job for one run. ``echo``: print the epoch lines (Tune trials do not: the search
     prints one line per finished trial). ``hparams``: written as TensorBoard HParams (Tune trials)."""
-    scaling, backend, _ = scaling_for(cfg)
+    if placement is None:
+        scaling, backend, _ = scaling_for(cfg)
+    else:
+        scaling = ScalingConfig(
+            num_workers=placement.num_workers,
+            use_gpu=placement.use_gpu,
+            resources_per_worker=placement.resources_per_worker,
+        )
+        backend = placement.backend
     run_config = RunConfig(
         name=run_dir.name,
         storage_path=str(run_dir.parent),
-        failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
+        # Ray never retries by itself: fit_with_restarts tells a lost worker (restart) from an error
+        # of the training code (fail at once). Worker-group start is retried twice, not forever.
+        failure_config=FailureConfig(max_failures=0, controller_failure_limit=2),
+        # The engine writes, verifies and prunes the checkpoints itself (run_dir/checkpoint_<epoch>).
+        checkpoint_config=CheckpointConfig(num_to_keep=None),
         callbacks=callbacks or None,
-        # Ray Train's per-report `Reporting training result ...: TrainingReport(...)` lines and worker-group
-        # set-up chatter are INFO; its warnings (restarts, failures) stay.
-        logging_config=LoggingConfig(log_level="INFO" if CONSOLE.verbose else "WARNING"),
+        # Ray Train's own log lines (per-report records, failure-policy decisions, the tracebacks
+        # of a lost worker's partners) only with --verbose: the driver prints one line per event.
+        logging_config=LoggingConfig(log_level="INFO" if (verbose or CONSOLE.verbose) else "CRITICAL"),
     )
     loop_config = {
         "cfg": cfg.to_dict(),
@@ -346,11 +549,147 @@ def build_trainer(
     }
     return TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config={
+            **loop_config,
+            # Tests inject a fault in the training code with CMD_DIST_TEST_FAULT (see _test_fault_hook).
+            "test_fault": os.environ.get("CMD_DIST_TEST_FAULT", ""),
+        },
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend=backend),
     )
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on: ``str(e)`` is the one line to print, ``detail`` the traceback (if any)."""
+
+    def __init__(self, message: str, detail: str = "", code: int = 1) -> None:
+        super().__init__(message)
+        self.detail, self.code = detail, code
+
+
+def lost_workers(error: WorkerGroupError) -> dict[int, str]:
+    """Ranks whose worker process (or node) is gone, with Ray's reason; empty when all errors are the code's.
+
+    A dead actor reaches the driver as Ray Train's WorkerHealthCheckFailedError wrapping a
+    ``ray.exceptions.RayActorError`` (ActorDiedError: process killed, node lost). Everything else,
+    e.g. our TrainingCodeError or a peer's collective failing because its partner died, is not a loss.
+    Pinned by tests/test_faults.py::test_lost_worker_classification_matches_ray.
+    """
+    lost = {}
+    for rank, err in error.worker_failures.items():
+        inner = getattr(err, "health_check_failure", err)
+        if isinstance(inner, ray.exceptions.RayActorError) or isinstance(err, ray.exceptions.RayActorError):
+            lost[rank] = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
+    return lost
+
+
+def code_error(error: WorkerGroupError) -> TrainingCodeError | BaseException:
+    """The first training-code exception among the workers' failures (lowest rank), else any failure."""
+    failures = dict(sorted(error.worker_failures.items()))
+    for err in failures.values():
+        if isinstance(err, TrainingCodeError):
+            return err
+    return next(iter(failures.values()), error)
+
+
+#: errnos that mean "the disk cannot take the run's files": a one-line error, never a retry. (Permission
+#: errors keep their traceback: they may come from any file, not only the run folder.)
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _failed_line(err: BaseException, run_dir: Path) -> str:
+    resume = f"cmd-dist train --resume {run_dir}"
+    if isinstance(err, TrainingCodeError):
+        if err.errno in WRITE_ERRNOS:
+            return (
+                f"cannot write to the run folder ({err.kind}: {err.message}); free space (or use a "
+                f"writable output_dir), then continue with: {resume}"
+            )
+        return (
+            f"the training code raised {err.kind} in worker {err.rank}: {err.message} (not retried; the run "
+            f"folder {run_dir} is kept; fix the cause, then continue with: {resume})"
+        )
+    return f"training failed: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}"
+
+
+def run_interruptibly(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a Ray Train or Tune fit) in a helper thread; the caller waits in short, interruptible joins.
+
+    Ray Train (and Tune) install their own SIGINT handlers when fit() runs in the main thread (Train
+    aborts the run and exits 1, or does nothing while the main thread is blocked in ray.get); in a
+    helper thread they do not, so Ctrl-C and SIGTERM reach the caller as KeyboardInterrupt within a
+    fraction of a second.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=target, name="cmd-dist-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def fit_with_restarts(
+    cfg: Config,
+    run_dir: Path,
+    callbacks: list | None = None,
+    monitor: bool = True,
+    placement: Placement | None = None,
+    log: Callable[[str], None] = print,
+    verbose: bool = False,
+    echo: bool = True,
+    hparams: dict[str, Any] | None = None,
+) -> Any:
+    """Fit; after a lost worker, fit again from the newest complete checkpoint (``ray.max_failures`` times).
+
+    Raises RunFailed at once for an exception of the training code, a run folder that cannot be
+    written, or a worker group Ray could not start.
+    """
+    restarts = 0
+    while True:
+        trainer = build_trainer(cfg, run_dir, callbacks, monitor, placement, verbose, echo, hparams)
+        try:
+            return run_interruptibly(trainer.fit)
+        except WorkerGroupError as e:
+            lost = lost_workers(e)
+            if not lost:
+                err = code_error(e)
+                detail = err.tb if isinstance(err, TrainingCodeError) else "".join(traceback.format_exception(e))
+                if isinstance(err, TrainingCodeError) and err.errno in WRITE_ERRNOS and not verbose:
+                    detail = ""  # a full or read-only disk is not a bug: the one line says it all
+                raise RunFailed(_failed_line(err, run_dir), detail) from None
+            restarts += 1
+            ranks = ", ".join(str(r) for r in sorted(lost))
+            if restarts > cfg.ray.max_failures:
+                raise RunFailed(
+                    f"worker {ranks} lost again ({next(iter(lost.values()))}); gave up after "
+                    f"{cfg.ray.max_failures} restart(s) (ray.max_failures); continue with: "
+                    f"cmd-dist train --resume {run_dir}",
+                    "".join(traceback.format_exception(e)) if verbose else "",
+                ) from None
+            newest = newest_complete_checkpoint(run_dir, len(cfg.peers), warn=lambda _: None)
+            start = f"epoch {checkpoint_epoch(newest)}'s checkpoint" if newest else "the start (no checkpoint yet)"
+            log(
+                f"cmd-dist: worker {ranks} was lost ({next(iter(lost.values()))}); restarting the peer group "
+                f"from {start} (restart {restarts} of at most {cfg.ray.max_failures})"
+            )
+            if verbose:
+                log("".join(traceback.format_exception(e)))
+        except ControllerError as e:
+            cause = getattr(e, "controller_failure", e)
+            raise RunFailed(
+                f"Ray could not run the worker group: {str(cause).strip().splitlines()[0]}",
+                "".join(traceback.format_exception(e)),
+            ) from None
 
 
 def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float) -> dict[str, Any]:
@@ -389,10 +728,18 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
     return summary
 
 
-def train(cfg: Config, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run (or resume) a training job on Ray and return its summary (also written to summary.json)."""
+def train(cfg: Config, run_dir: Path | None = None, log: Callable[[str], None] = print, verbose: bool = False) -> dict:
+    """Run (or resume) a training job on Ray and return its summary (also written to summary.json).
+
+    Raises ConfigError (the placement cannot fit) before any worker starts, RunFailed when the run
+    fails, KeyboardInterrupt on Ctrl-C / SIGTERM (the caller prints the resume command).
+    """
     run_dir = run_dir or resolve_run_dir(cfg)
+    lock_run_dir(run_dir)
     init_ray(cfg)
+    placement = plan_placement(cfg, cluster_nodes())
+    log(f"cmd-dist: {placement.line}")
     start = time.time()
-    result = build_trainer(cfg, run_dir).fit()
-    return summarize(cfg, result.metrics or {}, run_dir, time.time() - start)
+    result = fit_with_restarts(cfg, run_dir, placement=placement, log=log, verbose=verbose)
+    metrics = getattr(result, "return_value", None) or result.metrics or {}
+    return summarize(cfg, metrics, run_dir, time.time() - start)

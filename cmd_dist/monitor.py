@@ -21,11 +21,13 @@ def truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
     """Drop rows of epochs >= keep_before_epoch (1-based epochs), so a resumed run never duplicates."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line)["epoch"] <= keep_before_epoch
-    ]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["epoch"] <= keep_before_epoch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short (e.g. the disk filled up while it was written)
     path.write_text("".join(line + "\n" for line in kept))
 
 

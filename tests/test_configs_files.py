@@ -172,8 +172,9 @@ def test_table1_readme_covers_the_whole_grid():
         if readme == "configs/table1/README.md":
             m = _load_command(cmd).method
             runs[(m.self_kd, m.knowledge)] = PAPER_NUMBER.findall(line)[0]
-    assert set(runs) == {(s, k) for s in ("ce", "ls", "cp", "proselflc", "mconf")
-                         for k in ("zero", "all", "cmd-s", "cmd-p")}
+    assert set(runs) == {
+        (s, k) for s in ("ce", "ls", "cp", "proselflc", "mconf") for k in ("zero", "all", "cmd-s", "cmd-p")
+    }
     assert runs[("mconf", "cmd-p")] == "69.09" and runs[("ce", "zero")] == "48.74"
 
 

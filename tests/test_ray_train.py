@@ -13,7 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cmd_dist.checkpoint import load_peer_state
+from cmd_dist.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
 from cmd_dist.config import load_config
 from tests.conftest import REPO, SHARED_CIFAR
 
@@ -252,10 +252,14 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     cfg = load_config(demo, overrides + [f"output_dir={tmp_path}", "run_name=killed"])
     run_dir = launcher.resolve_run_dir(cfg)
     out: dict = {}
-    thread = threading.Thread(target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir)))
+    notices: list[str] = []
+    thread = threading.Thread(
+        target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir, log=notices.append))
+    )
     thread.start()
     info = run_dir / "workers" / "rank1.json"
-    _wait_for(lambda: _epochs_logged(run_dir) >= 1 and info.is_file(), every=0.01)
+    # After epoch 1's checkpoint is complete, so the restart has a checkpoint to resume from.
+    _wait_for(lambda: (run_dir / "checkpoint_000001" / "epoch.txt").is_file() and info.is_file(), every=0.01)
     victim = json.loads(info.read_text())["pid"]
     os.kill(victim, signal.SIGKILL)  # peerB's worker, while a later epoch runs
     killed_after = _epochs_logged(run_dir)
@@ -264,6 +268,12 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     assert killed_after < epochs
     assert json.loads(info.read_text())["pid"] != victim  # a new worker process took over
     assert out["summary"]["epochs_run"] == epochs
+    # One notice, naming the checkpoint the group restarted from; the new workers started there.
+    lost = [n for n in notices if "was lost" in n]
+    assert len(lost) == 1 and "worker 1 was lost" in lost[0], notices
+    resumed = int(lost[0].split("restarting the peer group from epoch ")[1].split("'")[0])
+    assert 1 <= resumed <= killed_after
+    assert json.loads((run_dir / "workers" / "rank0.json").read_text())["resumed_after_epoch"] == resumed
     reference = _local_reference(demo, overrides, tmp_path / "reference")
     _assert_same_run(tmp_path / "reference", run_dir, epochs)
     assert [p["test_acc"] for p in out["summary"]["peers"]] == pytest.approx(
@@ -295,11 +305,18 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert f"cmd-dist train --resume {run_dir}" in err
     assert 1 <= _epochs_logged(run_dir) < epochs
+    newest = newest_complete_checkpoint(run_dir, 2, warn=lambda m: None)
+    done = checkpoint_epoch(newest) if newest else 0
+    assert (f"epochs 1-{done} are checkpointed" if done else "no epoch had finished") in err
     res = subprocess.run(
         [exe, "train", "--resume", str(run_dir)], capture_output=True, text=True, timeout=400, cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "final test accuracy  peerA" in res.stdout
+    # It resumed after the newest complete epoch, not from the start.
+    if done:
+        assert f"(epoch {done} done), training epoch {done + 1} onwards" in res.stdout + res.stderr
+    assert json.loads((run_dir / "workers" / "rank0.json").read_text())["resumed_after_epoch"] == done
 
     _local_reference(demo, overrides, tmp_path / "reference")
     _assert_same_run(tmp_path / "reference", run_dir, epochs)

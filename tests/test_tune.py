@@ -451,3 +451,49 @@ def test_search_early_stops_writes_results_and_retrains_the_best(ray_cluster, tm
         acc.Reload()
         steps = [e.step for e in acc.Scalars("val/acc")]
         assert steps[: int(r["epochs"])] == list(range(1, int(r["epochs"]) + 1))
+
+
+@pytest.mark.ray
+def test_a_search_completes_with_the_test_file_unreadable(ray_cluster, tmp_path, capsys):
+    """The search protocol never reads the test split: with ``test`` unreadable (a folder: open() fails
+    even for root) the preflight, the trial and the results all go through. (--no-final: the retrain
+    is the one step that reads it.)"""
+    import pickle
+
+    import numpy as np
+
+    from cmd_dist.cli import main
+
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = {
+        "data": rng.integers(0, 256, (400, 3072), dtype=np.uint8),
+        "fine_labels": rng.integers(0, 100, 400).tolist(),
+    }
+    (folder / "train").write_bytes(pickle.dumps(train))
+    (folder / "test").mkdir()  # unreadable as a file
+    rc = main(
+        [
+            "tune",
+            DEMO,
+            "data.dataset=cifar100",
+            f"data.root={folder.parent}",
+            "train.epochs=1",
+            "train.batch_size=64",
+            "train.log_every=0",
+            f"output_dir={tmp_path}",
+            "run_name=blind",
+            "--trials",
+            "1",
+            "--algo",
+            "random",
+            "--no-asha",
+            "--no-final",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-2000:] + out.err[-2000:]
+    rows = list(csv.DictReader((tmp_path / "blind" / "results.csv").open()))
+    assert [(r["status"], r["splits_read"]) for r in rows] == [(COMPLETED, "train")], rows
+    assert (tmp_path / "blind" / "best.yaml").is_file()

@@ -84,19 +84,22 @@ class CMDTrial(ray_tune.Trainable):
         self._error: BaseException | None = None
         self._last: dict[str, Any] = {}
         self._done = threading.Event()
-        trainer = launcher.build_trainer(
-            cfg,
-            launcher.resolve_run_dir(cfg),
-            callbacks=[_ForwardReports(self._reports)],
-            echo=False,  # the search prints one line per finished trial, not every trial's epochs
-            hparams=trial_hparams(cfg, config),
-        )
-        self._thread = threading.Thread(target=self._fit, args=(trainer,), name="cmd-fit", daemon=True)
+        run_dir = launcher.resolve_run_dir(cfg)
+        self._hparams = trial_hparams(cfg, config)
+        self._thread = threading.Thread(target=self._fit, args=(cfg, run_dir), name="cmd-fit", daemon=True)
         self._thread.start()
 
-    def _fit(self, trainer: Any) -> None:
+    def _fit(self, cfg: Config, run_dir: Path) -> None:
         try:
-            trainer.fit()
+            # The same failure handling as `cmd-dist train`: a lost worker restarts the trial's peer
+            # group from its newest checkpoint; an error of the training code fails the trial at once.
+            launcher.fit_with_restarts(
+                cfg,
+                run_dir,
+                callbacks=[_ForwardReports(self._reports)],
+                echo=False,  # the search prints one line per finished trial, not every trial's epochs
+                hparams=self._hparams,
+            )
         except BaseException as e:  # noqa: BLE001 - handed to step(), which fails the trial with it
             self._error = e
         finally:
@@ -357,7 +360,9 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
                 verbose=1 if verbose else 0,
             ),
         )
-    grid = tuner.fit()
+    # In a helper thread: Tune's own SIGINT handler (a slow "graceful" stop) stays out of the way, and
+    # Ctrl-C / SIGTERM reach the caller at once (it stops Ray and prints the --resume command).
+    grid = launcher.run_interruptibly(tuner.fit)
     wall = time.time() - start
     rows = [_row(result, job, trial_base) for result in grid]
     finished = grid.num_terminated + grid.num_errors
@@ -368,7 +373,8 @@ def _row(result: Any, job: SearchJob, trial_base: dict[str, Any]) -> TrialRow:
     metrics = dict(result.metrics or {})
     trial_dir = Path(result.path)
     trial_id = metrics.get("trial_id") or trial_dir.name.removeprefix("trial_")
-    params = {k: plain_value(result.config.get(k)) for k in job.space.keys}
+    config = result.config or {}  # None for a trial that never started (e.g. an interrupted search)
+    params = {k: plain_value(config.get(k)) for k in job.space.keys}
     try:
         epochs = trial_config(trial_base, params).train.epochs
     except ConfigError:
@@ -385,7 +391,7 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
-def final_retrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
+def final_retrain(cfg: Config, run_dir: Path, verbose: bool = False) -> dict[str, Any]:
     """The best config with the final protocol (all training data, test): ``cmd-dist train``'s own code path.
 
     A retrain that already finished (a resumed search) is not repeated; an interrupted one continues.
@@ -398,4 +404,4 @@ def final_retrain(cfg: Config, run_dir: Path) -> dict[str, Any]:
             return summary
     print(f"\ncmd-dist: retraining the best config on all training data, testing: {run_dir}", flush=True)
     run_dir = launcher.resolve_run_dir(cfg)
-    return launcher.train(cfg, run_dir)
+    return launcher.train(cfg, run_dir, verbose=verbose)

@@ -202,11 +202,18 @@ def save_state(job: SearchJob) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Check, search (Ray Tune), write the table and best.yaml, retrain the best on all data and test it."""
-    from cmd_dist.cli import preflight
+    from cmd_dist.checkpoint import RunFolderBusy, RunLock
+    from cmd_dist.cli import _sigterm_as_interrupt, _stop_ray, preflight
 
     job = prepare(args)
     # The trials' data: the search protocol reads the training file only, never the test file.
     preflight(trial_config(job.base, {}))
+    try:
+        lock = RunLock(job.search_dir).acquire()  # held until this process exits
+    except RunFolderBusy as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"output_dir: cannot write the search folder {job.search_dir} ({e.strerror or e})") from None
     save_state(job)
     opts = job.options
     print(f"cmd-dist: search folder {job.search_dir}", flush=True)
@@ -222,8 +229,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     verbose = bool(getattr(args, "verbose", False))
     launcher.set_console(verbose=verbose)
     try:
+        _sigterm_as_interrupt()
+        launcher.init_ray(job.config)
+        _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
         outcome = driver.run_search(job, verbose=verbose)
     except KeyboardInterrupt:
+        _stop_ray()
         return _interrupted(job)
     if outcome.unfinished:
         return _interrupted(job)
@@ -258,14 +269,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
         final_cfg.run_name = "final"
         preflight(final_cfg)  # the search is over: now, and only now, the test split is read
         try:
-            final = driver.final_retrain(final_cfg, job.search_dir / "final")
+            final = driver.final_retrain(final_cfg, job.search_dir / "final", verbose=args.verbose)
         except KeyboardInterrupt:
+            _stop_ray()
             return _interrupted(job)
+        except launcher.RunFailed as e:
+            if e.detail:
+                print(e.detail.rstrip(), file=sys.stderr)
+            print(f"cmd-dist: error: final retrain: {e}", file=sys.stderr)
+            return e.code
         if final.get("stopped"):
             print(f"cmd-dist: error: final retrain: {final['stopped']}", file=sys.stderr)
     _write_summary(job, rows, best, final)
     print(comparison(best, final, job.peers, job.config.data.val_fraction))
     print(f"tensorboard --logdir {job.search_dir} --host 127.0.0.1")
+    lock.release()
     return 1 if final and final.get("stopped") else 0
 
 

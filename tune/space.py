@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from cmd_dist.config import Config, ConfigError, from_dict
+from cmd_dist.config import Config, ConfigError, from_dict, yaml_problem
 
 DEFAULT_SPACE = Path(__file__).resolve().parent / "space.yaml"
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -267,5 +267,5 @@ def load_space(path: str | Path | None, base: dict[str, Any]) -> SearchSpace:
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"search space file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"search space file {str(p)!r} is not valid YAML: {yaml_problem(e)}") from None
     return parse_space(raw, base, where=f"search space {p}")
