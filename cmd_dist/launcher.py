@@ -715,7 +715,7 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
                 # Final protocol: the best epoch's test accuracy is shown, never used for selection.
                 "best_test_acc": best if split == "test" else None,
                 "best_epoch": metrics.get(f"{p.name}/best_epoch"),
-                "train_acc_clean": metrics.get(f"{p.name}/train_acc_clean"),
+                "train_acc_clean": _finite_or_none(metrics.get(f"{p.name}/train_acc_clean")),  # None: no clean labels
                 "train_acc_noisy": metrics.get(f"{p.name}/train_acc_noisy"),
             }
         )

@@ -54,6 +54,7 @@ def test_two_peers_train_on_a_streamed_layout(ray_cluster, tmp_path, dataset):
     assert summary["skipped_images"] == skipped
     if rate is None:
         assert summary["noise_rate"] is None  # WebVision: no clean labels known
+        assert all(p["train_acc_clean"] is None for p in summary["peers"])  # nothing to measure memorisation on
     elif rate == "realised":
         assert 0.1 < summary["noise_rate"] < 0.7
     else:
