@@ -257,13 +257,28 @@ def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
 class RayReporter:
     """Ray Train's report API behind the engine's Reporter protocol (checkpoints live in the run folder)."""
 
+    def __init__(self) -> None:
+        self._bars: list[Any] = []
+
     def report(self, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     def progress(self, total: int, desc: str) -> Any:
         from ray.experimental.tqdm_ray import tqdm
 
-        return tqdm(total=total, desc=desc)
+        self._bars = [b for b in self._bars if not getattr(b, "_closed", False)]
+        bar = tqdm(total=total, desc=desc)
+        self._bars.append(bar)
+        return bar
+
+    def close_bars(self) -> None:
+        """Close bars a failing epoch left open: the driver would otherwise redraw them above every later line."""
+        for bar in self._bars:
+            try:
+                bar.close()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self._bars = []
 
 
 class TrainingCodeError(RuntimeError):
@@ -308,16 +323,18 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
     fault = config.get("test_fault")
+    reporter = RayReporter()
     try:
         return run_worker(
             cfg,
             run_dir,
-            RayReporter(),
+            reporter,
             device,
             monitor_factory=(lambda c, d, s: Monitor(c, d, s)) if config.get("monitor", True) else None,
             fault_hook=_test_fault_hook(fault) if fault else None,
         )
     except Exception as e:
+        reporter.close_bars()
         rank = ray.train.get_context().get_world_rank()
         raise TrainingCodeError(
             rank, type(e).__name__, str(e), traceback.format_exc(), getattr(e, "errno", None)
