@@ -245,6 +245,19 @@ def cluster_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
+def local_node() -> list[dict[str, float]]:
+    """What a fresh local Ray will have (its defaults: every CPU core, every visible CUDA device)."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def check_placement(cfg: Config) -> None:
+    """Before Ray starts: a placement that cannot fit this machine's local Ray is a ConfigError (exit 2)."""
+    if ray_address(cfg) is None and not ray.is_initialized():
+        plan_placement(cfg, local_node())
+
+
 def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
     """Ray Train's ScalingConfig for ``cfg`` on the connected cluster (CPU counts are checked by train())."""
     nodes = cluster_nodes() if ray.is_initialized() else []
