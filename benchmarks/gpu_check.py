@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,6 +39,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# Ray workers (stage b) and the CLI subprocess (stage c) import cmd_dist from this checkout too.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 from cmd_dist.config import load_config  # noqa: E402
 from cmd_dist.data import SPECS, augment, load_split, normalize, prepare_data  # noqa: E402
@@ -51,6 +54,29 @@ CMD_P_MCONF = ["method.objective=cmd", "method.knowledge=cmd-p", "method.self_kd
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_synthetic_cifar100(root: Path, seed: int = 0) -> None:
+    """Random images and labels in the exact CIFAR-100 pickle layout (for throughput when no data is at hand).
+
+    Accuracies on it mean nothing; speeds, the step and every placement's code path are the real ones.
+    """
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, n in (("train", 50_000), ("test", 10_000)):
+        d = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": rng.integers(0, 100, n).tolist(),
+            "coarse_labels": rng.integers(0, 20, n).tolist(),
+        }
+        (folder / name).write_bytes(pickle.dumps(d, protocol=2))
+    meta = {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
 
 
 # ----------------------------------------------------------------------------- (a) throughput
@@ -196,7 +222,7 @@ def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) ->
         "train.epochs=2",
         "train.log_every=0",
         f"peers=[{peers}]",
-        f"output_dir={out / 'placements'}",
+        f"output_dir={args.run_root / 'placements'}",
         f"ray.use_gpu={'true' if gpus else 'false'}",
         "ray.cpus_per_worker=0.5" if device.type == "cpu" else "ray.cpus_per_worker=1",
     ] + CMD_P_MCONF
@@ -246,22 +272,25 @@ def _rate_from_jsonl(run_dir: Path) -> float:
 # ----------------------------------------------------------------------------- (c) a paper cell
 
 
+_LOCAL_CELL = (
+    "import sys, torch; from cmd_dist.config import load_config; from cmd_dist.local import run_local; "
+    "cfg = load_config(sys.argv[1], sys.argv[3:]); "
+    "run_local(cfg, cfg.output_dir + '/' + cfg.run_name, device=sys.argv[2], echo=True)"
+)
+
+
 def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
-    """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl."""
-    run_root = out / "cell"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cmd_dist.cli",
-        "train",
-        args.config,
-        f"data.root={args.data_root}",
-        f"output_dir={run_root}",
-        "run_name=cell",
-        *args.cell_overrides,
-    ]
+    """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl.
+
+    ``--cell-local``: the same training loop in one plain process (cmd_dist.local.run_local), no Ray.
+    """
+    run_root = args.run_root / "cell"
+    overrides = [f"data.root={args.data_root}", f"output_dir={run_root}", "run_name=cell", *args.cell_overrides]
+    if args.cell_local:
+        cmd = [sys.executable, "-c", _LOCAL_CELL, args.config, args.device, *overrides]
+    else:
+        cmd = [sys.executable, "-m", "cmd_dist.cli", "train", args.config, *overrides]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     log_path = out / "cell.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -300,6 +329,11 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     ]
     evals = [statistics.mean(r.get("eval_s", math.nan) for r in by_epoch[e]) for e in epochs[1:]]
     summary_path = run_root / "cell" / "summary.json"
+    keep = out / "cell_files"  # the small files of the run (not its checkpoints) next to the table
+    keep.mkdir(exist_ok=True)
+    for name in ("metrics.jsonl", "summary.json", "config.yaml"):
+        if (run_root / "cell" / name).is_file():
+            shutil.copy2(run_root / "cell" / name, keep / name)
     return {
         "config": args.config,
         "overrides": args.cell_overrides,
@@ -326,7 +360,8 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
 def table(info: dict) -> str:
     lines = [
         f"gpu_check on {info['device_name']} ({info['date']}), torch {info['torch']}, batch {info['batch_size']}, "
-        f"{info['arch']}",
+        f"{info['arch']}"
+        + (" (synthetic data: speeds only, accuracies meaningless)" if info["synthetic_data"] else ""),
         "",
         "| stage | setup | peers | ms/step | img/s per peer | ratio to plain eager | ratio to plain graph | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -387,6 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data-root", required=True, help="folder holding cifar-100-python/")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds for all stages together")
     ap.add_argument("--out", default="gpu_check_out")
+    ap.add_argument("--run-root", default=None, help="where the runs (with checkpoints) go; default --out")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default="configs/table1/cmdp_mconf.yaml")
     ap.add_argument("--cell-overrides", nargs="*", default=None, help="key=value for the paper cell")
@@ -398,13 +434,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--placement-images", type=int, default=12800)
     ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"])
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: cnn_small, few steps, a 2-epoch cell slice")
+    ap.add_argument("--synthetic", action="store_true", help="write random CIFAR-100-layout data to --data-root first")
+    ap.add_argument("--cell-local", action="store_true", help="run the cell in one process without Ray")
     args = ap.parse_args(argv)
     deadline = time.perf_counter() + args.budget
     device = torch.device(args.device)
     if args.tiny:
         args.arch, args.steps, args.warmup_steps, args.placement_images = "cnn_small", 4, 2, 512
     if args.cell_overrides is None:
-        args.cell_overrides = ["ray.placement=together", "ray.gpus_per_worker=1"]
+        args.cell_overrides = []  # the config as a user runs it: ray.placement auto decides where the peers go
         if args.tiny:
             args.cell_overrides += [
                 "peers=[{arch: cnn_small, name: peerA}, {arch: cnn_small, name: peerB}]",
@@ -414,9 +452,14 @@ def main(argv: list[str] | None = None) -> dict:
                 "ray.cpus_per_worker=0.5",
             ]
     args.data_root = str(Path(args.data_root).resolve())
+    if args.synthetic:
+        write_synthetic_cifar100(Path(args.data_root))
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    args.run_root = Path(args.run_root).resolve() if args.run_root else out
+    args.run_root.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {
+        "synthetic_data": args.synthetic,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""``cmd-dist train CONFIG [key=value ...]`` and ``cmd-dist tune CONFIG [...]``.
+"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]`` and ``cmd-dist report DIR...``.
 
 User mistakes (config, data files) print one line and exit with code 2, before Ray starts.
 """
@@ -22,14 +22,23 @@ def fail(msg: str, code: int = EXIT_USAGE) -> None:
     raise SystemExit(code)
 
 
-def preflight(cfg: Config) -> None:
-    """Checks that need the data: the files exist and parse, and a batch fits the training set."""
-    n_train = check_data(cfg.data)
+def preflight(cfg: Config, echo: bool = True) -> None:
+    """Checks that need the data: the files exist and parse, a batch fits the training set, peer weights load.
+
+    Prints the labels trained on and their realised noise rate.
+    """
+    check = check_data(cfg.data, cfg.noise)
+    n_train = check.num_train
     if cfg.train.batch_size > n_train:
         raise ConfigError(
             f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images; "
             f"use at most {n_train}"
         )
+    from cmd_dist.models import check_peer_weights
+
+    check_peer_weights(cfg)
+    if echo:
+        print(f"cmd-dist: {check.line()}", flush=True)
 
 
 def _sigterm_as_interrupt() -> None:
@@ -67,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from cmd_dist import launcher  # imports Ray: only after the config is known to be good
 
+    launcher.set_console(verbose=args.verbose)
     launcher.check_placement(cfg)  # a local Ray's resources are known before it starts
     if run_dir is None:
         run_dir = launcher.resolve_run_dir(cfg)
@@ -129,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eta=3 train.epochs=10")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    t.add_argument("--verbose", action="store_true", help="show Ray's tracebacks of lost workers")
+    t.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs (worker set-up, reports, lost workers' tracebacks)"
+    )
     t.set_defaults(func=cmd_train)
     u = sub.add_parser("tune", help="search b1, b2, eta with Ray Tune, then retrain the best and test it")
     u.add_argument("config", nargs="?", help="YAML config the trials vary (see configs/)")
@@ -155,9 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-final", action="store_true", help="skip the final retrain on all training data")
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
     u.add_argument("--address")
-    u.add_argument("--verbose", action="store_true", help="show Ray's tracebacks of lost workers")
+    u.add_argument(
+        "--verbose", action="store_true", help="show Ray's logs, Tune's trial tables and lost workers' tracebacks"
+    )
     u.set_defaults(func=_cmd_tune)
+    r = sub.add_parser("report", help="report.md and PNG figures from run and search folders")
+    r.add_argument(
+        "paths", nargs="+", metavar="RUN_OR_SEARCH_DIR", help="run folders, search folders, or folders of runs"
+    )
+    r.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: FOLDER/report)")
+    r.set_defaults(func=cmd_report)
     return parser
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cmd_dist.report import ReportError, write_report  # matplotlib, no Ray
+
+    try:
+        report = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
+    except ReportError as e:
+        fail(str(e))
+    print(f"report: {report}")
+    return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -166,8 +197,31 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return cmd_tune(args)
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags, CONFIG and ``key=value`` overrides in any order (``tune CONFIG --trials 3 a=b`` included).
+
+    argparse stops filling ``overrides`` at the first flag; the overrides after it come back as extras.
+    The first positional that is not ``key=value`` is CONFIG; an unknown flag is an error, and any other
+    word is kept as an override, which the config loader rejects as "not key=value".
+    """
+    args, extras = parser.parse_known_args(argv)
+    if not hasattr(args, "overrides"):
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+    flags = [x for x in extras if x.startswith("-")]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)}")
+    positionals = [x for x in [args.config, *args.overrides, *extras] if x is not None]
+    # CONFIG: the first positional that is not key=value (a file named a=b.yaml counts as a file).
+    at = next((i for i, x in enumerate(positionals) if "=" not in x or Path(x).is_file()), None)
+    args.config = None if at is None else positionals.pop(at)
+    args.overrides = positionals  # a stray word fails there, in the config loader, as "not key=value"
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
     except (ConfigError, DataError) as e:

@@ -7,6 +7,7 @@ value and what is allowed; the CLI prints it and exits with code 2 before Ray st
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 import typing
@@ -16,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from cmd_dist.noise import NOISE_KINDS
+from cmd_dist.noise import LABEL_NOISE_KINDS
+from cmd_dist.noisy_labels import LABEL_SETS
 from cmd_dist.objectives import OBJECTIVES
 from cmd_dist.selection import KNOWLEDGE_MODES
 from cmd_dist.selfkd import SELF_KD_METHODS
@@ -26,10 +28,18 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override (exit code 2, no traceback)."""
 
 
-DATASETS = ("cifar100", "cifar10", "digits")
+DATASETS = ("cifar100", "cifar10", "digits", "webvision", "food101n", "imagefolder")
+#: Streamed from disk (cmd_dist.streaming); the others are loaded into device memory.
+STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
+#: Datasets whose labels carry real noise: no synthetic noise on top.
+REAL_NOISE_DATASETS = ("webvision", "food101n")
+IN_MEMORY_SIZES = {"cifar100": 32, "cifar10": 32, "digits": 8}
 PROTOCOLS = ("search", "final")
-ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "cnn_small")
-PLACEMENTS = ("separate", "together")
+ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "inception_resnet_v2", "cnn_small")
+#: Smallest input size per architecture (Inception-ResNet-v2's valid convolutions), see models.MIN_INPUT_SIZE.
+MIN_INPUT_SIZE = {"inception_resnet_v2": 75}
+FOOD_TRAIN_SETS = ("food101n", "food101")
+PLACEMENTS = ("auto", "separate", "together")
 PROGRESS_UNITS = ("epoch", "iteration")
 
 
@@ -45,13 +55,32 @@ class DataConfig:
     train_subset: int = 0
     test_subset: int = 0
     augment: bool = True
+    #: Streamed datasets: side of the square crops fed to the peers (random-resized crop when training,
+    #: resize to image_size/0.875 + centre crop when evaluating).
+    image_size: int = 224
+    #: webvision: train on the first N classes (0 = 50, the "Mini" setting); other datasets: 0 (from the files).
+    num_classes: int = 0
+    #: webvision: training lists read, ``train_filelist_<source>.txt``: ``[google]`` (the "Mini" setting) or
+    #: ``[google, flickr]`` (all of WebVision 1.0).
+    webvision_sources: list[str] = field(default_factory=lambda: ["google"])
+    #: Streamed datasets: decoding/augmenting processes per training worker; null = usable CPUs - 1 (1..8).
+    workers: int | None = None
+    #: food101n: ``food101n`` (the 310k Food-101N web images) or ``food101`` (Food-101's 75,750 training
+    #: images, the CMD paper's appendix A.1 setting); both are tested on Food-101's test set.
+    food_train: str = "food101n"
 
 
 @dataclass
 class NoiseConfig:
+    #: ``symmetric`` / ``pairflip`` (synthetic, Sec. 5.1), ``human`` (CIFAR-N) or ``none`` (labels as shipped).
     kind: str = "symmetric"
     rate: float = 0.4
     seed: int = 0
+    #: kind=human: CIFAR-10N ``aggre``, ``worst``, ``random1``-``random3``; CIFAR-100N ``noisy_fine``,
+    #: ``noisy_coarse`` (the 20 superclasses).
+    label_set: str = ""
+    #: kind=human: the CIFAR-N file; null = ``<data.root>/cifar-n/CIFAR-10_human.pt`` (or ``CIFAR-100_human.pt``).
+    label_file: str | None = None
 
 
 @dataclass
@@ -112,14 +141,20 @@ class TrainConfig:
 class PeerConfig:
     arch: str = "cnn_small"
     name: str = ""
+    #: Local weights file to start from (torch.load weights_only=True, or .safetensors); the classifier
+    #: is kept fresh when its class count differs (e.g. ImageNet weights for Food-101N).
+    weights: str | None = None
 
 
 @dataclass
 class RayConfig:
     #: Ray cluster address (also RAY_ADDRESS); null starts a local Ray (the embedded default).
     address: str | None = None
-    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker.
-    placement: str = "separate"
+    #: ``separate``: one Ray Train worker per peer; ``together``: all peers in one worker; ``auto``:
+    #: separate unless the cluster has GPUs but fewer than peers, then the peers share the GPUs that exist
+    #: as few workers as GPUs (one GPU: ``together``, the whole multi-peer step as one CUDA graph; measured
+    #: faster than fractional-GPU workers exchanging through gloo, see the README's Performance section).
+    placement: str = "auto"
     #: ``auto`` uses one GPU per worker when the cluster has them; ``true`` / ``false`` force it.
     use_gpu: str = "auto"
     cpus_per_worker: float = 1.0
@@ -133,6 +168,18 @@ class RayConfig:
 
 
 @dataclass
+class PaperConfig:
+    """The paper's result this config reproduces (``cmd-dist report`` draws it beside the run's curve)."""
+
+    #: Where the paper reports it, e.g. ``Table 1``; empty = not a paper setting.
+    table: str = ""
+    #: The paper's final test accuracy in % (mean of the peers), or null when it states none.
+    value: float | None = None
+    #: Per-peer numbers, in the order of ``peers``, where the paper reports each network (Table 6).
+    peers: list[float] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
@@ -140,6 +187,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peers: list[PeerConfig] = field(default_factory=lambda: [PeerConfig(), PeerConfig()])
     ray: RayConfig = field(default_factory=RayConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
     seed: int = 0
     output_dir: str = "runs"
     #: Run folder name under output_dir; empty = a time stamp. A finished or interrupted run with
@@ -307,9 +355,7 @@ def validate(cfg: Config) -> None:
     for key in ("train_subset", "test_subset"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key}: {getattr(d, key)} must be >= 0 (0 = all)")
-    _choice("noise.kind", cfg.noise.kind, NOISE_KINDS)
-    if not 0.0 <= cfg.noise.rate < 1.0:
-        raise ConfigError(f"noise.rate: {cfg.noise.rate} must be in [0, 1)")
+    _validate_data(cfg)
     _choice("method.self_kd", m.self_kd, SELF_KD_METHODS)
     _choice("method.knowledge", m.knowledge, KNOWLEDGE_MODES)
     _choice("method.objective", m.objective, OBJECTIVES)
@@ -354,8 +400,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"peers: {len(cfg.peers)} peer(s) given; mutual distillation needs at least 2")
     if len(cfg.peers) < 1:
         raise ConfigError("peers: at least one peer is needed")
+    size = d.image_size if d.dataset in STREAMED_DATASETS else IN_MEMORY_SIZES[d.dataset]
     for i, peer in enumerate(cfg.peers):
         _choice(f"peers[{i}].arch", peer.arch, ARCHS)
+        if size < MIN_INPUT_SIZE.get(peer.arch, 0):
+            fix = "data.image_size" if d.dataset in STREAMED_DATASETS else "a streamed dataset"
+            raise ConfigError(
+                f"peers[{i}].arch: {peer.arch} needs inputs of at least {MIN_INPUT_SIZE[peer.arch]} pixels, "
+                f"{d.dataset} gives {size}; use {fix} >= {MIN_INPUT_SIZE[peer.arch]} or another arch"
+            )
+        if peer.arch == "inception_resnet_v2" and importlib.util.find_spec("timm") is None:
+            raise ConfigError(f"peers[{i}].arch: inception_resnet_v2 needs the timm package (pip install timm)")
+        if peer.weights is not None and not peer.weights.strip():
+            raise ConfigError(f"peers[{i}].weights: empty path; give a local weights file or null")
         if not peer.name:
             peer.name = f"peer{i}"
     names = [p.name for p in cfg.peers]
@@ -371,8 +428,58 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ray.max_failures: {cfg.ray.max_failures} must be >= 0")
     if cfg.ray.keep_checkpoints < 1:
         raise ConfigError(f"ray.keep_checkpoints: {cfg.ray.keep_checkpoints} must be >= 1")
+    paper = cfg.paper
+    if paper.value is not None and not 0.0 <= paper.value <= 100.0:
+        raise ConfigError(f"paper.value: {paper.value} must be an accuracy in % (0 to 100), or null")
+    if paper.peers and len(paper.peers) != len(cfg.peers):
+        raise ConfigError(f"paper.peers: {len(paper.peers)} numbers for {len(cfg.peers)} peers; give one per peer")
+    if any(not 0.0 <= v <= 100.0 for v in paper.peers):
+        raise ConfigError(f"paper.peers: {paper.peers} must be accuracies in % (0 to 100)")
+    if (paper.value is not None or paper.peers) and not paper.table.strip():
+        raise ConfigError("paper.table: name where the paper reports these numbers, e.g. 'Table 1'")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
+
+
+def _validate_data(cfg: Config) -> None:
+    """Dataset-dependent keys: streamed-data settings, the noise kind each dataset allows, CIFAR-N label sets."""
+    d, n = cfg.data, cfg.noise
+    _choice("noise.kind", n.kind, LABEL_NOISE_KINDS)
+    if not 0.0 <= n.rate < 1.0:
+        raise ConfigError(f"noise.rate: {n.rate} must be in [0, 1)")
+    if n.kind == "human":
+        if d.dataset not in LABEL_SETS:
+            raise ConfigError(
+                f"noise.kind: human (CIFAR-N) exists for cifar10 and cifar100, not data.dataset={d.dataset}"
+            )
+        sets = tuple(LABEL_SETS[d.dataset])
+        if not n.label_set:
+            raise ConfigError(f"noise.label_set: required with noise.kind=human; one of {', '.join(sets)}")
+        _choice("noise.label_set", n.label_set, sets)
+    elif n.label_set or n.label_file:
+        key = "noise.label_set" if n.label_set else "noise.label_file"
+        raise ConfigError(f"{key}: only used with noise.kind=human (CIFAR-N); remove it or set noise.kind=human")
+    if d.dataset in REAL_NOISE_DATASETS and n.kind != "none":
+        raise ConfigError(
+            f"noise.kind: {n.kind} would add synthetic noise to {d.dataset}'s real label noise; use noise.kind=none"
+        )
+    if d.image_size < 32 or d.image_size > 1024:
+        raise ConfigError(f"data.image_size: {d.image_size} must be in [32, 1024]")
+    if d.dataset == "webvision":
+        if not 0 <= d.num_classes <= 1000:
+            raise ConfigError(f"data.num_classes: {d.num_classes} must be in [1, 1000] for webvision (0 = 50)")
+    elif d.num_classes:
+        raise ConfigError(
+            f"data.num_classes: {d.num_classes} applies to webvision only; {d.dataset} takes its classes from its "
+            f"files (use 0)"
+        )
+    if d.workers is not None and d.workers < 0:
+        raise ConfigError(f"data.workers: {d.workers} must be >= 0 (0 = decode in the training process) or null")
+    _choice("data.food_train", d.food_train, FOOD_TRAIN_SETS)
+    if not d.webvision_sources or len(set(d.webvision_sources)) != len(d.webvision_sources):
+        raise ConfigError(f"data.webvision_sources: {d.webvision_sources} must list google and/or flickr once each")
+    for source in d.webvision_sources:
+        _choice("data.webvision_sources", source, ("google", "flickr"))
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -2,7 +2,9 @@
 
 CIFAR pickles are parsed directly with a restricted unpickler (untrusted files: numpy arrays,
 lists, numbers, bytes and strings only). scikit-learn's digits ship offline for demos and tests.
-The training set is corrupted with synthetic noise (Sec. 5.1) and split as in appendix A.2.
+The training set is corrupted with synthetic noise (Sec. 5.1) or takes CIFAR-N's human labels
+(:mod:`cmd_dist.noisy_labels`), and is split as in appendix A.2. Datasets larger than memory
+(``webvision``, ``food101n``, ``imagefolder``) are streamed from disk by :mod:`cmd_dist.streaming`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ import io
 import math
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from cmd_dist.noise import corrupt_labels, split_train_val
+from cmd_dist.noise import corrupt_labels, noise_rate, split_train_val
 
 
 class DataError(RuntimeError):
@@ -42,6 +45,9 @@ SPECS = {
     # Digits are 8x8: a 1-pixel shift, no flip (a flipped 2 is not a 2).
     "digits": DatasetSpec(10, 1, 8, 1, False, (0.3,), (0.35,)),
 }
+
+STREAMED = ("webvision", "food101n", "imagefolder")
+
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -78,9 +84,10 @@ def safe_unpickle(path: Path) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-def _cifar_files(dataset: str, root: Path, split: str) -> tuple[Path, list[str], str]:
+def _cifar_files(dataset: str, root: Path, split: str, coarse: bool = False) -> tuple[Path, list[str], str]:
     if dataset == "cifar100":
-        return root / "cifar-100-python", ["train"] if split == "train" else ["test"], "fine_labels"
+        key = "coarse_labels" if coarse else "fine_labels"
+        return root / "cifar-100-python", ["train"] if split == "train" else ["test"], key
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     return root / "cifar-10-batches-py", names, "labels"
 
@@ -104,10 +111,10 @@ def _maybe_download(dataset: str, root: Path, folder: Path) -> None:
         ) from None
 
 
-def load_cifar(dataset: str, root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CIFAR split as (uint8 [N, 3, 32, 32], int64 [N])."""
+def load_cifar(dataset: str, root: str | Path, split: str, coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR split as (uint8 [N, 3, 32, 32], int64 [N]); ``coarse``: CIFAR-100's 20 superclasses."""
     root = Path(root)
-    folder, names, label_key = _cifar_files(dataset, root, split)
+    folder, names, label_key = _cifar_files(dataset, root, split, coarse)
     if not folder.is_dir():
         _maybe_download(dataset, root, folder)
     xs, ys = [], []
@@ -135,10 +142,38 @@ def load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x[idx], y[idx]
 
 
-def load_split(dataset: str, root: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(dataset: str, root: str | Path, split: str, coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     if dataset == "digits":
         return load_digits(split)
-    return load_cifar(dataset, root, split)
+    return load_cifar(dataset, root, split, coarse)
+
+
+def uses_coarse_labels(noise_cfg) -> bool:
+    """CIFAR-100N's ``noisy_coarse`` trains the 20-superclass task (clean labels: the pickle's coarse_labels)."""
+    from cmd_dist.noisy_labels import COARSE_SETS
+
+    return noise_cfg is not None and noise_cfg.kind == "human" and noise_cfg.label_set in COARSE_SETS
+
+
+def dataset_spec(data_cfg, noise_cfg=None) -> DatasetSpec:
+    spec = SPECS[data_cfg.dataset]
+    return replace(spec, num_classes=20) if uses_coarse_labels(noise_cfg) else spec
+
+
+def training_labels(data_cfg, noise_cfg, clean: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The labels trained on, for the whole training set in file order: synthetic, human (CIFAR-N) or clean."""
+    if noise_cfg.kind == "none":
+        return clean.clone()
+    if noise_cfg.kind == "human":
+        from cmd_dist.noisy_labels import LabelFileError, human_labels, label_file_path
+
+        try:
+            path = label_file_path(data_cfg.dataset, data_cfg.root, noise_cfg.label_file)
+            return human_labels(data_cfg.dataset, noise_cfg.label_set, path, clean, num_classes)
+        except LabelFileError as e:
+            raise DataError(str(e)) from None
+    noisy, _ = corrupt_labels(clean, num_classes, noise_cfg.kind, noise_cfg.rate, noise_cfg.seed)
+    return noisy
 
 
 @dataclass
@@ -216,21 +251,35 @@ class PeerData:
         for i in range(0, self.eval_x.shape[0], batch_size):
             yield normalize(self.eval_x[i : i + batch_size], self.mean, self.std), self.eval_y[i : i + batch_size]
 
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images skipped: none for in-memory data (streamed datasets count theirs)."""
+        return 0
 
-def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu") -> PeerData:
-    """Load, corrupt (whole training set, seeded) and split; the search protocol never reads test."""
-    spec = SPECS[data_cfg.dataset]
-    x, clean = load_split(data_cfg.dataset, data_cfg.root, "train")
+
+def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu"):
+    """Load, corrupt (whole training set, seeded) and split; the search protocol never reads test.
+
+    Streamed datasets return a :class:`cmd_dist.streaming.StreamedData` (file lists only).
+    """
+    if data_cfg.dataset in STREAMED:
+        from cmd_dist.streaming import build_streamed
+
+        return build_streamed(data_cfg, noise_cfg, device=device)
+    spec = dataset_spec(data_cfg, noise_cfg)
+    coarse = uses_coarse_labels(noise_cfg)
+    x, clean = load_split(data_cfg.dataset, data_cfg.root, "train", coarse)
+    # Human labels are matched to the whole training set in file order, before any subset.
+    noisy = training_labels(data_cfg, noise_cfg, clean, spec.num_classes)
     if data_cfg.train_subset:
-        x, clean = x[: data_cfg.train_subset], clean[: data_cfg.train_subset]
-    noisy, _ = corrupt_labels(clean, spec.num_classes, noise_cfg.kind, noise_cfg.rate, noise_cfg.seed)
+        x, clean, noisy = x[: data_cfg.train_subset], clean[: data_cfg.train_subset], noisy[: data_cfg.train_subset]
     read = ["train"]
     if data_cfg.protocol == "search":
         train_idx, val_idx = split_train_val(len(clean), data_cfg.val_fraction, seed=noise_cfg.seed)
         ex, ey, split = x[val_idx], clean[val_idx], "val"
         x, noisy, clean = x[train_idx], noisy[train_idx], clean[train_idx]
     else:
-        ex, ey = load_split(data_cfg.dataset, data_cfg.root, "test")
+        ex, ey = load_split(data_cfg.dataset, data_cfg.root, "test", coarse)
         if data_cfg.test_subset:
             ex, ey = ex[: data_cfg.test_subset], ey[: data_cfg.test_subset]
         split = "test"
@@ -278,11 +327,56 @@ def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -
     return x
 
 
-def check_data(data_cfg) -> int:
-    """Before Ray starts: read the files a run needs (DataError names a bad one); returns #train images."""
-    x, _ = load_split(data_cfg.dataset, data_cfg.root, "train")
-    n = x.shape[0] if not data_cfg.train_subset else min(x.shape[0], data_cfg.train_subset)
+@dataclass
+class DataCheck:
+    """What the preflight learnt about the data: training-set size and realised noise rate."""
+
+    num_train: int
+    noise_rate: float
+    labels: str  # e.g. "symmetric noise 40%", "CIFAR-10N worst (human)"
+
+    def line(self) -> str:
+        rate = "unknown (no clean labels)" if math.isnan(self.noise_rate) else f"{100 * self.noise_rate:.2f}%"
+        return f"training labels: {self.labels}; realised noise rate {rate} of {self.num_train:,} training images"
+
+
+def describe_labels(data_cfg, noise_cfg) -> str:
+    if noise_cfg is None:
+        return "as shipped"
+    if noise_cfg.kind == "human":
+        name = {"cifar10": "CIFAR-10N", "cifar100": "CIFAR-100N"}.get(data_cfg.dataset, data_cfg.dataset)
+        return f"{name} {noise_cfg.label_set} (human annotations)"
+    if noise_cfg.kind == "none":
+        return "as shipped" + (" (real web noise)" if data_cfg.dataset in ("webvision", "food101n") else "")
+    return f"{noise_cfg.kind} noise at rate {noise_cfg.rate:g}"
+
+
+def check_data(data_cfg, noise_cfg=None) -> DataCheck:
+    """Before Ray starts: read the files a run needs (DataError names a bad one).
+
+    In-memory datasets are parsed and their labels built exactly as the workers will (so a missing or
+    mismatched CIFAR-N file stops the run here); streamed datasets read their file lists and check
+    the class folders, without opening an image.
+    """
+    if data_cfg.dataset in STREAMED:
+        from cmd_dist.streaming import build_streamed
+
+        noise = noise_cfg or SimpleNamespace(kind="none", rate=0.0, seed=0, label_set="", label_file=None)
+        d = build_streamed(data_cfg, noise, workers=0)
+        return DataCheck(d.num_train, d.noise_rate, describe_labels(data_cfg, noise_cfg))
+    coarse = uses_coarse_labels(noise_cfg)
+    _, clean = load_split(data_cfg.dataset, data_cfg.root, "train", coarse)
+    noisy = (
+        training_labels(data_cfg, noise_cfg, clean, dataset_spec(data_cfg, noise_cfg).num_classes)
+        if noise_cfg
+        else clean
+    )
+    if data_cfg.train_subset:
+        noisy, clean = noisy[: data_cfg.train_subset], clean[: data_cfg.train_subset]
+    n = clean.shape[0]
     if data_cfg.protocol == "final":
-        load_split(data_cfg.dataset, data_cfg.root, "test")
-        return n
-    return n - max(1, round(n * data_cfg.val_fraction))
+        load_split(data_cfg.dataset, data_cfg.root, "test", coarse)
+    else:
+        train_idx, _ = split_train_val(n, data_cfg.val_fraction, seed=noise_cfg.seed if noise_cfg else 0)
+        noisy, clean, n = noisy[train_idx], clean[train_idx], int(train_idx.numel())
+    return DataCheck(n, noise_rate(noisy, clean), describe_labels(data_cfg, noise_cfg))

@@ -37,7 +37,7 @@ from cmd_dist.checkpoint import (
 from cmd_dist.config import Config
 from cmd_dist.data import PeerData, augment_generator, epoch_order, prepare_data  # noqa: F401 (re-exported)
 from cmd_dist.exchange import Exchange
-from cmd_dist.models import build_model
+from cmd_dist.models import build_model, load_weights
 from cmd_dist.objectives import async_mkd_active_peer
 from cmd_dist.selection import threshold_for_mode
 from cmd_dist.selfkd import DEFAULT_FIXED_EPSILON, ModelCertainty, uniform_entropy
@@ -108,10 +108,15 @@ def resolved_compile_mode(cfg: Config, device: torch.device, graphed: bool) -> s
     return "reduce-overhead" if (device.type == "cuda" and not graphed) else "none"
 
 
-def build_peer(cfg: Config, k: int, num_classes: int, channels: int, device: torch.device) -> Peer:
+def build_peer(
+    cfg: Config, k: int, num_classes: int, channels: int, device: torch.device, image_size: int = 32
+) -> Peer:
     """Peer k's network, SGD optimiser and step schedule; the init depends only on (seed, k)."""
     torch.manual_seed(cfg.seed * 1000 + k)
-    model = build_model(cfg.peers[k].arch, num_classes, channels).to(device)
+    model = build_model(cfg.peers[k].arch, num_classes, channels, image_size)
+    if cfg.peers[k].weights:
+        load_weights(model, cfg.peers[k].weights, f"peers[{k}].weights")
+    model = model.to(device)
     t = cfg.train
     fast = fast_path_enabled(cfg, device)
     if fast:
@@ -244,7 +249,8 @@ class Trainer:
                 "train_self_loss": a["self_loss"] / steps,
                 "train_peer_loss": a["peer_loss"] / steps,
                 "train_acc_noisy": 100.0 * a["correct_noisy"] / n,
-                "train_acc_clean": 100.0 * a["correct_clean"] / n,
+                # over the samples whose clean label is known; NaN when none is (e.g. WebVision)
+                "train_acc_clean": 100.0 * a["correct_clean"] / a["clean_known"] if a["clean_known"] else math.nan,
                 "epsilon_mean": a["epsilon"] / n,
                 "entropy_mean": a["entropy"] / n,
                 "nonfinite_step": bad[slot],
@@ -338,7 +344,10 @@ def run_worker(
     if cfg.train.batch_size > data.num_train:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the {data.num_train} training images")
     exchange = Exchange(len(cfg.peers))
-    peers = [build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device) for k in exchange.local_peers]
+    peers = [
+        build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device, data.spec.size)
+        for k in exchange.local_peers
+    ]
     run_dir = Path(run_dir)
     n_peers = len(cfg.peers)
 
@@ -428,6 +437,17 @@ def run_worker(
     return last
 
 
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor on the host: the best epoch, held until it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
 def _remove_tree(path: Path) -> None:
     import shutil
 
@@ -459,17 +479,6 @@ def _save_checkpoint(
         write_epoch_marker(folder, epoch)
         verified.add(folder)  # written and checksummed just now, by this run
         prune_checkpoints(run_dir, keep, num_peers, verified)
-
-
-def _to_cpu(obj: Any) -> Any:
-    """A copy of a (nested) state with every tensor on the host: the best epoch, held until it is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _stored_best_score(best_dir: Path) -> float:
@@ -527,6 +536,8 @@ def flatten_metrics(
         "images_per_s": res.images / max(res.seconds, 1e-9),
         f"{split}_acc": sum(r["eval_acc"] for r in rows.values()) / len(rows),
         f"best_{split}_acc": sum(r["best_eval_acc"] for r in rows.values()) / len(rows),
+        "noise_rate": float(getattr(data, "noise_rate", math.nan)),
+        "skipped_images": int(getattr(data, "skipped_images", 0)),
     }
     names = [p.name for p in cfg.peers]
     for k, r in sorted(rows.items()):

@@ -18,8 +18,10 @@ import errno
 import json
 import math
 import os
+import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -45,9 +47,10 @@ from ray.train import (  # noqa: E402
     CheckpointConfig,
     ControllerError,
     FailureConfig,
+    LoggingConfig,
     RunConfig,
     ScalingConfig,
-    WorkerGroupError,  # noqa: E402
+    WorkerGroupError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer  # noqa: E402
 
@@ -84,6 +87,11 @@ def resolve_run_dir(cfg: Config) -> Path:
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    if cfg.noise.label_file:
+        cfg.noise.label_file = str(Path(cfg.noise.label_file).expanduser().resolve())
+    for peer in cfg.peers:  # workers may run elsewhere: every file path absolute
+        if peer.weights:
+            peer.weights = str(Path(peer.weights).expanduser().resolve())
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -135,26 +143,136 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         ) from None
 
 
+@dataclass
+class Console:
+    """What the driver's console shows. Quiet by default: the epoch lines, one live progress bar when
+    stdout is a terminal, and errors; ``verbose`` (``--verbose``) brings Ray's own INFO logs back."""
+
+    verbose: bool = False
+    #: A live progress bar; only on a terminal (piped into a file, tqdm's carriage returns are garbage).
+    progress: bool = False
+
+
+CONSOLE = Console()
+
+
+def set_console(verbose: bool = False, progress: bool | None = None) -> Console:
+    """Called by the CLI before Ray starts; ``progress`` defaults to "stdout is a terminal"."""
+    CONSOLE.verbose = verbose
+    CONSOLE.progress = sys.stdout.isatty() if progress is None else progress
+    return CONSOLE
+
+
+def ray_log_level() -> str:
+    """Core Ray's Python loggers in every process: INFO with --verbose, else ERROR (the placement-group
+    cleaner warns on every poll of a state API that only exists with the dashboard). Ray Train's own
+    level is set per run in :func:`build_trainer` (WARNING: its failure and restart warnings stay)."""
+    return "INFO" if CONSOLE.verbose else "ERROR"
+
+
 def init_ray(cfg: Config) -> None:
     """Join ``ray.address`` / RAY_ADDRESS, or start a fresh local Ray bound to 127.0.0.1, no dashboard."""
     if ray.is_initialized():
         return
     address = ray_address(cfg)
-    # Ray's own INFO/WARNING chatter (per-report logs; the placement-group cleaner polling a state
-    # API that only exists with the dashboard) drowns the epoch lines; errors still show.
+    env_vars = {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}
+    if not CONSOLE.verbose:
+        # Ray Train's preemption watcher only logs spot-node preemptions (failures are handled either way)
+        # and makes Ray's core print a C++ error line about its constructor arguments on every run.
+        env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     kwargs: dict[str, Any] = dict(
         log_to_driver=True,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env={"env_vars": {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}},
+        logging_config=ray.LoggingConfig(log_level=ray_log_level()),
     )
+    # Ray Train's placement-group cleaner (an actor) finds its cluster through RAY_ADDRESS; without it, on
+    # a machine with several Ray instances, it cannot tell which is its own and dies with a traceback.
+    chosen_port = None
     if address is None:
         # "local": always a new cluster. address=None would join whatever Ray's ray_current_cluster
         # file names (a `ray start` left running, another program's Ray, or one long dead: a hang).
         address = "local"
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
+        if not os.environ.get("RAY_GCS_SERVER_PORT"):
+            chosen_port = _free_port()
+            os.environ["RAY_GCS_SERVER_PORT"] = str(chosen_port)  # read by ray.init's local start
+        env_vars["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
     else:
         check_reachable(address)
-    ray.init(address=address, **kwargs)
+    if address != "local" and not address.startswith("ray://"):
+        env_vars.setdefault("RAY_ADDRESS", address)
+        if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+            kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: this node is 127.0.0.1 too
+    kwargs["runtime_env"] = {"env_vars": env_vars}
+    try:
+        ray.init(address=address, **kwargs)
+    finally:
+        if chosen_port is not None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+    if not CONSOLE.verbose:
+        _collapse_forwarded_tracebacks()
+
+
+class _CollapseTracebacks:
+    """Wraps Ray's printer of the lines its workers and actors write to stderr/stdout (``log_to_driver``).
+
+    Ray's internal actors log transient trouble with a full traceback (a state-API poll failing, a worker
+    thread hit by SIGTERM while the cluster shuts down). Each traceback becomes its last line, the
+    exception, so a warning that matters still shows in one line; a process told to exit (SystemExit,
+    KeyboardInterrupt) shows nothing, nor do warnings Ray itself calls safe to ignore (its autoscaling
+    coordinator timing out on a busy machine; this fixed-size job asks no autoscaler for anything).
+    ``--verbose`` keeps everything.
+    """
+
+    def __init__(self, handler: Any) -> None:
+        self._handler = handler
+        self._inside: set[tuple[Any, Any]] = set()
+        self._benign: set[tuple[Any, Any]] = set()
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        key = (data.get("ip"), data.get("pid"))
+        out = []
+        for line in data.get("lines", []):
+            if line.startswith(_BENIGN):
+                self._benign.add(key)  # and the traceback that follows it
+            elif line.startswith("Traceback (most recent call last)") or _THREAD_DIED.match(line):
+                self._inside.add(key)
+            elif key not in self._inside:
+                out.append(line)
+            elif not line.strip() or line[0] in " \t^~" or line.startswith(_CHAINED):
+                continue  # a frame, a caret line, a blank, or "During handling of the above exception ..."
+            else:
+                self._inside.discard(key)
+                if key in self._benign:
+                    self._benign.discard(key)
+                elif not line.startswith(("SystemExit", "KeyboardInterrupt")):
+                    out.append(line)
+        if out:
+            self._handler({**data, "lines": out})
+
+
+_THREAD_DIED = re.compile(r"^Exception (in thread|ignored in)\b")
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+_BENIGN = ("Failed to send resource request for ",)  # "... it's safe to ignore this error", says Ray
+
+
+def _collapse_forwarded_tracebacks() -> None:
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # another Ray: its output stays as it is
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, _CollapseTracebacks(h) if name == "ray_print_logs" and not isinstance(h, _CollapseTracebacks) else h)
+            for name, h in dispatcher.handlers
+        ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- placement (pure)
@@ -171,6 +289,19 @@ class Placement:
     line: str
 
 
+def auto_workers(num_peers: int, total_gpus: int, use_gpu: str) -> int:
+    """``ray.placement: auto``: a worker per peer, unless GPUs exist but fewer than peers.
+
+    Then as many workers as GPUs can evenly share the peers (the largest divisor of the peer count
+    that is <= the GPUs), each worker a whole GPU hosting its peers in one process: with one GPU that
+    is ``together``, whose step is one CUDA graph for all peers. Fractional-GPU workers exchanging
+    through gloo were slower on one GPU (README, Performance).
+    """
+    if use_gpu == "false" or total_gpus <= 0 or total_gpus >= num_peers:
+        return num_peers
+    return max(d for d in range(1, total_gpus + 1) if num_peers % d == 0)
+
+
 def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
     """Decide the placement from the config and the cluster's alive nodes' total resources (pure).
 
@@ -181,10 +312,12 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
     """
     r = cfg.ray
     names = [p.name for p in cfg.peers]
-    workers = len(names) if r.placement == "separate" else 1
     mode = str(r.use_gpu).lower()
     node_gpus = [int(n.get("GPU", 0.0) + 1e-9) for n in nodes]
     total_gpus = sum(node_gpus)
+    workers = auto_workers(len(names), total_gpus, mode) if r.placement == "auto" else None
+    if workers is None:
+        workers = len(names) if r.placement != "together" else 1
 
     def capacity(share: float) -> int:  # workers of this GPU share the cluster's GPUs hold
         return sum(g * int(1.0 / share + 1e-9) for g in node_gpus)
@@ -223,10 +356,8 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
         resources["GPU"] = share
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
     backend = "nccl" if use_gpu and workers > 1 and share >= 1 else "gloo"
-    if r.placement == "separate":
-        hosted = [[n] for n in names]
-    else:
-        hosted = [names]
+    per = len(names) // workers  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
+    hosted = [names[i * per : (i + 1) * per] for i in range(workers)]
     device = f"{cpu:g} CPU + {share:g} GPU" if use_gpu else f"{cpu:g} CPU"
     where = "; ".join(f"{', '.join(h)} -> worker {i} ({device})" for i, h in enumerate(hosted))
     if use_gpu:
@@ -270,28 +401,64 @@ def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
 class RayReporter:
     """Ray Train's report API behind the engine's Reporter protocol (checkpoints live in the run folder)."""
 
-    def __init__(self) -> None:
-        self._bars: list[Any] = []
+    def __init__(self, progress: bool = False) -> None:
+        self._show_progress = progress
+        self._bar: _RunBar | None = None
 
     def report(self, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics)
 
     def progress(self, total: int, desc: str) -> Any:
-        from ray.experimental.tqdm_ray import tqdm
-
-        self._bars = [b for b in self._bars if not getattr(b, "_closed", False)]
-        bar = tqdm(total=total, desc=desc)
-        self._bars.append(bar)
-        return bar
+        if not self._show_progress:
+            return None
+        if self._bar is None:
+            self._bar = _RunBar()
+        return self._bar.start_epoch(total, desc)
 
     def close_bars(self) -> None:
-        """Close bars a failing epoch left open: the driver would otherwise redraw them above every later line."""
-        for bar in self._bars:
+        """Close the bar a failing epoch left open: the driver would otherwise redraw it above every later line."""
+        if self._bar is not None:
             try:
-                bar.close()
+                self._bar._last = True
+                self._bar.close()
             except Exception:  # noqa: BLE001 - best effort on the way out
                 pass
-        self._bars = []
+            self._bar = None
+
+
+_EPOCH_DESC = re.compile(r"epoch (\d+)/(\d+)")
+
+
+class _RunBar:
+    """One ``tqdm_ray`` bar for the whole run, reset at each epoch.
+
+    The driver draws a worker's tqdm_ray bars and keeps the line of every closed bar; one bar per
+    epoch would leave a bar line beside every epoch line. This one is reused and closed only after
+    the last epoch's steps, long before the run ends, so the final lines print below it.
+    """
+
+    def __init__(self) -> None:
+        from ray.experimental.tqdm_ray import tqdm
+
+        self._bar = tqdm(total=1, desc="")
+        self._last = False
+
+    def start_epoch(self, total: int, desc: str) -> _RunBar:
+        match = _EPOCH_DESC.search(desc)
+        self._last = bool(match) and int(match.group(1)) >= int(match.group(2))
+        self._bar.n = 0
+        self._bar.total = total
+        self._bar.set_description(desc)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._last:
+            self._bar.close()
+        else:
+            self._bar.refresh()
 
 
 class TrainingCodeError(RuntimeError):
@@ -322,28 +489,30 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     Exceptions of the training code leave as :class:`TrainingCodeError` carrying the traceback text
     (Ray hands the driver the exception without its traceback); rank 0 returns the last metrics.
     """
-    import logging
-
     import torch
 
     from cmd_dist.engine import run_worker
     from cmd_dist.monitor import Monitor
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # per-report INFO lines
+    if not config.get("verbose", False):
+        _quiet_report_log()
     cfg = from_dict(config["cfg"])
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     run_dir = Path(config["run_dir"])
     fault = config.get("test_fault")
-    reporter = RayReporter()
+    echo, hparams = config.get("echo", True), config.get("hparams")
+    reporter = RayReporter(progress=config.get("progress", False))
     try:
         return run_worker(
             cfg,
             run_dir,
             reporter,
             device,
-            monitor_factory=(lambda c, d, s: Monitor(c, d, s)) if config.get("monitor", True) else None,
+            monitor_factory=(lambda c, d, s: Monitor(c, d, s, echo=echo, hparams=hparams))
+            if config.get("monitor", True)
+            else None,
             fault_hook=_test_fault_hook(fault) if fault else None,
         )
     except Exception as e:
@@ -354,6 +523,19 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         ) from None
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every report (``Reporting training result 1: TrainingReport(...)``, every metric, on
+    one line) through a logger named after its file, outside ``ray.train``, so RunConfig's log level
+    misses it: raise that logger's level here, in the worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module does not print these lines either
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def build_trainer(
     cfg: Config,
     run_dir: Path,
@@ -361,7 +543,11 @@ def build_trainer(
     monitor: bool = True,
     placement: Placement | None = None,
     verbose: bool = False,
+    echo: bool = True,
+    hparams: dict[str, Any] | None = None,
 ) -> TorchTrainer:
+    """The Ray Train job for one run. ``echo``: print the epoch lines (Tune trials do not: the search
+    prints one line per finished trial). ``hparams``: written as TensorBoard HParams (Tune trials)."""
     if placement is None:
         scaling, backend, _ = scaling_for(cfg)
     else:
@@ -382,14 +568,21 @@ def build_trainer(
         callbacks=callbacks or None,
         # Ray Train's own log lines (per-report records, failure-policy decisions, the tracebacks
         # of a lost worker's partners) only with --verbose: the driver prints one line per event.
-        logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "CRITICAL"),
+        logging_config=LoggingConfig(log_level="INFO" if (verbose or CONSOLE.verbose) else "CRITICAL"),
     )
+    loop_config = {
+        "cfg": cfg.to_dict(),
+        "run_dir": str(run_dir),
+        "monitor": monitor,
+        "echo": echo,
+        "progress": CONSOLE.progress and echo,
+        "hparams": hparams,
+        "verbose": CONSOLE.verbose,
+    }
     return TorchTrainer(
         train_worker,
         train_loop_config={
-            "cfg": cfg.to_dict(),
-            "run_dir": str(run_dir),
-            "monitor": monitor,
+            **loop_config,
             # Tests inject a fault in the training code with CMD_DIST_TEST_FAULT (see _test_fault_hook).
             "test_fault": os.environ.get("CMD_DIST_TEST_FAULT", ""),
         },
@@ -485,6 +678,8 @@ def fit_with_restarts(
     placement: Placement | None = None,
     log: Callable[[str], None] = print,
     verbose: bool = False,
+    echo: bool = True,
+    hparams: dict[str, Any] | None = None,
 ) -> Any:
     """Fit; after a lost worker, fit again from the newest complete checkpoint (``ray.max_failures`` times).
 
@@ -493,7 +688,7 @@ def fit_with_restarts(
     """
     restarts = 0
     while True:
-        trainer = build_trainer(cfg, run_dir, callbacks, monitor, placement, verbose)
+        trainer = build_trainer(cfg, run_dir, callbacks, monitor, placement, verbose, echo, hparams)
         try:
             return run_interruptibly(trainer.fit)
         except WorkerGroupError as e:
@@ -529,6 +724,10 @@ def fit_with_restarts(
             ) from None
 
 
+def _finite_or_none(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
+
+
 def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float) -> dict[str, Any]:
     split = metrics.get("eval_split", "test" if cfg.data.protocol == "final" else "val")
     peers = []
@@ -560,6 +759,9 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
         "wall_s": round(wall_s, 1),
         "stopped": metrics.get("nonfinite"),
         "splits_read": metrics.get("splits_read"),
+        # Realised fraction of training labels != clean labels (null where no clean label is known).
+        "noise_rate": _finite_or_none(metrics.get("noise_rate")),
+        "skipped_images": metrics.get("skipped_images", 0),
     }
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary

@@ -31,8 +31,31 @@ def truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+#: The per-peer entropy-quantile keys of metrics.jsonl rows (the engine's ENTROPY_QUANTILES), read by the report.
+ENTROPY_QUANTILE_KEYS = ("entropy_q10", "entropy_q25", "entropy_q50", "entropy_q75", "entropy_q90")
+
+
+def write_hparams(writer: SummaryWriter, hparams: dict[str, Any], metric_tags: list[str]) -> None:
+    """TensorBoard HParams for one run folder: its values (e.g. a Tune trial's b1, b2, eta) and the
+    scalar tags that run logs (``val/acc``), so the HParams tab compares trials side by side."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+    values = {k: v if isinstance(v, (bool, str, int, float)) else str(v) for k, v in hparams.items()}
+    experiment, session_start, _ = hparams_summary(values, {tag: 0.0 for tag in metric_tags})
+    writer.file_writer.add_summary(experiment)
+    writer.file_writer.add_summary(session_start)
+    writer.flush()
+
+
 class Monitor:
-    def __init__(self, cfg: Config, run_dir: Path, start_epoch: int, echo: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        start_epoch: int,
+        echo: bool = True,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +66,10 @@ class Monitor:
         # purge_step drops events a previous, interrupted attempt wrote past the resumed epoch.
         self.writers = {p.name: SummaryWriter(str(tb / p.name), purge_step=start_epoch + 1) for p in cfg.peers}
         self.exchange_writer = SummaryWriter(str(tb / "exchange"), purge_step=start_epoch + 1)
+        if hparams:
+            split = "test" if cfg.data.protocol == "final" else "val"
+            for w in self.writers.values():
+                write_hparams(w, hparams, [f"{split}/acc", "train/acc_clean_labels"])
 
     def log_epoch(self, epoch: int, rows: dict[int, dict[str, float]], res: Any, metrics: dict[str, Any]) -> None:
         step = epoch + 1

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 
+#: Synthetic noise that :func:`corrupt_labels` draws.
 NOISE_KINDS = ("symmetric", "pairflip")
+#: Every ``noise.kind``: synthetic, ``none`` (labels as shipped, e.g. WebVision's real noise) and
+#: ``human`` (CIFAR-N's human annotations, :mod:`cmd_dist.noisy_labels`).
+LABEL_NOISE_KINDS = (*NOISE_KINDS, "none", "human")
 
 
 def corrupt_labels(
@@ -52,3 +56,16 @@ def split_train_val(num_samples: int, val_fraction: float = 0.1, seed: int = 0) 
         raise ValueError(f"cannot split {num_samples} samples with val_fraction {val_fraction}")
     perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed)))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def noise_rate(noisy: torch.Tensor, clean: torch.Tensor) -> float:
+    """The realised noise rate: the fraction of labels that differ from the clean ones.
+
+    Clean labels of -1 (unknown, e.g. real-noise datasets without verification) are left out;
+    NaN when no clean label is known.
+    """
+    if noisy.shape != clean.shape:
+        raise ValueError(f"noisy and clean labels differ in shape: {tuple(noisy.shape)} vs {tuple(clean.shape)}")
+    known = clean >= 0
+    n = int(known.sum())
+    return float(((noisy != clean) & known).sum()) / n if n else float("nan")

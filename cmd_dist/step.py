@@ -36,7 +36,7 @@ from cmd_dist.selfkd import (
 )
 
 #: Columns of the per-peer accumulator (sums over the epoch's steps or samples).
-ACC_COLUMNS = ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean", "epsilon", "entropy")
+ACC_COLUMNS = ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean", "clean_known", "epsilon", "entropy")
 
 
 class SelfKD:
@@ -239,6 +239,7 @@ class TrainStep:
                         parts.get("peer_loss", zero).detach(),
                         (pred == y).sum().float(),
                         (pred == clean).sum().float(),
+                        (clean >= 0).sum().float(),  # real-noise datasets may not know every clean label (-1)
                         eps.sum(),
                         h.sum(),
                     ]

@@ -69,7 +69,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
     ckpts = _ckpts(run_dir)
     assert [c.name for c in ckpts] == ["checkpoint_000002", "checkpoint_000003"]
     want = {k: load_peer_state(ckpts[-1], k)["model"] for k in range(2)}
-    rows_before = (run_dir / "metrics.jsonl").read_text()
+    rows_before = _rows_without_timing(run_dir)
     # Corrupt the latest checkpoint, then "restart": the previous one is used and epoch 3 is redone.
     latest = ckpts[-1] / "peer1.pt"
     latest.write_bytes(latest.read_bytes()[: len(latest.read_bytes()) // 2])
@@ -81,17 +81,14 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path, capsys):
         for name in want[k]:
             torch.testing.assert_close(got[name], want[k][name], atol=1e-6, rtol=0)
     assert again["test_acc"] == pytest.approx(final["test_acc"], abs=1e-9)
-    # Epoch 3 rewritten, not duplicated; the same numbers but for wall-clock ones.
-    assert _untimed(run_dir / "metrics.jsonl") == _untimed_text(rows_before)
+    assert _rows_without_timing(run_dir) == rows_before  # epoch 3 rewritten, not duplicated
 
 
-def _untimed_text(text: str) -> list[dict]:
-    clocks = ("time", "train_s", "eval_s", "log_s", "images_per_s")
-    return [{k: v for k, v in json.loads(x).items() if k not in clocks} for x in text.splitlines()]
-
-
-def _untimed(path) -> list[dict]:
-    return _untimed_text(path.read_text())
+def _rows_without_timing(run_dir):
+    """metrics.jsonl rows without the wall-clock fields (log time, train/eval seconds, images/s)."""
+    timing = {"time", "train_s", "eval_s", "images_per_s"}
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
 
 
 def test_completed_run_restarted_trains_nothing(tmp_path):

@@ -40,6 +40,7 @@ def _write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 # ----------------------------------------------------------------------------- unknown keys
 
+
 def test_unknown_top_level_key_in_file(tmp_path):
     msg = _error(path=_write(tmp_path, "epochs: 3\n"))
     assert "'epochs'" in msg and "allowed:" in msg and "train" in msg and "method" in msg
@@ -55,12 +56,15 @@ def test_unknown_peer_key_in_file(tmp_path):
     assert "peers[0].colour" in msg and "peers[0].arch" in msg
 
 
-@pytest.mark.parametrize("override,key", [
-    ("foo=1", "'foo'"),
-    ("method.foo=1", "'method.foo'"),
-    ("data.foo.bar=1", "'data.foo'"),
-    ("train.lr.x=1", "'train.lr'"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("foo=1", "'foo'"),
+        ("method.foo=1", "'method.foo'"),
+        ("data.foo.bar=1", "'data.foo'"),
+        ("train.lr.x=1", "'train.lr'"),
+    ],
+)
 def test_unknown_key_via_override(override, key):
     msg = _error([override])
     assert key in msg and "unknown config key" in msg
@@ -68,20 +72,24 @@ def test_unknown_key_via_override(override, key):
 
 # ----------------------------------------------------------------------------- wrong types
 
-@pytest.mark.parametrize("override,key,expected", [
-    ("train.epochs=abc", "train.epochs", "integer"),
-    ("train.epochs=1.5", "train.epochs", "integer"),
-    ("train.epochs=true", "train.epochs", "integer"),
-    ("noise.rate=abc", "noise.rate", "number"),
-    ("noise.rate=true", "noise.rate", "number"),
-    ("method.eta=null", "method.eta", "number"),
-    ("train.milestones=5", "train.milestones", "list"),
-    ("train.milestones=[10, x]", "train.milestones[1]", "integer"),
-    ("peers=resnet18", "peers", "list"),
-    ("method=3", "method", "mapping"),
-    ("data.augment=maybe", "data.augment", "true or false"),
-    ("data.dataset=5", "data.dataset", "string"),
-])
+
+@pytest.mark.parametrize(
+    "override,key,expected",
+    [
+        ("train.epochs=abc", "train.epochs", "integer"),
+        ("train.epochs=1.5", "train.epochs", "integer"),
+        ("train.epochs=true", "train.epochs", "integer"),
+        ("noise.rate=abc", "noise.rate", "number"),
+        ("noise.rate=true", "noise.rate", "number"),
+        ("method.eta=null", "method.eta", "number"),
+        ("train.milestones=5", "train.milestones", "list"),
+        ("train.milestones=[10, x]", "train.milestones[1]", "integer"),
+        ("peers=resnet18", "peers", "list"),
+        ("method=3", "method", "mapping"),
+        ("data.augment=maybe", "data.augment", "true or false"),
+        ("data.dataset=5", "data.dataset", "string"),
+    ],
+)
 def test_wrong_type_names_key_and_expected_type(override, key, expected):
     msg = _error([override])
     assert msg.startswith(key + ":") and expected in msg, msg
@@ -105,6 +113,7 @@ def test_float_exponent_in_file(tmp_path):
 
 # ----------------------------------------------------------------------------- values
 
+
 @pytest.mark.parametrize("eta", ["0", "0.0", ".nan"])
 def test_eta_zero_or_nan_is_rejected(eta):
     msg = _error([f"method.eta={eta}"])
@@ -121,15 +130,18 @@ def test_noise_rate_zero_is_clean_labels():
     assert load_config(DEMO, ["noise.rate=0"]).noise.rate == 0.0
 
 
-@pytest.mark.parametrize("override,key,allowed", [
-    ("peers.1.arch=vgg16", "peers[1].arch", "resnet34"),
-    ("method.self_kd=dino", "method.self_kd", "mconf"),
-    ("method.knowledge=some", "method.knowledge", "cmd-p"),
-    ("method.objective=dml", "method.objective", "syncmkd"),
-    ("noise.kind=asym", "noise.kind", "pairflip"),
-    ("data.dataset=imagenet", "data.dataset", "cifar100"),
-    ("data.protocol=test", "data.protocol", "search"),
-])
+@pytest.mark.parametrize(
+    "override,key,allowed",
+    [
+        ("peers.1.arch=vgg16", "peers[1].arch", "resnet34"),
+        ("method.self_kd=dino", "method.self_kd", "mconf"),
+        ("method.knowledge=some", "method.knowledge", "cmd-p"),
+        ("method.objective=dml", "method.objective", "syncmkd"),
+        ("noise.kind=asym", "noise.kind", "pairflip"),
+        ("data.dataset=imagenet", "data.dataset", "cifar100"),
+        ("data.protocol=test", "data.protocol", "search"),
+    ],
+)
 def test_unknown_choice_lists_what_is_allowed(override, key, allowed):
     msg = _error([override])
     assert msg.startswith(key + ":") and allowed in msg and "not one of" in msg
@@ -179,6 +191,7 @@ def test_peer_names_must_be_unique():
 
 
 # ----------------------------------------------------------------------------- overrides
+
 
 def test_override_without_equals():
     msg = _error(["method.eta"])
@@ -248,6 +261,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 # ----------------------------------------------------------------------------- files
 
+
 def test_missing_config_file(tmp_path):
     msg = _error(path=tmp_path / "nope.yaml")
     assert "nope.yaml" in msg and "not found" in msg
@@ -268,6 +282,7 @@ def test_empty_yaml_file_is_the_defaults(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data files (no Ray)
+
 
 class _Hostile:
     """Unpickling this runs ``touch MARKER`` (with a plain pickle.load)."""
@@ -314,6 +329,7 @@ def test_well_formed_pickle_with_wrong_content(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI (subprocess)
 
+
 def _cli() -> list[str]:
     script = Path(sys.executable).parent / "cmd-dist"
     return [str(script)] if script.is_file() else [sys.executable, "-m", "cmd_dist.cli"]
@@ -355,11 +371,14 @@ def _one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["method.eta=0"], "method.eta"),
-    (["train.epochs=abc"], "train.epochs"),
-    (["train.batch_size=5000"], "train.batch_size"),  # digits has 1,438 training images: a data check
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["method.eta=0"], "method.eta"),
+        (["train.epochs=abc"], "train.epochs"),
+        (["train.batch_size=5000"], "train.batch_size"),  # digits has 1,438 training images: a data check
+    ],
+)
 def test_cli_config_error_is_one_line_exit_2(run_cli, overrides, needle):
     line = _one_error_line(run_cli("configs/demo.yaml", *overrides))
     assert needle in line
@@ -388,21 +407,24 @@ def main_without_ray(monkeypatch, tmp_path):
     return run
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["train.epochs=1.5"], "train.epochs"),
-    (["noise.rate=1.0"], "noise.rate"),
-    (["noise.rate=-0.1"], "noise.rate"),
-    (["method.bogus=1"], "method.bogus"),
-    (["bogus=1"], "bogus"),
-    (["peers.1.arch=vgg16"], "peers[1].arch"),
-    (["method.self_kd=dino"], "method.self_kd"),
-    (["method.objective=dml"], "method.objective"),
-    (["method.knowledge=some"], "method.knowledge"),
-    (["train.epochs=0"], "train.epochs"),
-    (["method.knowledge=cmd-s"], "method.b2"),  # demo.yaml has b2 = -8
-    (["method.knowledge=cmd-p", "method.b2=0"], "method.b2"),
-    (["method.eta"], "key=value"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["train.epochs=1.5"], "train.epochs"),
+        (["noise.rate=1.0"], "noise.rate"),
+        (["noise.rate=-0.1"], "noise.rate"),
+        (["method.bogus=1"], "method.bogus"),
+        (["bogus=1"], "bogus"),
+        (["peers.1.arch=vgg16"], "peers[1].arch"),
+        (["method.self_kd=dino"], "method.self_kd"),
+        (["method.objective=dml"], "method.objective"),
+        (["method.knowledge=some"], "method.knowledge"),
+        (["train.epochs=0"], "train.epochs"),
+        (["method.knowledge=cmd-s"], "method.b2"),  # demo.yaml has b2 = -8
+        (["method.knowledge=cmd-p", "method.b2=0"], "method.b2"),
+        (["method.eta"], "key=value"),
+    ],
+)
 def test_cli_main_config_error_is_one_line_exit_2(main_without_ray, capsys, overrides, needle):
     code, out, err = main_without_ray(capsys, "configs/demo.yaml", *overrides)
     assert code == 2 and out == ""
@@ -473,6 +495,7 @@ def test_yaml_of_the_demo_is_a_mapping():
         ("train.fast_path=sometimes", "train.fast_path", "auto"),
         ("train.compile_mode=fastest", "train.compile_mode", "reduce-overhead"),
         ("train.milestones=[0, 5]", "train.milestones", "increasing positive"),
+        ("train.cuda_graph=maybe", "train.cuda_graph", "auto"),
         ("train.checkpoint_every=0", "train.checkpoint_every", ">= 1"),
         ("train.cuda_graph=sometimes", "train.cuda_graph", "auto"),
         ("peers.0.arch=vgg16", "peers[0].arch", "resnet34"),
@@ -499,3 +522,9 @@ def test_every_validated_key_names_itself_and_what_is_allowed(override, key, wor
 )
 def test_validated_keys_accept_their_edge_values(override):
     load_config(DEMO, [override])
+
+
+def test_cuda_graph_refuses_a_compile_mode_that_captures_its_own_graphs():
+    msg = _error(["train.cuda_graph=true", "train.compile_mode=reduce-overhead"])
+    assert msg.startswith("train.compile_mode:") and "compile_mode=none" in msg
+    load_config(DEMO, ["train.cuda_graph=true", "train.compile_mode=max-autotune-no-cudagraphs"])

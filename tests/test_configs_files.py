@@ -17,6 +17,8 @@ CONFIGS = REPO / "configs"
 PAPER = REPO.parent / "shared" / "paper" / "not-all-knowledge-is-created-equal.md"
 SHARED_CIFAR = REPO.parent / "shared" / "data"
 NOT_PAPER = {"demo.yaml", "cifar100_smoke.yaml"}  # not paper results: no table claim needed
+#: Folders whose reference numbers come from another paper (CIFAR-N: Wei et al. 2022), each cited with its source.
+EXTERNAL = {"cifarn"}
 
 YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 READMES = sorted(CONFIGS.rglob("README.md"))
@@ -67,6 +69,7 @@ def _load_command(cmd: str):
 def _comparable(cfg) -> dict:
     d = cfg.to_dict()
     d.pop("output_dir")  # tables write to their own runs/tableN folder
+    d.pop("paper")  # which table cites the run, not the run itself
     return d
 
 
@@ -81,7 +84,7 @@ def test_there_are_configs_and_readmes():
 @pytest.mark.parametrize("path", YAMLS, ids=_rel)
 def test_config_file_loads(path):
     cfg = load_config(path)
-    assert cfg.data.dataset in ("cifar100", "cifar10", "digits")
+    assert cfg.data.dataset in ("cifar100", "cifar10", "digits", "webvision", "food101n", "imagefolder")
     assert len(cfg.peers) >= 1
 
 
@@ -91,21 +94,30 @@ def test_config_file_has_a_header(path):
     assert header, f"{_rel(path)} has no leading comment saying what it reproduces"
     if path.name in NOT_PAPER and path.parent == CONFIGS:
         return
+    if path.parent.name in EXTERNAL:  # no CMD number exists: the header cites the reference numbers' source
+        assert "Wei et al." in header and "Table 2 of Morales-Brotons" in header and "CE " in header, _rel(path)
+        return
     assert "Table" in header, f"{_rel(path)}: header names no paper table"
     numbers = PAPER_NUMBER.findall(header)
     assert numbers, f"{_rel(path)}: header gives no paper number (NN.NN%)"
     missing = set(numbers) - _paper_numbers()
     assert not missing, f"{_rel(path)}: header numbers {sorted(missing)} are not in the paper"
+    # The machine-readable copy `cmd-dist report` draws: the table the header names, a number it states.
+    paper = load_config(path).paper
+    assert paper.table and paper.table in header, f"{_rel(path)}: paper.table {paper.table!r} not in its header"
+    stated = [paper.value] if paper.value is not None else paper.peers
+    assert stated and all(f"{v:.2f}" in numbers for v in stated), f"{_rel(path)}: paper {stated} vs header {numbers}"
 
 
-@pytest.mark.parametrize("path", [p for p in YAMLS if p.parent != CONFIGS], ids=_rel)
+@pytest.mark.parametrize("path", [p for p in YAMLS if p.parent not in (CONFIGS, CONFIGS / "table4")], ids=_rel)
 def test_paper_configs_follow_appendix_a2(path):
     """SGD 0.9 / 5e-4 / batch 128 / lr 0.1 everywhere; ResNet-34 100 epochs, /10 at 50, 80; ResNet-18 and
     ShuffleNetV2 200 epochs, x0.2 at 60, 120, 160."""
     cfg = load_config(path)
     t = cfg.train
     assert (t.momentum, t.weight_decay, t.batch_size, t.lr) == (0.9, 5e-4, 128, 0.1)
-    assert cfg.data.dataset == "cifar100" and cfg.data.protocol == "final"
+    cifar = ("cifar100", "cifar10") if path.parent.name in EXTERNAL else ("cifar100",)
+    assert cfg.data.dataset in cifar and cfg.data.protocol == "final"
     assert cfg.data.root == "../shared/data" and cfg.data.train_subset == 0 and cfg.data.test_subset == 0
     archs = {p.arch for p in cfg.peers}
     if archs == {"resnet34"}:
@@ -115,6 +127,22 @@ def test_paper_configs_follow_appendix_a2(path):
         assert (t.epochs, t.milestones, t.gamma) == (200, [60, 120, 160], 0.2)
     if cfg.method.knowledge == "cmd-p":
         assert cfg.method.b2 < 0  # the paper's default direction (Sec. 4.2, Fig. 4)
+
+
+def test_table4_configs_follow_appendix_a2():
+    """Food-101: ImageNet-initialised ResNet-50, batch 32, lr 0.01 /10 at 50 and 80, 100 epochs, Food-101's own
+    training images; mini-WebVision: Inception-ResNet-v2, first 50 classes, 299 px, batch 32, lr 0.01, 80 epochs."""
+    food = load_config(CONFIGS / "table4" / "food101_cmdp_mconf.yaml")
+    web = load_config(CONFIGS / "table4" / "webvision_cmdp_mconf.yaml")
+    for cfg in (food, web):
+        t = cfg.train
+        assert (t.momentum, t.weight_decay, t.batch_size, t.lr) == (0.9, 5e-4, 32, 0.01)
+        assert cfg.noise.kind == "none" and cfg.data.protocol == "final" and cfg.method.knowledge == "cmd-p"
+    assert (food.train.epochs, food.train.milestones) == (100, [50, 80])
+    assert food.data.food_train == "food101" and food.data.image_size == 224
+    assert [(p.arch, bool(p.weights)) for p in food.peers] == [("resnet50", True), ("resnet50", True)]
+    assert web.train.epochs == 80 and web.data.num_classes == 50 and web.data.image_size == 299
+    assert [p.arch for p in web.peers] == ["inception_resnet_v2"] * 2 and not any(p.weights for p in web.peers)
 
 
 def test_smoke_config_is_a_small_real_cifar_slice():
@@ -138,7 +166,7 @@ def test_smoke_config_passes_the_data_preflight(monkeypatch):
 @pytest.mark.parametrize("readme,line,cmd", _commands(), ids=[c for _, _, c in _commands()])
 def test_readme_command_validates(readme, line, cmd):
     cfg = _load_command(cmd)
-    if readme == "configs/README.md":  # the index's usage examples are not table cells
+    if readme == "configs/README.md" or Path(readme).parent.name in EXTERNAL:  # not CMD-paper table cells
         return
     numbers = PAPER_NUMBER.findall(line)
     assert numbers, f"README row gives no paper number: {line}"
@@ -146,9 +174,13 @@ def test_readme_command_validates(readme, line, cmd):
     assert not missing, f"README numbers {sorted(missing)} are not in the paper: {line}"
     for same in SAME_AS.findall(line):
         assert _comparable(load_config(REPO / same)) == _comparable(cfg), f"{cmd} is not the same run as {same}"
+    # The command carries the row's paper number(s), so `cmd-dist report` compares the run with its own cell.
+    row = [float(n) for n in PAPER_NUMBER.findall(line.split("`cmd-dist")[0])]
+    stated = [cfg.paper.value] if cfg.paper.value is not None else cfg.paper.peers
+    assert stated == row, f"{cmd}: paper {stated}, but the row says {row}"
 
 
-@pytest.mark.parametrize("table", ["table1", "table3", "table5", "table6", "table7"])
+@pytest.mark.parametrize("table", ["table1", "table3", "table4", "table5", "table6", "table7", "cifarn"])
 def test_readme_lists_each_config_of_its_table(table):
     commands = " ".join(cmd for _, _, cmd in _commands())
     for path in sorted((CONFIGS / table).glob("*.yaml")):

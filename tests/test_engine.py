@@ -145,3 +145,28 @@ def test_augment_crops_and_flips_per_sample():
         assert any(torch.equal(out[b], w) for w in windows)
     outs = {tuple(augment(x, 1, True, torch.Generator().manual_seed(s))[0].flatten().tolist()) for s in range(30)}
     assert len(outs) > 5  # random offsets and flips, not a constant
+
+
+def test_selection_explains_itself_entropy_quantiles_histogram_and_trusts(tmp_path):
+    """Issue 9.4: per epoch and peer, entropy quantiles next to chi, mean eps and Mconf's r, and a
+    TensorBoard histogram of the epoch's entropies; read back from metrics.jsonl and the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cmd_dist.selfkd import uniform_entropy
+
+    run_local(load_config(None, SMALL + ["train.epochs=2"]), tmp_path)
+    rows = _rows(tmp_path)
+    assert len(rows) == 4  # 2 epochs x 2 peers
+    for r in rows:
+        qs = [r[f"entropy_q{q}"] for q in (10, 25, 50, 75, 90)]
+        assert qs == sorted(qs) and 0.0 <= qs[0] and qs[-1] <= uniform_entropy(10) + 1e-4
+        assert math.isfinite(r["chi"]) and r["epsilon_mean"] >= 0 and math.isfinite(r["certainty_r"])
+    for peer in ("peer0", "peer1"):
+        acc = EventAccumulator(str(tmp_path / "tb" / peer), size_guidance={"histograms": 0, "scalars": 0})
+        acc.Reload()
+        assert "knowledge/entropy" in acc.Tags()["histograms"]
+        hist = acc.Histograms("knowledge/entropy")
+        assert [h.step for h in hist] == [1, 2]
+        assert sum(hist[-1].histogram_value.bucket) == 384  # every training sample of the epoch
+        for tag in ("knowledge/entropy_q50", "knowledge/chi", "self_kd/epsilon_mean", "self_kd/certainty_r"):
+            assert tag in acc.Tags()["scalars"], tag

@@ -68,19 +68,43 @@ def _place(nodes, overrides=()):
 
 
 def test_auto_puts_two_peers_on_the_one_gpu_there_is():
+    """placement auto + 1 GPU: one worker hosting both peers on the whole GPU (one CUDA graph step)."""
     p = _place([{"CPU": 16, "GPU": 1}])
+    assert p.use_gpu and p.num_workers == 1
+    assert p.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
+    assert "peerA, peerB -> worker 0" in p.line and "1 GPU" in p.line
+
+
+def test_separate_on_fewer_gpus_shares_them():
+    p = _place([{"CPU": 16, "GPU": 1}], ["ray.placement=separate"])
     assert p.use_gpu and p.num_workers == 2
     assert p.resources_per_worker == {"CPU": 1.0, "GPU": 0.5} and p.backend == "gloo"
     assert p.line.count("peer") == 2 and "peerA -> worker 0" in p.line and "peerB -> worker 1" in p.line
     assert "0.5 GPU" in p.line and "sharing 1 GPU" in p.line
 
 
+@pytest.mark.parametrize(
+    "peers, gpus, workers", [(2, 0, 2), (2, 1, 1), (2, 2, 2), (3, 2, 1), (4, 2, 2), (4, 3, 2), (6, 4, 3), (3, 8, 3)]
+)
+def test_auto_workers_divide_the_peers_over_the_gpus(peers, gpus, workers):
+    from cmd_dist.launcher import auto_workers
+
+    assert auto_workers(peers, gpus, "auto") == workers
+    assert auto_workers(peers, gpus, "false") == peers  # CPU: a worker per peer
+
+
 def test_auto_uses_a_gpu_per_worker_when_there_are_enough():
     p = _place([{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}])
+    assert p.num_workers == 2
     assert p.resources_per_worker == {"CPU": 1.0, "GPU": 1.0} and p.backend == "nccl"
-    three = _place([{"CPU": 16, "GPU": 2}], ["peers=[{arch: cnn_small}, {arch: cnn_small}, {arch: cnn_small}]"])
+    three = _place(
+        [{"CPU": 16, "GPU": 2}],
+        ["ray.placement=separate", "peers=[{arch: cnn_small}, {arch: cnn_small}, {arch: cnn_small}]"],
+    )
     # 3 workers on 2 GPUs: a 0.666 share would not fit two workers on one GPU; halves do.
     assert three.resources_per_worker["GPU"] == 0.5 and three.backend == "gloo"
+    four = _place([{"CPU": 16, "GPU": 2}], ["peers=[{arch: cnn_small}, {arch: cnn_small}, {arch: cnn_small}, {}]"])
+    assert four.num_workers == 2 and four.resources_per_worker["GPU"] == 1.0 and four.backend == "nccl"
 
 
 def test_auto_without_gpus_is_cpu_and_says_so():
@@ -96,7 +120,11 @@ def test_auto_without_gpus_is_cpu_and_says_so():
     "nodes, overrides, words",
     [
         ([{"CPU": 8}], ["ray.use_gpu=true"], ["ray.use_gpu: true", "no GPU"]),
-        ([{"CPU": 8, "GPU": 1}], ["ray.use_gpu=true"], ["2 workers x 1 GPU", "ray.gpus_per_worker=0.5"]),
+        (
+            [{"CPU": 8, "GPU": 1}],
+            ["ray.use_gpu=true", "ray.placement=separate"],
+            ["2 workers x 1 GPU", "ray.gpus_per_worker=0.5"],
+        ),
         (
             [{"CPU": 2}],
             ["peers=[{arch: cnn_small}, {arch: cnn_small}, {arch: cnn_small}]"],

@@ -220,3 +220,27 @@ def test_step_separate_processes_equal_reference(tmp_path: Path, n_peers):
             grads.update(per_rank[r][i][1])
         assert sorted(parts) == list(range(n_peers))
         _compare(dict(enumerate(parts_ref)), dict(enumerate(grads_ref)), parts, grads)
+
+
+def test_clean_accuracy_counts_only_known_clean_labels():
+    """Real-noise datasets mark unknown clean labels -1: they count neither as right nor in the denominator."""
+    cfg = _cfg(2, "mconf", True, True)
+    peers = [_peer(cfg, k) for k in range(2)]
+    state = StepState(2, 2, BATCH, torch.device("cpu"))
+    step = TrainStep(
+        peers,
+        2,
+        CLASSES,
+        Exchange(2),
+        SelfKD(cfg.method),
+        build_objective(cfg.method),
+        state,
+        LocalForward(peers, "none"),
+    )
+    y, clean, ids = _batch()
+    clean = clean.clone()
+    clean[: BATCH // 2] = -1
+    step([_input(0), _input(1)], y, clean, ids)
+    acc = dict(zip(ACC_COLUMNS, state.acc[0].tolist()))
+    assert acc["clean_known"] == BATCH // 2
+    assert 0 <= acc["correct_clean"] <= BATCH // 2

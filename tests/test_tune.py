@@ -61,7 +61,7 @@ def test_default_space_covers_the_papers_ranges(base):
     b2, eta = by_key["method.b2"], by_key["method.eta"]
     assert b2.low < 0 < b2.high  # both signs: Fig. 4 sweeps b2 below and above 0
     assert eta.low <= 1 and eta.high >= 4  # Table 7: eta = 1 .. 4, and beyond
-    assert space.start == [{"method.b1": 16, "method.b2": -8, "method.eta": 2}]
+    assert space.start == [{"method.b1": 16, "method.b2": -8, "method.eta": 4}]
 
 
 def test_each_distribution_parses_and_grids():
@@ -160,7 +160,7 @@ def test_trials_always_use_the_search_protocol_and_the_final_retrain_the_final_o
     assert base["data"]["protocol"] == "final"  # the demo config is a final-protocol config
     cfg = trial_config(base, {"method.eta": 3.5, "method.b2": -2.0})
     assert cfg.data.protocol == "search" and cfg.method.eta == 3.5 and cfg.method.b2 == -2.0
-    assert base["method"]["eta"] == 2.0  # the base is not modified
+    assert base["method"]["eta"] == 4.0  # the base is not modified (demo.yaml: eta 4)
     final = final_config(base, {"method.eta": 3.5})
     assert final.data.protocol == "final" and final.method.eta == 3.5
 
@@ -176,10 +176,10 @@ def test_a_trial_config_never_reads_the_test_split(base, monkeypatch):
     """What a trial's worker loads (prepare_data) with the trial config: the test file is never opened."""
     real = data_module.load_split
 
-    def no_test(dataset, root, split):
+    def no_test(dataset, root, split, *args, **kwargs):
         if split == "test":
             raise AssertionError("the search read the test split")
-        return real(dataset, root, split)
+        return real(dataset, root, split, *args, **kwargs)
 
     monkeypatch.setattr(data_module, "load_split", no_test)
     trial = data_module.prepare_data(trial_config(base, {}).data, load_config(DEMO).noise)
@@ -354,7 +354,7 @@ def test_optuna_starts_from_the_start_points_then_samples_the_ranges(base):
     assert num_samples == 4 and type(searcher).__name__ == "OptunaSearch"
     assert searcher.set_search_properties("val_acc", "max", param_space)
     first = searcher.suggest("t0")
-    assert first == {"method.b1": 16, "method.b2": -8, "method.eta": 2}
+    assert first == {"method.b1": 16, "method.b2": -8, "method.eta": 4}
     for i in range(1, 4):
         s = searcher.suggest(f"t{i}")
         assert 1 <= s["method.b1"] <= 30 and -20 <= s["method.b2"] <= 20 and 1 <= s["method.eta"] <= 8

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -71,7 +74,8 @@ class CMDTrial(ray_tune.Trainable):
     beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there.
     """
 
-    def setup(self, config: dict[str, Any], base: dict[str, Any], experiment_dir: str) -> None:
+    def setup(self, config: dict[str, Any], base: dict[str, Any], experiment_dir: str, verbose: bool = False) -> None:
+        launcher.set_console(verbose=verbose, progress=False)
         cfg = trial_config(base, config)
         cfg.output_dir, cfg.run_name = experiment_dir, f"trial_{self.trial_id}"
         self._epochs = cfg.train.epochs
@@ -81,6 +85,7 @@ class CMDTrial(ray_tune.Trainable):
         self._last: dict[str, Any] = {}
         self._done = threading.Event()
         run_dir = launcher.resolve_run_dir(cfg)
+        self._hparams = trial_hparams(cfg, config)
         self._thread = threading.Thread(target=self._fit, args=(cfg, run_dir), name="cmd-fit", daemon=True)
         self._thread.start()
 
@@ -88,7 +93,13 @@ class CMDTrial(ray_tune.Trainable):
         try:
             # The same failure handling as `cmd-dist train`: a lost worker restarts the trial's peer
             # group from its newest checkpoint; an error of the training code fails the trial at once.
-            launcher.fit_with_restarts(cfg, run_dir, callbacks=[_ForwardReports(self._reports)])
+            launcher.fit_with_restarts(
+                cfg,
+                run_dir,
+                callbacks=[_ForwardReports(self._reports)],
+                echo=False,  # the search prints one line per finished trial, not every trial's epochs
+                hparams=self._hparams,
+            )
         except BaseException as e:  # noqa: BLE001 - handed to step(), which fails the trial with it
             self._error = e
         finally:
@@ -138,6 +149,94 @@ class CMDTrial(ray_tune.Trainable):
             self._thread.join(timeout=ABORT_GRACE_S)
 
 
+def trial_hparams(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
+    """TensorBoard HParams of a trial: b1, b2, eta (always; the paper's searched values) and every searched key."""
+    values: dict[str, Any] = {"method.b1": cfg.method.b1, "method.b2": cfg.method.b2, "method.eta": cfg.method.eta}
+    values.update({k: plain_value(v) for k, v in sampled.items()})
+    return values
+
+
+class TrialLines(ray_tune.Callback):
+    """The search's console: one line per finished trial and, on a terminal, one live status line.
+
+    Replaces Ray Tune's periodic trial tables (``verbose=0``); the full table is printed at the end.
+    """
+
+    def __init__(self, job: SearchJob, epochs: int, live: bool) -> None:
+        self._job = job
+        self._epochs = epochs
+        self._live = live
+        self._finished = 0
+        self._best: float | None = None
+        self._status_shown = False
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._status(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "")
+        self._status(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "error")
+        self._status(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._clear()
+
+    def _line(self, trial: Any, status: str) -> None:
+        self._finished += 1
+        result = dict(trial.last_result or {})
+        epochs = int(result.get("epoch", 0) or 0)
+        score = _finite(result.get(self._job.score_key))
+        if score is not None and (self._best is None or score > self._best):
+            self._best = score
+        if not status:
+            status = (
+                "non-finite loss"
+                if result.get("nonfinite")
+                else ("completed" if epochs >= self._epochs else "early-stopped")
+            )
+        params = " ".join(f"{k.split('.')[-1]} {_short(trial.config.get(k))}" for k in self._job.space.keys)
+        accs = " ".join(f"{p} {_pct(result.get(f'{p}/val_acc'))}" for p in self._job.peers)
+        self._clear()
+        print(
+            f"trial {self._finished}/{self._job.options.trials} {trial.trial_id} | {params} | val {accs} "
+            f"mean {_pct(result.get('val_acc'))} | {epochs}/{self._epochs} epochs | {status}",
+            flush=True,
+        )
+
+    def _status(self, trials: list) -> None:
+        if not self._live:
+            return
+        running = sum(t.status == "RUNNING" for t in trials)
+        best = "-" if self._best is None else f"{self._best:.2f}%"
+        sys.stdout.write(
+            f"\r\033[K{self._finished}/{self._job.options.trials} trials finished, {running} running, best {best}"
+        )
+        sys.stdout.flush()
+        self._status_shown = True
+
+    def _clear(self) -> None:
+        if self._status_shown:
+            sys.stdout.write("\r\033[K")
+            self._status_shown = False
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _pct(value: Any) -> str:
+    v = _finite(value)
+    return "-" if v is None else f"{v:.2f}%"
+
+
+def _short(value: Any) -> str:
+    value = plain_value(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def tune_domain(param: Param) -> Any:
     if param.distribution == "uniform":
         return ray_tune.uniform(param.low, param.high)
@@ -182,7 +281,7 @@ class SearchOutcome:
     unfinished: bool = False
 
 
-def run_search(job: SearchJob) -> SearchOutcome:
+def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
     """Start or join Ray, size the trials to the cluster, run (or restore and continue) the Tune experiment."""
     cfg = from_dict(job.base)
     launcher.init_ray(cfg)
@@ -209,18 +308,28 @@ def run_search(job: SearchJob) -> SearchOutcome:
     )
 
     trainable = ray_tune.with_resources(
-        ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir)),
+        ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir), verbose=verbose),
         {"CPU": 0, "memory": 1},
     )
     param_space, searcher, num_samples = search_setup(job, cfg.seed)
+    epochs = max_epochs(job)
+    # Ray Tune's own trial tables (every few seconds, every column) with --verbose; otherwise one line per trial.
+    callbacks = [] if verbose else [TrialLines(job, epochs, live=launcher.CONSOLE.progress)]
+    if not verbose:
+        # Ray Tune's newer console output prints its boxed settings and paths even at verbose=0.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     start = time.time()
     if job.resume and ray_tune.Tuner.can_restore(str(job.experiment_dir)):
         print(f"cmd-dist: continuing the search in {job.experiment_dir}", flush=True)
         tuner = ray_tune.Tuner.restore(
             str(job.experiment_dir), trainable=trainable, param_space=param_space, resume_unfinished=True
         )
+        # A restored Tuner keeps its saved RunConfig; the console settings are this session's.
+        local = getattr(tuner, "_local_tuner", None)  # Ray 2.60's Tuner; other versions keep their saved console
+        if local is not None:
+            restored = local.get_run_config()
+            restored.callbacks, restored.verbose = callbacks or None, 1 if verbose else 0
     else:
-        epochs = max_epochs(job)
         scheduler = None
         if job.options.asha:
             scheduler = ASHAScheduler(
@@ -247,7 +356,8 @@ def run_search(job: SearchJob) -> SearchOutcome:
                 # Worker failures are retried inside a trial (ray.max_failures); a failed trial stays failed.
                 failure_config=ray_tune.FailureConfig(max_failures=0),
                 checkpoint_config=ray_tune.CheckpointConfig(checkpoint_at_end=False),
-                verbose=1,
+                callbacks=callbacks or None,
+                verbose=1 if verbose else 0,
             ),
         )
     # In a helper thread: Tune's own SIGINT handler (a slow "graceful" stop) stays out of the way, and

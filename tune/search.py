@@ -226,11 +226,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cmd_dist import launcher
     from tune import driver  # imports Ray: only after everything above is known to be good
 
+    verbose = bool(getattr(args, "verbose", False))
+    launcher.set_console(verbose=verbose)
     try:
         _sigterm_as_interrupt()
         launcher.init_ray(job.config)
         _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
-        outcome = driver.run_search(job)
+        outcome = driver.run_search(job, verbose=verbose)
     except KeyboardInterrupt:
         _stop_ray()
         return _interrupted(job)
