@@ -497,7 +497,6 @@ def test_yaml_of_the_demo_is_a_mapping():
         ("train.milestones=[0, 5]", "train.milestones", "increasing positive"),
         ("train.cuda_graph=maybe", "train.cuda_graph", "auto"),
         ("train.checkpoint_every=0", "train.checkpoint_every", ">= 1"),
-        ("train.cuda_graph=sometimes", "train.cuda_graph", "auto"),
         ("peers.0.arch=vgg16", "peers[0].arch", "resnet34"),
         ("peers=[]", "peers", "at least"),
         ("ray.placement=anywhere", "ray.placement", "together"),
