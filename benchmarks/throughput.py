@@ -202,9 +202,9 @@ def start_ray(cfg: Config, verbose: bool) -> bool:
     if verbose:
         launcher.init_ray(cfg)
         return True
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale ray_current_cluster
     kwargs: dict[str, Any] = dict(log_to_driver=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
-    if address is None:
+    if address == "local":
         kwargs.update(_node_ip_address="127.0.0.1", include_dashboard=False)
     ray.init(address=address, **kwargs)
     return True

@@ -77,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cmd_dist import launcher  # imports Ray: only after the config is known to be good
 
     launcher.set_console(verbose=args.verbose)
+    launcher.check_placement(cfg)  # a local Ray's resources are known before it starts
     if run_dir is None:
         run_dir = launcher.resolve_run_dir(cfg)
     else:

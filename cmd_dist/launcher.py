@@ -141,6 +141,8 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
             f"ray.address: no Ray cluster answers at {address} ({reason} after {timeout:g} s); start it "
             f"('ray start --head'), fix the address, or leave it out for a local Ray"
         ) from None
+
+
 @dataclass
 class Console:
     """What the driver's console shows. Quiet by default: the epoch lines, one live progress bar when
@@ -374,6 +376,19 @@ def cluster_nodes() -> list[dict[str, float]]:
     return [dict(n.get("Resources", {})) for n in ray.nodes() if n.get("Alive")]
 
 
+def local_node() -> list[dict[str, float]]:
+    """What a fresh local Ray will have (its defaults: every CPU core, every visible CUDA device)."""
+    import torch
+
+    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}]
+
+
+def check_placement(cfg: Config) -> None:
+    """Before Ray starts: a placement that cannot fit this machine's local Ray is a ConfigError (exit 2)."""
+    if ray_address(cfg) is None and not ray.is_initialized():
+        plan_placement(cfg, local_node())
+
+
 def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
     """Ray Train's ScalingConfig for ``cfg`` on the connected cluster (CPU counts are checked by train())."""
     nodes = cluster_nodes() if ray.is_initialized() else []
@@ -399,6 +414,16 @@ class RayReporter:
         if self._bar is None:
             self._bar = _RunBar()
         return self._bar.start_epoch(total, desc)
+
+    def close_bars(self) -> None:
+        """Close the bar a failing epoch left open: the driver would otherwise redraw it above every later line."""
+        if self._bar is not None:
+            try:
+                self._bar._last = True
+                self._bar.close()
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+            self._bar = None
 
 
 _EPOCH_DESC = re.compile(r"epoch (\d+)/(\d+)")
@@ -478,11 +503,12 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(config["run_dir"])
     fault = config.get("test_fault")
     echo, hparams = config.get("echo", True), config.get("hparams")
+    reporter = RayReporter(progress=config.get("progress", False))
     try:
         return run_worker(
             cfg,
             run_dir,
-            RayReporter(progress=config.get("progress", False)),
+            reporter,
             device,
             monitor_factory=(lambda c, d, s: Monitor(c, d, s, echo=echo, hparams=hparams))
             if config.get("monitor", True)
@@ -490,6 +516,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
             fault_hook=_test_fault_hook(fault) if fault else None,
         )
     except Exception as e:
+        reporter.close_bars()
         rank = ray.train.get_context().get_world_rank()
         raise TrainingCodeError(
             rank, type(e).__name__, str(e), traceback.format_exc(), getattr(e, "errno", None)
@@ -695,6 +722,8 @@ def fit_with_restarts(
                 f"Ray could not run the worker group: {str(cause).strip().splitlines()[0]}",
                 "".join(traceback.format_exception(e)),
             ) from None
+
+
 def _finite_or_none(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
 

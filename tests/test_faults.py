@@ -145,9 +145,8 @@ def _cli(*argv, cwd, timeout=180, env=None):
     return subprocess.run([EXE, *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or _env())
 
 
-@pytest.mark.ray
 def test_cli_refuses_gpus_that_do_not_exist_before_anything_starts(tmp_path):
-    """use_gpu=true on a machine without GPU: one line, exit 2, in seconds, no worker started."""
+    """use_gpu=true on a machine without GPU, and more 1-CPU peers than cores: one line, exit 2, before Ray."""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     start = time.time()
@@ -156,8 +155,14 @@ def test_cli_refuses_gpus_that_do_not_exist_before_anything_starts(tmp_path):
     errors = [line for line in out.stderr.splitlines() if line.startswith("cmd-dist: error:")]
     assert len(errors) == 1 and "no GPU" in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
-    assert not (tmp_path / "gpu" / "workers").exists()  # no worker ever ran
+    assert not (tmp_path / "gpu").exists()  # refused before the run folder, Ray or any worker
     assert time.time() - start < 60
+    peers = ", ".join(["{arch: cnn_small}"] * ((os.cpu_count() or 1) + 1))
+    out = _cli("train", DEMO, f"peers=[{peers}]", f"output_dir={tmp_path}", "run_name=cpus", cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ray.cpus_per_worker" in lines[0] and "do not fit" in lines[0], out.stderr
+    assert not (tmp_path / "cpus").exists()
 
 
 # ----------------------------------------------------------------------------- failure classification (10.3)
