@@ -40,7 +40,7 @@ from cmd_dist.exchange import Exchange
 from cmd_dist.models import build_model, load_weights
 from cmd_dist.objectives import async_mkd_active_peer
 from cmd_dist.selection import threshold_for_mode
-from cmd_dist.selfkd import DEFAULT_FIXED_EPSILON, ModelCertainty, uniform_entropy
+from cmd_dist.selfkd import ModelCertainty, uniform_entropy
 from cmd_dist.step import (
     ACC_COLUMNS,
     GraphedStep,
@@ -157,11 +157,6 @@ class LocalForward(nn.Module):
         if self.mark_step:
             torch.compiler.cudagraph_mark_step_begin()
         return self._call(xs)
-
-
-def fixed_epsilon(cfg: Config) -> float:
-    m = cfg.method
-    return m.epsilon if m.epsilon is not None else DEFAULT_FIXED_EPSILON.get(m.self_kd, 0.0)
 
 
 @dataclass
