@@ -1,4 +1,4 @@
-"""``cmd-dist train CONFIG [key=value ...]`` and ``cmd-dist tune CONFIG [...]``.
+"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]`` and ``cmd-dist submit CONFIG [...]``.
 
 User mistakes (config, data files) print one line and exit with code 2, before Ray starts.
 """
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cmd_dist.config import Config, ConfigError, load_config
 from cmd_dist.data import DataError, check_data
+from cmd_dist.storage import join
 
 EXIT_USAGE = 2
 
@@ -40,15 +41,7 @@ def _sigterm_as_interrupt() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        run_dir = Path(args.resume).expanduser().resolve()
-        if not (run_dir / "config.yaml").is_file():
-            fail(f"--resume {args.resume}: no config.yaml there; pass a run folder written by cmd-dist train")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
-        cfg.output_dir, cfg.run_name = str(run_dir.parent), run_dir.name
-        if args.overrides:  # e.g. train.epochs=200 extends a finished run; record what now applies
-            from cmd_dist.config import dump_yaml
-
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        run_dir, cfg = _resume_config(args.resume, args.overrides)
     else:
         if args.config is None:
             fail("a CONFIG file is required (e.g. configs/demo.yaml), or --resume RUN_DIR")
@@ -82,8 +75,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     for peer in summary["peers"]:
         acc = peer[f"{split}_acc"]
         print(f"final {split} accuracy  {peer['name']} ({peer['arch']}): {acc:.2f}%")
-    print(f"summary: {run_dir / 'summary.json'}   tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
+    print(f"summary: {join(run_dir, 'summary.json')}   tensorboard --logdir {join(run_dir, 'tb')} --host 127.0.0.1")
     return 0
+
+
+def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Config]:
+    """The run folder (a path, or a URI when output_dir was one) and its config with ``overrides`` applied."""
+    import tempfile
+
+    from cmd_dist.config import dump_yaml
+    from cmd_dist.storage import RunStore, is_uri
+
+    location: Path | str = resume.rstrip("/") if is_uri(resume) else Path(resume).expanduser().resolve()
+    store = RunStore(location)
+    text = store.read_bytes("config.yaml")
+    if text is None:
+        fail(f"--resume {resume}: no config.yaml there; pass a run folder written by cmd-dist train")
+    with tempfile.TemporaryDirectory(prefix="cmd-resume-") as tmp:
+        (Path(tmp) / "config.yaml").write_bytes(text)
+        cfg = load_config(Path(tmp) / "config.yaml", overrides)
+    if isinstance(location, Path):
+        cfg.output_dir, cfg.run_name = str(location.parent), location.name
+    else:
+        cfg.output_dir, cfg.run_name = location.rsplit("/", 1)
+    if overrides:  # e.g. train.epochs=200 extends a finished run; record what now applies
+        store.write_bytes("config.yaml", dump_yaml(cfg).encode())
+    return location, cfg
 
 
 def _stop_ray() -> None:
@@ -128,7 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--no-final", action="store_true", help="skip the final retrain on all training data")
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
     u.add_argument("--address")
+    u.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs each trial holds, shared by its peers' workers (e.g. 0.5: two trials per GPU)",
+    )
     u.set_defaults(func=_cmd_tune)
+    from cmd_dist.submit import add_parser as add_submit_parser
+
+    add_submit_parser(sub)
     return parser
 
 

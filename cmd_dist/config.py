@@ -116,6 +116,8 @@ class RayConfig:
     max_failures: int = 3
     #: Checkpoints kept (the latest N) besides the best by validation accuracy.
     keep_checkpoints: int = 2
+    #: Put every worker on a different node (Ray's STRICT_SPREAD placement); false packs them (PACK).
+    spread: bool = False
 
 
 @dataclass
@@ -338,8 +340,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ray.gpus_per_worker: {cfg.ray.gpus_per_worker} must be in (0, 1]")
     if cfg.ray.max_failures < 0:
         raise ConfigError(f"ray.max_failures: {cfg.ray.max_failures} must be >= 0")
+    if cfg.ray.spread and cfg.ray.placement == "together":
+        raise ConfigError("ray.spread: true needs ray.placement=separate (one worker per peer, one node each)")
     if cfg.ray.keep_checkpoints < 1:
         raise ConfigError(f"ray.keep_checkpoints: {cfg.ray.keep_checkpoints} must be >= 1")
+    if "://" in cfg.output_dir and not re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://\S", cfg.output_dir):
+        raise ConfigError(f"output_dir: {cfg.output_dir!r} is not a URI (scheme://bucket/path) nor a folder")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
 

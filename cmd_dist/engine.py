@@ -53,6 +53,7 @@ from cmd_dist.selfkd import (
     refined_label,
     self_kd_loss,
 )
+from cmd_dist.storage import RunStore
 
 
 class Reporter(Protocol):
@@ -328,14 +329,18 @@ class NonFiniteLoss(RuntimeError):
 
 def run_worker(
     cfg: Config,
-    run_dir: Path,
+    run_dir: Path | str,
     reporter: Reporter,
     device: torch.device,
     monitor_factory: Callable[..., Any] | None = None,
     checkpoint_search_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train this worker's peers for all epochs; returns the last epoch's gathered metrics."""
+    """Train this worker's peers for all epochs; returns the last epoch's gathered metrics.
+
+    ``run_dir`` is a local (or shared) folder or a filesystem URI (:mod:`cmd_dist.storage`); with a URI, rank 0's
+    metrics log and TensorBoard files are staged locally and copied up after every epoch.
+    """
     data = prepare_data(cfg.data, cfg.noise, device)
     if cfg.train.batch_size > data.num_train:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the {data.num_train} training images")
@@ -356,10 +361,16 @@ def run_worker(
         last = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
         reporter.report(last, None)
         return last
-    _write_worker_info(run_dir, exchange)
-    best_dir = Path(run_dir) / "best_checkpoint"
-    best_score = _stored_best_score(best_dir)
-    monitor = monitor_factory(cfg, run_dir, start_epoch) if (monitor_factory and exchange.rank == 0) else None
+    store = RunStore(run_dir)
+    _write_worker_info(store, exchange, reporter)
+    best_score = _stored_best_score(store)
+    staging = None if store.is_local else tempfile.TemporaryDirectory(prefix="cmd-run-")
+    log_dir = store.local if store.is_local else Path(staging.name)
+    monitor = None
+    if monitor_factory and exchange.rank == 0:
+        if staging is not None:  # the log so far, so that a resumed run appends to it (not to an empty file)
+            store.download("metrics.jsonl", log_dir / "metrics.jsonl")
+        monitor = monitor_factory(cfg, log_dir, start_epoch)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = peers[0].optimizer.param_groups[0]["lr"]
@@ -389,15 +400,19 @@ def run_worker(
             metrics["nonfinite"] = msg
             if monitor:
                 monitor.close()
+                if staging is not None:
+                    store.upload(log_dir)
             reporter.report(metrics, None)
             return metrics
         if monitor:
             monitor.log_epoch(epoch, rows, res, metrics)
+            if staging is not None:
+                store.upload(log_dir)
         states = {p.index: peer_state(p, epoch + 1) for p in peers}
         score = metrics[f"{data.eval_split}_acc"]
         if score > best_score:
             best_score = score
-            _save_best(best_dir, exchange, states, metrics, epoch + 1)
+            _save_best(store, exchange, states, metrics, epoch + 1)
         with tempfile.TemporaryDirectory(prefix="cmd-ckpt-") as tmp:
             for k, state in states.items():
                 save_peer_state(Path(tmp), k, state)
@@ -407,42 +422,65 @@ def run_worker(
             reporter.report(metrics, Path(tmp))
     if monitor:
         monitor.close()
+        if staging is not None:
+            store.upload(log_dir)
+    if staging is not None:
+        staging.cleanup()
     return last
 
 
-def _stored_best_score(best_dir: Path) -> float:
+BEST = "best_checkpoint"
+
+
+def _stored_best_score(store: RunStore) -> float:
     """The mean eval accuracy of ``best_checkpoint/`` (kept across resumes), or -inf."""
     try:
-        stored = json.loads((best_dir / "metrics.json").read_text())
+        stored = json.loads(store.read_bytes(f"{BEST}/metrics.json") or b"")
         return float(stored[f"{stored['eval_split']}_acc"])
     except (OSError, ValueError, KeyError):
         return -math.inf
 
 
-def _save_best(best_dir: Path, exchange: Exchange, states: dict[int, dict], metrics: dict, epoch: int) -> None:
+def _save_best(store: RunStore, exchange: Exchange, states: dict[int, dict], metrics: dict, epoch: int) -> None:
     """Keep the epoch with the best mean accuracy on the eval split (validation in the search protocol).
 
     Each worker writes its peers' files atomically; after everyone is done (the gather is a barrier),
     rank 0 writes metrics.json and epoch.txt last, so a complete marker means a consistent set.
     """
-    best_dir.mkdir(parents=True, exist_ok=True)
+    store.mkdir(BEST)
     if exchange.rank == 0:
-        (best_dir / "epoch.txt").unlink(missing_ok=True)
+        store.delete(f"{BEST}/epoch.txt")
     exchange.gather_objects(None)
     for k, state in states.items():
-        save_peer_state(best_dir, k, state)
+        if store.is_local:
+            save_peer_state(store.local / BEST, k, state)
+        else:  # written locally (with its checksum), then copied up file by file
+            with tempfile.TemporaryDirectory(prefix="cmd-best-") as tmp:
+                save_peer_state(Path(tmp), k, state)
+                store.upload(Path(tmp), BEST)
     exchange.gather_objects(None)
     if exchange.rank == 0:
-        atomic_write_bytes(best_dir / "metrics.json", json.dumps(metrics).encode())
-        write_epoch_marker(best_dir, epoch)
+        store.write_bytes(f"{BEST}/metrics.json", json.dumps(metrics).encode())
+        store.write_bytes(f"{BEST}/epoch.txt", str(epoch).encode())
 
 
-def _write_worker_info(run_dir: Path, exchange: Exchange) -> None:
-    """``workers/rank<r>.json``: which process hosts which peers (for operators and fault tests)."""
-    folder = Path(run_dir) / "workers"
-    folder.mkdir(parents=True, exist_ok=True)
-    info = {"rank": exchange.rank, "pid": os.getpid(), "host": socket.gethostname(), "peers": exchange.local_peers}
-    atomic_write_bytes(folder / f"rank{exchange.rank}.json", json.dumps(info).encode())
+def _write_worker_info(store: RunStore, exchange: Exchange, reporter: Reporter | None = None) -> None:
+    """``workers/rank<r>.json``: which process on which host (and Ray node) hosts which peers, and since when.
+
+    The reporter may add where it runs (the Ray launcher: the Ray node id and IP); operators and the
+    cluster tests read it to see which peers ran on which node.
+    """
+    info = {
+        "rank": exchange.rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "peers": exchange.local_peers,
+        "started_at": time.time(),
+    }
+    where = getattr(reporter, "worker_info", None)
+    if where is not None:
+        info.update(where())
+    store.write_bytes(f"workers/rank{exchange.rank}.json", json.dumps(info).encode())
 
 
 def flatten_metrics(

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cmd_dist.checkpoint import atomic_write_bytes
 from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
+from cmd_dist.storage import RunStore, is_uri, join, ray_storage
 
 # Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -43,24 +43,57 @@ def git_revision() -> str:
     return "unknown"
 
 
-def resolve_run_dir(cfg: Config) -> Path:
-    """Absolute paths (Ray workers run elsewhere) and a run name; writes config.yaml and git_rev."""
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+def resolve_run_dir(cfg: Config) -> Path | str:
+    """Absolute paths (Ray workers run elsewhere) and a run name; writes config.yaml and git_rev.
+
+    Returns the run folder: a Path, or a URI string when ``output_dir`` is a filesystem URI (s3://, gs://, ...).
+    """
+    if not is_uri(cfg.output_dir):
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.output_dir) / cfg.run_name
-    existing = run_dir / "config.yaml"
-    if existing.is_file() and existing.read_text() != dump_yaml(cfg):
+    location = join(cfg.output_dir, cfg.run_name)
+    store = RunStore(location)
+    existing = store.read_bytes("config.yaml")
+    if existing is not None and existing.decode() != dump_yaml(cfg):
         raise ConfigError(
             f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
-            f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name"
+            f"use 'cmd-dist train --resume {location}' to continue it, or choose a new run_name"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    (run_dir / "git_rev.txt").write_text(git_revision() + "\n")
-    return run_dir
+    store.mkdir()
+    store.write_bytes("config.yaml", dump_yaml(cfg).encode())
+    store.write_bytes("git_rev.txt", (git_revision() + "\n").encode())
+    return Path(location) if store.is_local else location
+
+
+#: Seconds to wait for a cluster's GCS port to accept a connection before calling the address unreachable.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """A one-line ConfigError if ``host:port`` does not accept a TCP connection within ``timeout``.
+
+    ``ray.init`` itself retries an unreachable GCS for minutes; this answers in seconds.
+    """
+    import socket
+
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray.address: {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379), 'auto' or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise ConfigError(
+            f"ray.address: cannot reach a Ray cluster at {address} ({reason} after at most {timeout:g} s); "
+            f"check the head node is up ('ray status' there) and the address/port, or leave --address out "
+            f"for a local Ray"
+        ) from None
 
 
 def init_ray(cfg: Config) -> None:
@@ -77,7 +110,104 @@ def init_ray(cfg: Config) -> None:
     )
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
+    else:
+        check_reachable(address)
     ray.init(address=address, **kwargs)
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_cluster_fits(cfg: Config, scaling: ScalingConfig) -> None:
+    """A one-line ConfigError if no placement of the workers exists on this cluster's nodes.
+
+    Ray Train would otherwise wait (and retry) forever for resources the cluster will never have. Totals,
+    not free resources, are compared: a busy cluster that can hold the job makes it wait its turn.
+    """
+    need = {k: v for k, v in (scaling.resources_per_worker or {}).items() if v > 0}
+    workers = scaling.num_workers
+    nodes = alive_nodes()
+    fits_per_node = [
+        min((int(n["Resources"].get(k, 0.0) / v + 1e-9) for k, v in need.items()), default=workers) for n in nodes
+    ]
+    if cfg.ray.spread:
+        usable = sum(1 for f in fits_per_node if f >= 1)
+        if usable < workers:
+            raise ConfigError(
+                f"ray.spread: {workers} workers need {workers} nodes with {need} each; the cluster has "
+                f"{usable} such node(s) of {len(nodes)}; add nodes, lower ray.cpus_per_worker/gpus_per_worker, "
+                f"or set ray.spread=false"
+            )
+    elif sum(fits_per_node) < workers:
+        total = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in need}
+        raise ConfigError(
+            f"the job needs {workers} workers x {need} but the Ray cluster has {total} in all; lower "
+            f"ray.cpus_per_worker/gpus_per_worker, set ray.use_gpu=false, or add nodes"
+        )
+
+
+#: Seconds the output_dir visibility probe waits for every node's answer.
+PROBE_TIMEOUT_S = 60.0
+
+
+def nodes_missing_file(folder: str, name: str, token: str, timeout: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:
+    """The alive nodes on which ``folder/name`` does not hold ``token`` (one zero-CPU task pinned to each node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read_token(path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    nodes = alive_nodes()
+    refs = [
+        read_token.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            str(Path(folder) / name)
+        )
+        for n in nodes
+    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    missing = []
+    for node, ref in zip(nodes, refs):
+        seen = ray.get(ref, timeout=1) if ref in ready else None
+        if seen != token:
+            missing.append(node)
+    return missing
+
+
+def check_shared_output(output_dir: str) -> None:
+    """On a multi-node cluster a plain-path ``output_dir`` must be the same folder on every node (NFS or similar).
+
+    A token file written here is read back by a task on every node; a node that cannot read it means the
+    folder is local to this machine, and the run is refused (one line) before any worker starts.
+    """
+    if is_uri(output_dir) or len(alive_nodes()) < 2:
+        return
+    import uuid
+
+    token = uuid.uuid4().hex
+    name = f".cmd-dist-shared-{token[:12]}"
+    probe = Path(output_dir) / name
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text(token)
+    try:
+        missing = nodes_missing_file(output_dir, name, token)
+    finally:
+        probe.unlink(missing_ok=True)
+    if missing:
+        raise ConfigError(shared_output_error(output_dir, missing, len(alive_nodes())))
+
+
+def shared_output_error(output_dir: str, missing: list[dict[str, Any]], total: int) -> str:
+    where = ", ".join(f"{n.get('NodeManagerAddress', '?')} ({str(n.get('NodeID', ''))[:8]})" for n in missing[:3])
+    return (
+        f"output_dir: {output_dir} is local to this machine: {len(missing)} of the cluster's {total} nodes "
+        f"cannot see it ({where}); use a folder shared by every node at the same path (NFS) or a URI such "
+        f"as s3://bucket/runs or gs://bucket/runs"
+    )
 
 
 def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
@@ -91,7 +221,12 @@ def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
         resources["GPU"] = per_gpu
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
     backend = "nccl" if use_gpu and workers > 1 and per_gpu >= 1 else "gloo"
-    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend, use_gpu
+    # STRICT_SPREAD: one worker per node (peers on different machines); PACK (Ray's default) fills nodes first.
+    strategy = "STRICT_SPREAD" if cfg.ray.spread else "PACK"
+    scaling = ScalingConfig(
+        num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=strategy
+    )
+    return scaling, backend, use_gpu
 
 
 class RayReporter:
@@ -116,6 +251,11 @@ class RayReporter:
         ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
 
+    def worker_info(self) -> dict[str, Any]:
+        """Where this worker runs, for ``workers/rank<r>.json``."""
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
     def progress(self, total: int, desc: str) -> Any:
         from ray.experimental.tqdm_ray import tqdm
 
@@ -136,22 +276,28 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    run_dir = Path(config["run_dir"])
+    run_dir = config["run_dir"]
     run_worker(
         cfg,
         run_dir,
         RayReporter(),
         device,
         monitor_factory=(lambda c, d, s: Monitor(c, d, s)) if config.get("monitor", True) else None,
-        checkpoint_search_dir=run_dir,
+        # Older checkpoints are searched for in a local/shared run folder; behind a URI Ray restores the latest.
+        checkpoint_search_dir=None if is_uri(run_dir) else Path(run_dir),
     )
 
 
-def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None, monitor: bool = True) -> TorchTrainer:
+def build_trainer(
+    cfg: Config, run_dir: Path | str, callbacks: list | None = None, monitor: bool = True
+) -> TorchTrainer:
     scaling, backend, _ = scaling_for(cfg)
+    # Ray Train writes the checkpoints to output_dir/run_name itself, through a pyarrow filesystem for a URI.
+    storage_path, storage_fs = ray_storage(cfg.output_dir)
     run_config = RunConfig(
-        name=run_dir.name,
-        storage_path=str(run_dir.parent),
+        name=cfg.run_name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
         callbacks=callbacks or None,
@@ -165,7 +311,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None, mon
     )
 
 
-def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float) -> dict[str, Any]:
+def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path | str, wall_s: float) -> dict[str, Any]:
     split = metrics.get("eval_split", "test" if cfg.data.protocol == "final" else "val")
     peers = []
     for p in cfg.peers:
@@ -197,14 +343,22 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
         "stopped": metrics.get("nonfinite"),
         "splits_read": metrics.get("splits_read"),
     }
-    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    RunStore(run_dir).write_bytes("summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
-def train(cfg: Config, run_dir: Path | None = None) -> dict[str, Any]:
+def check_cluster(cfg: Config) -> None:
+    """Before any worker starts: the cluster can place the job, and every node sees output_dir."""
+    scaling, _, _ = scaling_for(cfg)
+    check_cluster_fits(cfg, scaling)
+    check_shared_output(cfg.output_dir)
+
+
+def train(cfg: Config, run_dir: Path | str | None = None) -> dict[str, Any]:
     """Run (or resume) a training job on Ray and return its summary (also written to summary.json)."""
     run_dir = run_dir or resolve_run_dir(cfg)
     init_ray(cfg)
+    check_cluster(cfg)
     start = time.time()
     result = build_trainer(cfg, run_dir).fit()
     return summarize(cfg, result.metrics or {}, run_dir, time.time() - start)

@@ -43,7 +43,7 @@ def trial_dirname(trial: Any) -> str:
 class _ForwardReports(UserCallback):
     """Runs in the Ray Train controller: hands each epoch's metrics (rank 0's) to the trial's queue.
 
-    The first report also carries the controller's handle, so the trial can abort the run cleanly.
+    The first report also carries the controller's handle, so the trial can stop the run (:func:`stop_train_run`).
     """
 
     def __init__(self, reports: Queue) -> None:
@@ -65,7 +65,8 @@ class CMDTrial(ray_tune.Trainable):
     epoch) it kills the trial's process, and a Ray Train run killed with it keeps its workers'
     placement group (Train frees it through the state API, absent without the dashboard): the CPUs
     stay reserved and every later trial waits for them forever. ``cleanup`` first lets a finishing
-    run end, or aborts a running one, so its workers and resources are released.
+    run end, or stops a running one (:func:`stop_train_run`), so its workers and resources are released.
+    Each trial's Train run has its own placement group, so on a cluster trials run side by side on any nodes.
 
     The trial's cmd-dist run folder is its Tune trial folder: tb/, metrics.jsonl and config.yaml sit
     beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there.
@@ -125,15 +126,27 @@ class CMDTrial(ray_tune.Trainable):
         return None
 
     def cleanup(self) -> None:
-        # A run past its last report needs only a moment to close; otherwise it was stopped early: abort it.
+        # A run past its last report needs only a moment to close; otherwise it was stopped early: end it now.
         last_epoch = int(self._last.get("epoch", 0)) >= self._epochs or bool(self._last.get("nonfinite"))
         self._thread.join(timeout=ABORT_GRACE_S if last_epoch else 0.1)
         if self._thread.is_alive() and self._controller is not None:
-            try:
-                ray.get(self._controller.abort.remote(), timeout=ABORT_GRACE_S)
-            except Exception:  # noqa: BLE001 - the controller exits inside abort(); that is success
-                pass
+            stop_train_run(self._controller)
             self._thread.join(timeout=ABORT_GRACE_S)
+
+
+def stop_train_run(controller: Any) -> None:
+    """End a Ray Train run at once and free its resources, through Ray's public API only.
+
+    ``ray.kill`` of the run's controller actor: the worker actors it created die with their owner, and the
+    GCS removes the placement group of a (non-detached) creator that died, so the trial's CPUs/GPUs are free
+    for the next trial immediately (tested: tests/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes).
+    This replaces the controller's internal ``abort()`` (Train V2 has no public abort of a running fit).
+    The checkpoints already written stay; nothing else of a stopped trial is needed.
+    """
+    try:
+        ray.kill(controller, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone (the run ended on its own meanwhile): nothing to free
+        pass
 
 
 def tune_domain(param: Param) -> Any:
@@ -186,6 +199,9 @@ def run_search(job: SearchJob) -> SearchOutcome:
     launcher.init_ray(cfg)
     probe = trial_config(job.base, {})
     scaling, _, _ = launcher.scaling_for(probe)
+    launcher.check_cluster_fits(probe, scaling)
+    # Every trial's workers write into the search folder: on a multi-node cluster every node must see it.
+    launcher.check_shared_output(str(job.search_dir))
     plan = plan_resources(
         scaling.num_workers,
         dict(scaling.resources_per_worker or {"CPU": 1.0}),
