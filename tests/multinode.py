@@ -3,7 +3,9 @@
 ``python -m tests.multinode SPEC.json`` runs in its own process session and hosts the nodes with
 ``ray.cluster_utils.Cluster``: a head (GCS, optionally the dashboard, on 127.0.0.1) and worker nodes, each a
 separate raylet with its own resources and ports, all bound to 127.0.0.1 (``ray start`` would rewrite
-127.0.0.1 to the machine's routable address). It prints ``READY <gcs address>`` and then obeys one command
+127.0.0.1 to the machine's routable address; so does ``ray.init(address=...)`` unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which the tests set). It prints ``READY <gcs address> <head node
+id> <worker node ids...>`` and then obeys one command
 per line on stdin: ``kill <i>`` removes worker node i without grace (a node lost mid-run), ``stop`` (or
 EOF, or SIGTERM) removes every node and exits. Ray's machine-wide "current cluster" file in /tmp/ray is
 never written or deleted, so other Ray users on the machine are not redirected to this cluster.
@@ -68,7 +70,8 @@ class MultiNodeCluster:
         if not line or not line[0].startswith("READY "):
             self.stop()
             raise RuntimeError(f"multi-node Ray cluster did not start in {timeout:.0f} s; log: {self.log_path}")
-        return line[0].split()[1]
+        _, address, self.head_id, *self.worker_ids = line[0].split()
+        return address
 
     def kill_worker(self, index: int, timeout: float = 60) -> None:
         self.proc.stdin.write(f"kill {index}\n")
@@ -125,7 +128,7 @@ def _serve(spec_path: str) -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"READY {cluster.address}", flush=True)
+    print(f"READY {cluster.address} {cluster.head_node.node_id} {' '.join(w.node_id for w in workers)}", flush=True)
     for line in sys.stdin:
         cmd = line.split()
         if cmd[:1] == ["kill"]:
