@@ -103,11 +103,11 @@ def init_ray(cfg: Config) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     # Ray's own INFO/WARNING chatter (per-report logs; the placement-group cleaner polling a state
     # API that only exists with the dashboard) drowns the epoch lines; errors still show.
-    kwargs: dict[str, Any] = dict(
-        log_to_driver=True,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-        runtime_env={"env_vars": {key: os.environ[key] for key in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}},
-    )
+    kwargs: dict[str, Any] = dict(log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        # Inside a Ray Job (cmd-dist submit) the job's runtime env already carries these, and a runtime_env
+        # given here would replace the job's, whose working_dir package the workers then could not download.
+        kwargs["runtime_env"] = {"env_vars": {k: os.environ[k] for k in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",)}}
     if address is None:
         kwargs.update(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", include_dashboard=False)
     else:

@@ -104,7 +104,12 @@ def build_job(args: argparse.Namespace) -> tuple[str, dict[str, Any], Config]:
             raise ConfigError(f"--runtime-env {args.runtime_env}: must hold a mapping (pip, env_vars, ...)")
     runtime_env["working_dir"] = str(working_dir)
     runtime_env["excludes"] = sorted(set(runtime_env.get("excludes", [])) | set(EXCLUDES))
-    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "PYTHONUNBUFFERED": "1"}
+    # The launcher's quiet defaults (it cannot pass them to ray.init inside a job: see launcher.init_ray).
+    env_vars = {
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        "PYTHONUNBUFFERED": "1",
+    }
     env_vars.update(runtime_env.get("env_vars") or {})
     runtime_env["env_vars"] = env_vars
     entrypoint = " ".join(
@@ -120,7 +125,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(url)
-    job_id = client.submit_job(
+    job_id = submit_with_retry(
+        client,
         entrypoint=entrypoint,
         runtime_env=runtime_env,
         submission_id=args.job_id,
@@ -137,6 +143,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.wait:
         return 0
     return wait_for_job(client, job_id, args.timeout)
+
+
+#: Seconds a just-started head may answer "No available agent to submit job" before that is an error.
+AGENT_WAIT_S = 120.0
+
+
+def submit_with_retry(client: Any, timeout: float = AGENT_WAIT_S, **job: Any) -> str:
+    """``client.submit_job``, retried while the head's job agent is still starting (a fresh ``ray start``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                lines = [line for line in str(e).splitlines() if line.strip()]
+                raise ConfigError(f"the cluster refused the job: {lines[-1] if lines else e}") from None
+            time.sleep(2.0)
 
 
 def wait_for_job(client: Any, job_id: str, timeout: float, poll_s: float = 2.0) -> int:

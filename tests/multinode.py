@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,7 @@ class MultiNodeCluster:
             pass
         self.proc.wait(10)
         self._log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _serve(spec_path: str) -> None:
@@ -117,6 +119,8 @@ def _serve(spec_path: str) -> None:
     head_args = dict(common, gcs_server_port=spec["gcs_port"], **spec["head"])
     if spec.get("dashboard_port"):
         head_args.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=spec["dashboard_port"])
+        # The head's agent serves the Jobs API; Ray's fixed default port may be taken by another Ray here.
+        head_args.update(dashboard_agent_listen_port=free_port())
     else:
         head_args.update(include_dashboard=False)
     cluster = Cluster(initialize_head=True, head_node_args=head_args, shutdown_at_exit=True)

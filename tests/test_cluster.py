@@ -103,7 +103,8 @@ def test_output_dir_probe_on_every_node(cluster, tmp_path):
     script = (
         "import sys, ray\n"
         "from cmd_dist import launcher\n"
-        "ray.init(address=sys.argv[1], _node_ip_address='127.0.0.1', logging_config=ray.LoggingConfig(log_level='ERROR'))\n"
+        "ray.init(address=sys.argv[1], _node_ip_address='127.0.0.1',\n"
+        "         logging_config=ray.LoggingConfig(log_level='ERROR'))\n"
         "launcher.check_shared_output(sys.argv[2])\n"
         "missing = launcher.nodes_missing_file(sys.argv[2], 'no-such-file', 'token', timeout=60)\n"
         "print('MISSING', len(missing), len(launcher.alive_nodes()))\n"
@@ -200,7 +201,7 @@ def test_submit_job_writes_everything_to_a_uri(cluster, tmp_path):
         + ["--address", cluster.dashboard_url, "--wait", "--timeout", "400"],
         timeout=480,
     )
-    assert out.returncode == 0, (out.stdout[-4000:], out.stderr[-2000:])
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "cmd-dist: submitted job " in out.stdout and "ray job logs --follow --address" in out.stdout
     assert "final test accuracy  peerA" in out.stdout  # the job's own log, streamed
     run_dir = tmp_path / "bucket" / "runs" / "job"
