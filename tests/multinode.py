@@ -8,7 +8,8 @@ separate raylet with its own resources and ports, all bound to 127.0.0.1 (``ray 
 id> <worker node ids...>`` and then obeys one command
 per line on stdin: ``kill <i>`` removes worker node i without grace (a node lost mid-run), ``stop`` (or
 EOF, or SIGTERM) removes every node and exits. Ray's machine-wide "current cluster" file in /tmp/ray is
-never written or deleted, so other Ray users on the machine are not redirected to this cluster.
+never written or deleted (the cluster's own temp dir holds it), so other Ray users on the machine are not
+redirected to this cluster, nor jobs on this cluster to theirs.
 
 :class:`MultiNodeCluster` is the test side: start, wait (with a timeout), kill a node, stop, and, whatever
 happens, kill the helper's whole process group on the way out.
@@ -110,11 +111,12 @@ def _serve(spec_path: str) -> None:
     import ray._private.utils
     from ray.cluster_utils import Cluster
 
-    # Keep the machine-wide /tmp/ray/ray_current_cluster untouched (other users' ray.init() reads it).
-    ray._private.utils.write_ray_address = lambda *a, **k: None
-    ray._common.utils.reset_ray_address = lambda *a, **k: None
-
     spec = json.loads(Path(spec_path).read_text())
+    # The cluster's address goes to its own temp dir (where the job supervisor looks it up for a job's
+    # RAY_ADDRESS), never to the machine-wide /tmp/ray/ray_current_cluster that other users' ray.init() reads.
+    write = ray._private.utils.write_ray_address
+    ray._private.utils.write_ray_address = lambda address, temp_dir=None: write(address, spec["temp_dir"])
+    ray._common.utils.reset_ray_address = lambda *a, **k: None
     common = dict(node_ip_address="127.0.0.1", temp_dir=spec["temp_dir"], object_store_memory=100 * 1024**2)
     head_args = dict(common, gcs_server_port=spec["gcs_port"], **spec["head"])
     if spec.get("dashboard_port"):

@@ -129,8 +129,8 @@ def test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node(clu
     """`cmd-dist train --address` with ray.spread=true: peers on different nodes (STRICT_SPREAD); a worker node
     removed mid-run restarts the group from the last checkpoint on the remaining nodes; the result equals the
     uninterrupted single-process run to 1e-5."""
-    epochs = 12
-    overrides = [*TINY, f"train.epochs={epochs}", "train.milestones=[8]"]
+    epochs = 8
+    overrides = [*TINY, f"train.epochs={epochs}", "train.milestones=[5]"]
     run_dir = tmp_path / "spread"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cmd_dist.cli", "train", DEMO, *overrides, "ray.spread=true"]

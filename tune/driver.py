@@ -159,8 +159,12 @@ def tune_domain(param: Param) -> Any:
     return ray_tune.choice(list(param.values))
 
 
-def search_setup(job: SearchJob, seed: int) -> tuple[dict[str, Any], Any, int]:
-    """(param_space, search algorithm, num_samples) for --algo optuna / random / grid."""
+def search_setup(job: SearchJob, seed: int, max_concurrent: int = 0) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search algorithm, num_samples) for --algo optuna / random / grid.
+
+    ``max_concurrent`` must reach the random search's generator itself: Tune ignores
+    ``TuneConfig(max_concurrent_trials=...)`` when handed a generator (it only wraps a ``Searcher``).
+    """
     algo = job.options.algo
     start = [dict(p) for p in job.space.start] or None
     if algo == "grid":
@@ -171,7 +175,8 @@ def search_setup(job: SearchJob, seed: int) -> tuple[dict[str, Any], Any, int]:
 
         # Optuna's TPE, seeded; the space's start points are enqueued before TPE samples.
         return space, OptunaSearch(points_to_evaluate=start, seed=seed), job.options.trials
-    return space, BasicVariantGenerator(points_to_evaluate=start, random_state=seed), job.options.trials
+    generator = BasicVariantGenerator(points_to_evaluate=start, random_state=seed, max_concurrent=max_concurrent)
+    return space, generator, job.options.trials
 
 
 def max_epochs(job: SearchJob) -> int:
@@ -226,7 +231,7 @@ def run_search(job: SearchJob) -> SearchOutcome:
         ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir)),
         {"CPU": 0, "memory": 1},
     )
-    param_space, searcher, num_samples = search_setup(job, cfg.seed)
+    param_space, searcher, num_samples = search_setup(job, cfg.seed, plan.concurrency)
     start = time.time()
     if job.resume and ray_tune.Tuner.can_restore(str(job.experiment_dir)):
         print(f"cmd-dist: continuing the search in {job.experiment_dir}", flush=True)
