@@ -62,14 +62,21 @@ class MethodConfig:
     knowledge: str = "cmd-p"
     #: ``cmd`` (Eq. 10-11) or a baseline: syncmkd (Eq. 3), asyncmkd (Eq. 2), kdcl, tfkd_reg.
     objective: str = "cmd"
-    eta: float = 2.0
+    eta: float = 4.0
     b1: float = 16.0
     b2: float = -8.0
     rho: float = 0.5
     #: Fixed trust of LS / CP / Boot-soft (Table 2); null = the method's default (LS 0.1, CP 0.1, Boot-soft 0.05).
     epsilon: float | None = None
-    #: t/Gamma of ProSelfLC's g(t) (Eq. 5) counted in epochs or iterations.
-    progress_unit: str = "epoch"
+    #: t/Gamma of ProSelfLC's g(t) (Eq. 5) counted in iterations (the authors' ProSelfLC experiments)
+    #: or epochs.
+    progress_unit: str = "iteration"
+    #: Own refined label keeps the gradient of the peer's own prediction (authors' ProSelfLC code):
+    #: loss (1-eps) H(q,p) + eps H(p). ``false`` detaches it (ablation: (1-eps) CE). See docs/method.md.
+    target_grad: bool = True
+    #: A peer's refined label q~_j sends gradient into peer j through the p_j inside it when another
+    #: peer distils it (appendix C detaches nothing). ``false`` makes peers' labels constants.
+    peer_target_grad: bool = True
     #: Weight of the KD term in the baselines (eps of Eq. 1-3, KDCL, Tf-KD_reg).
     kd_weight: float = 0.5
 
@@ -90,8 +97,15 @@ class TrainConfig:
     #: GPU fast path: bf16 autocast, channels_last and torch.compile of each peer's network.
     #: ``auto`` = on when the worker has a CUDA device, ``true`` / ``false`` force it.
     fast_path: str = "auto"
-    #: torch.compile mode of the fast path (``reduce-overhead`` captures CUDA graphs).
-    compile_mode: str = "reduce-overhead"
+    #: torch.compile of the peers' forward on the fast path: ``auto`` = none when the whole step is a
+    #: CUDA graph (``cuda_graph``), else ``reduce-overhead`` (one graph step for all local peers).
+    compile_mode: str = "auto"
+    #: Capture the whole multi-peer step (forwards, CMD loss, backward, optimizer steps) as one CUDA
+    #: graph: ``auto`` = on for CUDA workers that host every peer (no cross-process exchange).
+    cuda_graph: str = "auto"
+    #: Write a checkpoint every N epochs (and after the last); the best-eval weights are kept in
+    #: memory and written with the next checkpoint.
+    checkpoint_every: int = 1
 
 
 @dataclass
@@ -180,7 +194,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
-        if isinstance(value, bool) and key.endswith(("use_gpu", "fast_path")):
+        if isinstance(value, bool) and key.endswith(("use_gpu", "fast_path", "cuda_graph")):
             return "true" if value else "false"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -317,8 +331,16 @@ def validate(cfg: Config) -> None:
     _choice(
         "train.compile_mode",
         t.compile_mode,
-        ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"),
+        ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs", "none"),
     )
+    _choice("train.cuda_graph", str(t.cuda_graph).lower(), ("auto", "true", "false"))
+    if str(t.cuda_graph).lower() == "true" and t.compile_mode in ("reduce-overhead", "max-autotune"):
+        raise ConfigError(
+            f"train.compile_mode: {t.compile_mode!r} captures its own CUDA graphs inside the whole-step graph of "
+            f"train.cuda_graph=true; use compile_mode=none, default or max-autotune-no-cudagraphs"
+        )
+    if t.checkpoint_every < 1:
+        raise ConfigError(f"train.checkpoint_every: {t.checkpoint_every} must be >= 1 (epochs)")
     if sorted(t.milestones) != t.milestones or any(x <= 0 for x in t.milestones):
         raise ConfigError(f"train.milestones: {t.milestones} must be increasing positive epochs")
     if len(cfg.peers) < 2 and m.objective != "tfkd_reg" and m.knowledge != "zero":

@@ -8,7 +8,9 @@ The training set is corrupted with synthetic noise (Sec. 5.1) and split as in ap
 from __future__ import annotations
 
 import io
+import math
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,8 +142,33 @@ def load_split(dataset: str, root: str | Path, split: str) -> tuple[torch.Tensor
 
 
 @dataclass
+class Batch:
+    """One training batch for this worker's peers: the same samples, each peer's own augmentation."""
+
+    xs: list[torch.Tensor]  # one normalised float input per local peer, on the device
+    y: torch.Tensor  # noisy (training) labels, int64
+    clean: torch.Tensor  # clean labels, int64 (-1 where unknown)
+    ids: torch.Tensor  # sample ids (positions in the training set), int64
+
+
+def epoch_order(seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The sample order of an epoch: the same for every peer and every worker, a function of (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def augment_generator(seed: int, peer: int, epoch: int, device: torch.device | str) -> torch.Generator:
+    """Peer k's augmentation randomness for an epoch (peers see the same samples, cropped differently)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + peer)
+
+
+@dataclass
 class PeerData:
-    """Everything a training worker needs, resident on its device."""
+    """Everything a training worker needs, resident on its device.
+
+    The training loop reads it only through :meth:`epoch_batches` and :meth:`eval_batches` (the
+    interface streamed datasets implement too).
+    """
 
     spec: DatasetSpec
     train_x: torch.Tensor  # uint8 [N, C, H, W]
@@ -153,10 +180,41 @@ class PeerData:
     splits_read: list[str] = field(default_factory=list)
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    augment: bool = True
 
     @property
     def num_train(self) -> int:
         return int(self.train_x.shape[0])
+
+    @property
+    def noise_rate(self) -> float:
+        """The realised fraction of training labels that differ from the clean ones."""
+        return float((self.train_labels != self.train_clean).float().mean()) if self.num_train else 0.0
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(self.num_train / batch_size)
+
+    def epoch_batches(self, epoch: int, peers: list[int], batch_size: int, seed: int) -> Iterator[Batch]:
+        """The epoch's batches in the shared order of (seed, epoch); the last one may be smaller.
+
+        No host synchronisation: the order is drawn once per epoch and sliced on the device.
+        """
+        dev = self.train_x.device
+        order = epoch_order(seed, epoch, self.num_train, dev)
+        gens = [augment_generator(seed, k, epoch, dev) for k in peers]
+        for start in range(0, self.num_train, batch_size):
+            idx = order[start : start + batch_size]
+            xb = self.train_x[idx]
+            xs = [
+                normalize(augment(xb, self.spec.pad, self.spec.flip, g) if self.augment else xb, self.mean, self.std)
+                for g in gens
+            ]
+            yield Batch(xs, self.train_labels[idx], self.train_clean[idx], idx)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images, labels) of the eval split (validation or test), in order."""
+        for i in range(0, self.eval_x.shape[0], batch_size):
+            yield normalize(self.eval_x[i : i + batch_size], self.mean, self.std), self.eval_y[i : i + batch_size]
 
 
 def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu") -> PeerData:
@@ -190,6 +248,7 @@ def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu") -> Pee
         splits_read=read,
         mean=torch.tensor(spec.mean, device=dev).view(shape),
         std=torch.tensor(spec.std, device=dev).view(shape),
+        augment=data_cfg.augment,
     )
 
 

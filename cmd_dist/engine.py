@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cmd_dist.checkpoint import (
@@ -33,27 +32,27 @@ from cmd_dist.checkpoint import (
     write_epoch_marker,
 )
 from cmd_dist.config import Config
-from cmd_dist.data import PeerData, augment, normalize, prepare_data
+from cmd_dist.data import PeerData, augment_generator, epoch_order, prepare_data  # noqa: F401 (re-exported)
 from cmd_dist.exchange import Exchange
 from cmd_dist.models import build_model
-from cmd_dist.objectives import (
-    async_mkd_active_peer,
-    cmd_peer_loss,
-    kdcl_losses,
-    sync_mkd_losses,
-    tfkd_reg_loss,
-)
+from cmd_dist.objectives import async_mkd_active_peer
 from cmd_dist.selection import threshold_for_mode
-from cmd_dist.selfkd import (
-    DEFAULT_FIXED_EPSILON,
-    ModelCertainty,
-    entropy,
-    mconf_trust,
-    proselflc_trust,
-    refined_label,
-    self_kd_loss,
+from cmd_dist.selfkd import DEFAULT_FIXED_EPSILON, ModelCertainty, uniform_entropy
+from cmd_dist.step import (
+    ACC_COLUMNS,
+    GraphedStep,
+    SelfKD,
+    StepState,
+    TrainStep,
+    build_objective,
+    entropy_quantiles,
+    nonfinite_first_step,
 )
 from cmd_dist.storage import RunStore
+
+#: Entropy quantiles recorded per peer and epoch (``<peer>/entropy_q10`` ...), next to chi.
+ENTROPY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+HIST_BINS = 50
 
 
 class Reporter(Protocol):
@@ -77,8 +76,6 @@ class Peer:
     certainty: ModelCertainty
     best_eval_acc: float = -1.0
     best_epoch: int = -1
-    #: What the step calls: the network itself, or its torch.compile'd wrapper on the fast path.
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     fast: bool = False
 
 
@@ -87,49 +84,74 @@ def fast_path_enabled(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" if mode == "auto" else mode == "true"
 
 
+def cuda_graph_enabled(cfg: Config, device: torch.device, world_size: int) -> bool:
+    """Whole-step CUDA graph: a CUDA worker hosting every peer, with a step that is the same every time.
+
+    AsyncMKD changes the stepping peer every iteration, so it runs eagerly.
+    """
+    mode = str(cfg.train.cuda_graph).lower()
+    if mode == "false":
+        return False
+    possible = device.type == "cuda" and world_size == 1 and cfg.method.objective != "asyncmkd"
+    if mode == "true" and not possible:
+        raise ValueError(
+            "train.cuda_graph=true needs a CUDA worker that hosts every peer (ray.placement=together or one "
+            "worker) and an objective other than asyncmkd; use train.cuda_graph=auto"
+        )
+    return possible
+
+
+def resolved_compile_mode(cfg: Config, device: torch.device, graphed: bool) -> str:
+    mode = cfg.train.compile_mode
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if (device.type == "cuda" and not graphed) else "none"
+
+
 def build_peer(cfg: Config, k: int, num_classes: int, channels: int, device: torch.device) -> Peer:
     """Peer k's network, SGD optimiser and step schedule; the init depends only on (seed, k)."""
     torch.manual_seed(cfg.seed * 1000 + k)
     model = build_model(cfg.peers[k].arch, num_classes, channels).to(device)
     t = cfg.train
     fast = fast_path_enabled(cfg, device)
-    forward: Callable[[torch.Tensor], torch.Tensor] = model
     if fast:
         model = model.to(memory_format=torch.channels_last)
-        forward = model if t.compile_mode == "none" else torch.compile(model, mode=t.compile_mode)
-    # The lr is a plain float in the param group: schedule changes never touch a captured graph.
+    # The lr is a plain float in the param group; a whole-step CUDA graph is recaptured when it changes.
     opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=t.milestones, gamma=t.gamma)
-    return Peer(
-        k,
-        cfg.peers[k].name,
-        cfg.peers[k].arch,
-        model,
-        opt,
-        sched,
-        ModelCertainty(num_classes),
-        forward=forward,
-        fast=fast,
-    )
+    return Peer(k, cfg.peers[k].name, cfg.peers[k].arch, model, opt, sched, ModelCertainty(num_classes), fast=fast)
 
 
-def peer_logits(p: Peer, x: torch.Tensor) -> torch.Tensor:
-    """The peer's forward pass; on the fast path in bf16 autocast with channels_last input."""
-    if not p.fast:
-        return p.model(x)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16):
-        return p.forward(x.contiguous(memory_format=torch.channels_last))
+class LocalForward(nn.Module):
+    """All local peers' forward passes as one call: one compiled graph step for every local peer.
 
+    On the fast path each peer runs in bf16 autocast on channels_last input (autocast's weight cache is
+    off so the step can be captured). With a cudagraph-capturing ``torch.compile`` mode, one new graph
+    step is marked per training step, before *all* peers' forwards: marking it per peer let peer B's
+    replay overwrite peer A's logits (the crash measured on an H200, 2026-11-26).
+    """
 
-def epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
-    """The sample order of an epoch: the same for every peer and every worker, a function of (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
+    def __init__(self, peers: list[Peer], compile_mode: str) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList([p.model for p in peers])
+        self.fast = [p.fast for p in peers]
+        self.mark_step = compile_mode in ("reduce-overhead", "max-autotune")
+        self._call = self._forward if compile_mode == "none" else torch.compile(self._forward, mode=compile_mode)
 
+    def _forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for net, fast, x in zip(self.nets, self.fast, xs):
+            if fast:
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                    out.append(net(x.contiguous(memory_format=torch.channels_last)))
+            else:
+                out.append(net(x))
+        return out
 
-def augment_generator(seed: int, peer: int, epoch: int, device: torch.device) -> torch.Generator:
-    """Peer k's augmentation randomness for an epoch (peers see the same samples, cropped differently)."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + peer)
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:  # noqa: D102
+        if self.mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._call(xs)
 
 
 def fixed_epsilon(cfg: Config) -> float:
@@ -146,6 +168,92 @@ class EpochResult:
     chi: float = math.nan
     images: int = 0
     seconds: float = 0.0
+    #: Per local peer: counts of H(p) over the epoch's samples in HIST_BINS bins on [0, H(u)].
+    hists: dict[int, list[float]] = field(default_factory=dict)
+
+
+class Trainer:
+    """A worker's peers and their step, built once; ``train_one_epoch`` runs one epoch of it."""
+
+    def __init__(self, cfg: Config, peers: list[Peer], exchange: Exchange, data: PeerData, device: torch.device):
+        self.cfg, self.peers, self.exchange, self.data, self.device = cfg, peers, exchange, data, device
+        graphed = cuda_graph_enabled(cfg, device, exchange.world_size)
+        self.forward = LocalForward(peers, resolved_compile_mode(cfg, device, graphed))
+        self.state = StepState(len(peers), len(cfg.peers), data.num_train, device)
+        self.step = TrainStep(
+            peers,
+            len(cfg.peers),
+            data.spec.num_classes,
+            exchange,
+            SelfKD(cfg.method),
+            build_objective(cfg.method),
+            self.state,
+            self.forward,
+        )
+        self.graphed = GraphedStep(self.step, cfg.train.batch_size) if graphed else None
+
+    def train_one_epoch(self, epoch: int, progress: Callable[[int, str], Any] | None = None) -> EpochResult:
+        cfg, data, st, device = self.cfg, self.data, self.state, self.device
+        m, t = cfg.method, cfg.train
+        n_peers, c, n = len(cfg.peers), data.spec.num_classes, data.num_train
+        steps = data.steps_per_epoch(t.batch_size)
+        chi = threshold_for_mode(m.knowledge, epoch, t.epochs, c, m.eta, m.b2) if m.objective == "cmd" else math.nan
+        st.reset()
+        st.chi.fill_(chi if not math.isnan(chi) else math.inf)
+        st.certainty.copy_(torch.tensor([p.certainty.r for p in self.peers], dtype=torch.float32))
+        # Zero knowledge (chi = -inf, the same on every rank for the whole epoch) needs no exchange at all.
+        self.step.exchanging = self.step.objective.exchanges and n_peers > 1 and chi != -math.inf
+        for p in self.peers:
+            p.model.train()
+        bar = progress(steps, f"epoch {epoch + 1}/{t.epochs}") if progress else None
+        start = time.perf_counter()
+        for step, batch in enumerate(data.epoch_batches(epoch, [p.index for p in self.peers], t.batch_size, cfg.seed)):
+            global_step = epoch * steps + step
+            # ProSelfLC's t/Gamma (Eq. 5): iterations (the authors' experiments) or epochs.
+            st.progress.fill_(epoch / t.epochs if m.progress_unit == "epoch" else global_step / (t.epochs * steps))
+            st.step.fill_(step)
+            if m.objective == "asyncmkd":
+                self.step.active = async_mkd_active_peer(global_step + 1, n_peers)
+            if self.graphed is not None:
+                self.graphed(batch)
+            else:
+                self.step(batch.xs, batch.y, batch.clean, batch.ids)
+            if bar is not None:
+                bar.update(1)
+                if device.type != "cuda" and t.log_every and (step + 1) % t.log_every == 0:
+                    if hasattr(bar, "set_postfix_str"):  # a host read: only on CPU, where it costs nothing
+                        losses = (st.acc[:, 0] / (step + 1)).tolist()
+                        bar.set_postfix_str(" ".join(f"{p.name} {v:.3f}" for p, v in zip(self.peers, losses)))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+
+        acc = st.acc.tolist()
+        bad = nonfinite_first_step(st.bad_step)
+        result = EpochResult(chi=chi, images=n, seconds=seconds, distilled=st.distilled.tolist())
+        h_u = uniform_entropy(c)
+        for slot, p in enumerate(self.peers):
+            a = dict(zip(ACC_COLUMNS, acc[slot]))
+            if m.self_kd == "mconf":  # r of Eq. (6) from this epoch's entropies, used next epoch
+                p.certainty.add_epoch_sum(a["entropy"], n)
+            ents = st.entropies[slot]
+            row = {
+                "train_loss": a["loss"] / steps,
+                "train_self_loss": a["self_loss"] / steps,
+                "train_peer_loss": a["peer_loss"] / steps,
+                "train_acc_noisy": 100.0 * a["correct_noisy"] / n,
+                "train_acc_clean": 100.0 * a["correct_clean"] / n,
+                "epsilon_mean": a["epsilon"] / n,
+                "entropy_mean": a["entropy"] / n,
+                "nonfinite_step": bad[slot],
+            }
+            for q, v in zip(ENTROPY_QUANTILES, entropy_quantiles(ents, ENTROPY_QUANTILES)):
+                row[f"entropy_q{round(q * 100)}"] = v
+            result.rows[p.index] = row
+            result.hists[p.index] = torch.histc(ents.clamp(0.0, h_u), bins=HIST_BINS, min=0.0, max=h_u).tolist()
+        return result
 
 
 def train_one_epoch(
@@ -157,146 +265,28 @@ def train_one_epoch(
     device: torch.device,
     progress: Callable[[int, str], Any] | None = None,
 ) -> EpochResult:
-    m, t = cfg.method, cfg.train
-    n_peers = len(cfg.peers)
-    c = data.spec.num_classes
-    n = data.num_train
-    steps = math.ceil(n / t.batch_size)
-    order = epoch_order(cfg.seed, epoch, n, device)
-    chi = threshold_for_mode(m.knowledge, epoch, t.epochs, c, m.eta, m.b2) if m.objective == "cmd" else math.nan
-    eps_fixed = fixed_epsilon(cfg)
-    gens = {p.index: augment_generator(cfg.seed, p.index, epoch, device) for p in peers}
-    for p in peers:
-        p.model.train()
-
-    zeros = lambda: torch.zeros((), device=device)  # noqa: E731
-    acc = {
-        p.index: {k: zeros() for k in ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean", "epsilon")}
-        for p in peers
-    }
-    bad_step = {p.index: torch.full((), -1, dtype=torch.long, device=device) for p in peers}
-    distilled = torch.zeros(n_peers, device=device)
-    bar = progress(steps, f"epoch {epoch + 1}/{t.epochs}") if progress else None
-    start = time.perf_counter()
-    for step in range(steps):
-        idx = order[step * t.batch_size : (step + 1) * t.batch_size]
-        xb, yb, cb = data.train_x[idx], data.train_labels[idx], data.train_clean[idx]
-        q = F.one_hot(yb, c).float()
-        progress_t = epoch / t.epochs if m.progress_unit == "epoch" else (epoch * steps + step) / (t.epochs * steps)
-        live, packs = {}, []
-        for p in peers:
-            x = augment(xb, data.spec.pad, data.spec.flip, gens[p.index]) if cfg.data.augment else xb
-            if p.fast and device.type == "cuda" and cfg.train.compile_mode == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = peer_logits(p, normalize(x, data.mean, data.std))
-            prob = torch.softmax(logits.float(), dim=1)
-            h = entropy(prob.detach())
-            if m.self_kd == "proselflc":
-                eps = proselflc_trust(prob, progress_t, m.b1, entropies=h)
-            elif m.self_kd == "mconf":
-                eps = mconf_trust(prob, p.certainty.r, m.b1, m.rho, entropies=h)
-                p.certainty.accumulate(h)
-            else:
-                eps = torch.full_like(h, eps_fixed if m.self_kd != "ce" else 0.0)
-            refined = refined_label(
-                m.self_kd, q, prob, eps if m.self_kd in ("proselflc", "mconf") else float(eps_fixed)
-            )
-            live[p.index] = (logits, prob, eps, refined)
-            packs.append(torch.cat([prob.detach(), refined, h[:, None]], dim=1))
-        # Zero knowledge (chi = -inf, the same on every rank for the whole epoch) needs no exchange at all.
-        exchanging = n_peers > 1 and not (m.objective == "cmd" and chi == -math.inf)
-        masks = None
-        if exchanging:
-            gathered = exchange.all_gather(packs)  # the knowledge exchange, every peer in global order
-            all_p = [g[:, :c] for g in gathered]
-            all_q = [g[:, c : 2 * c] for g in gathered]
-            if m.objective == "cmd":
-                masks = [(g[:, 2 * c] < chi).float() for g in gathered]
-                distilled += torch.stack([mk.sum() for mk in masks])
-
-        active = async_mkd_active_peer(epoch * steps + step + 1, n_peers) if m.objective == "asyncmkd" else None
-        total = None
-        stepping = []
-        for p in peers:
-            logits, prob, eps, refined = live[p.index]
-            probs = [prob if j == p.index else all_p[j] for j in range(n_peers)] if exchanging else [prob]
-            if m.objective == "cmd":  # Eq. (10)-(11); zero knowledge leaves the self-KD term alone
-                own = self_kd_loss(m.self_kd, refined, prob, eps if m.self_kd in ("proselflc", "mconf") else eps_fixed)
-                parts = (
-                    cmd_peer_loss(p.index, own, prob, all_q, masks)
-                    if masks is not None
-                    else {"loss": own.mean(), "self_loss": own.mean(), "peer_loss": own.new_zeros(())}
-                )
-            elif m.objective in ("syncmkd", "asyncmkd"):
-                parts = {"loss": sync_mkd_losses(refined, probs, m.kd_weight)[p.index]}
-            elif m.objective == "kdcl":
-                parts = {"loss": kdcl_losses(refined, probs, m.kd_weight)[p.index]}
-            else:  # tfkd_reg: the virtual teacher replaces any peer
-                parts = {"loss": tfkd_reg_loss(q, logits.float(), m.kd_weight)}
-            loss = parts["loss"]
-            a = acc[p.index]
-            a["loss"] += loss.detach()
-            for key in ("self_loss", "peer_loss"):
-                if key in parts:
-                    a[key] += parts[key].detach()
-            pred = logits.detach().argmax(1)
-            a["correct_noisy"] += (pred == yb).sum()
-            a["correct_clean"] += (pred == cb).sum()
-            a["epsilon"] += eps.mean()
-            bad_step[p.index] = torch.where(
-                (bad_step[p.index] < 0) & ~torch.isfinite(loss.detach()),
-                torch.full_like(bad_step[p.index], step),
-                bad_step[p.index],
-            )
-            if active is not None and p.index != active:
-                continue
-            stepping.append(p)
-            total = loss if total is None else total + loss
-        for p in stepping:
-            p.optimizer.zero_grad(set_to_none=True)
-        if total is not None:
-            total.backward()
-        for p in stepping:
-            p.optimizer.step()
-        if bar is not None:
-            bar.update(1)
-            if t.log_every and (step + 1) % t.log_every == 0 and hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(" ".join(f"{p.name} {float(acc[p.index]['loss']) / (step + 1):.3f}" for p in peers))
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-
-    result = EpochResult(chi=chi, images=n, seconds=seconds, distilled=distilled.tolist())
-    for p in peers:
-        a = {k: float(v) for k, v in acc[p.index].items()}
-        result.rows[p.index] = {
-            "train_loss": a["loss"] / steps,
-            "train_self_loss": a["self_loss"] / steps,
-            "train_peer_loss": a["peer_loss"] / steps,
-            "train_acc_noisy": 100.0 * a["correct_noisy"] / n,
-            "train_acc_clean": 100.0 * a["correct_clean"] / n,
-            "epsilon_mean": a["epsilon"] / steps,
-            "nonfinite_step": int(bad_step[p.index]),
-        }
-    return result
+    """One epoch with a freshly built :class:`Trainer` (tests; the worker keeps one Trainer for all epochs)."""
+    return Trainer(cfg, peers, exchange, data, device).train_one_epoch(epoch, progress)
 
 
 @torch.no_grad()
-def evaluate(peer: Peer, x: torch.Tensor, y: torch.Tensor, data: PeerData, batch_size: int) -> float:
-    """Top-1 accuracy (%) on a uint8 image tensor, in eval mode, batched; one host read at the end."""
+def evaluate(peer: Peer, data: PeerData, batch_size: int) -> float:
+    """Top-1 accuracy (%) on the eval split, in eval mode, batched; one host read at the end.
+
+    On the fast path in eager bf16: a compiled eval graph per batch shape is not worth its compile time.
+    """
     peer.model.eval()
-    correct = torch.zeros((), device=x.device)
-    for i in range(0, x.shape[0], batch_size):
-        xb = normalize(x[i : i + batch_size], data.mean, data.std)
-        if peer.fast:  # eager bf16: a compiled eval graph per batch shape is not worth its compile time
+    correct, total = None, 0
+    for x, y in data.eval_batches(batch_size):
+        if peer.fast:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                logits = peer.model(xb.contiguous(memory_format=torch.channels_last))
+                logits = peer.model(x.contiguous(memory_format=torch.channels_last))
         else:
-            logits = peer.model(xb)
-        correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
-    return 100.0 * float(correct) / max(1, x.shape[0])
+            logits = peer.model(x)
+        hits = (logits.argmax(1) == y).sum()
+        correct = hits if correct is None else correct + hits
+        total += int(y.shape[0])
+    return 100.0 * float(correct) / total if total else 0.0
 
 
 def peer_state(p: Peer, next_epoch: int) -> dict[str, Any]:
@@ -364,6 +354,7 @@ def run_worker(
     store = RunStore(run_dir)
     _write_worker_info(store, exchange, reporter)
     best_score = _stored_best_score(store)
+    best_pending: tuple[dict, dict, int] | None = None  # (CPU states, metrics, epoch) not yet on disk
     staging = None if store.is_local else tempfile.TemporaryDirectory(prefix="cmd-run-")
     log_dir = store.local if store.is_local else Path(staging.name)
     monitor = None
@@ -371,23 +362,27 @@ def run_worker(
         if staging is not None:  # the log so far, so that a resumed run appends to it (not to an empty file)
             store.download("metrics.jsonl", log_dir / "metrics.jsonl")
         monitor = monitor_factory(cfg, log_dir, start_epoch)
+    trainer = Trainer(cfg, peers, exchange, data, device)  # after loading: a CUDA graph binds the live tensors
+    every = cfg.train.checkpoint_every
 
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = peers[0].optimizer.param_groups[0]["lr"]
-        res = train_one_epoch(
-            cfg, peers, exchange, data, epoch, device, reporter.progress if exchange.rank == 0 else None
-        )
+        res = trainer.train_one_epoch(epoch, reporter.progress if exchange.rank == 0 else None)
         for p in peers:
             row = res.rows[p.index]
-            row["eval_acc"] = evaluate(p, data.eval_x, data.eval_y, data, cfg.train.eval_batch_size)
+            t_eval = time.perf_counter()
+            row["eval_acc"] = evaluate(p, data, cfg.train.eval_batch_size)
+            row["train_s"], row["eval_s"] = res.seconds, time.perf_counter() - t_eval
             row["certainty_r"] = p.certainty.end_epoch() if cfg.method.self_kd == "mconf" else math.nan
             row["lr"] = p.optimizer.param_groups[0]["lr"]
+            row["images_per_s"] = res.images / max(res.seconds, 1e-9)  # this peer's training images / train time
             if row["eval_acc"] > p.best_eval_acc:
                 p.best_eval_acc, p.best_epoch = row["eval_acc"], epoch + 1
             row["best_eval_acc"], row["best_epoch"] = p.best_eval_acc, p.best_epoch
             p.scheduler.step()
-        gathered = exchange.gather_objects(res.rows)
-        rows = {k: v for part in gathered for k, v in part.items()}
+        gathered = exchange.gather_objects((res.rows, res.hists))
+        rows = {k: v for part, _ in gathered for k, v in part.items()}
+        res.hists = {k: v for _, part in gathered for k, v in part.items()}
         metrics = flatten_metrics(cfg, data, epoch, rows, res, lr)
         last = metrics
         bad = [(k, r["nonfinite_step"]) for k, r in sorted(rows.items()) if r["nonfinite_step"] >= 0]
@@ -408,11 +403,17 @@ def run_worker(
             monitor.log_epoch(epoch, rows, res, metrics)
             if staging is not None:
                 store.upload(log_dir)
-        states = {p.index: peer_state(p, epoch + 1) for p in peers}
         score = metrics[f"{data.eval_split}_acc"]
-        if score > best_score:
+        if score > best_score:  # kept in host memory, written with the next checkpoint
             best_score = score
-            _save_best(store, exchange, states, metrics, epoch + 1)
+            best_pending = ({p.index: _to_cpu(peer_state(p, epoch + 1)) for p in peers}, metrics, epoch + 1)
+        if (epoch + 1) % every and epoch + 1 != cfg.train.epochs:
+            reporter.report(metrics, None)
+            continue
+        if best_pending is not None:
+            _save_best(store, exchange, *best_pending)
+            best_pending = None
+        states = {p.index: peer_state(p, epoch + 1) for p in peers}
         with tempfile.TemporaryDirectory(prefix="cmd-ckpt-") as tmp:
             for k, state in states.items():
                 save_peer_state(Path(tmp), k, state)
@@ -427,6 +428,17 @@ def run_worker(
     if staging is not None:
         staging.cleanup()
     return last
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state with every tensor on the host: the best epoch, held until it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 BEST = "best_checkpoint"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ class Monitor:
             w.add_scalar(f"{split}/acc", row["eval_acc"], step)
             w.add_scalar("train/lr", row["lr"], step)
             w.add_scalar("self_kd/epsilon_mean", row["epsilon_mean"], step)
+            # The selection explained: where the peer's entropies lie relative to chi (Eq. 8-9, 12).
+            for key, value in row.items():
+                if key.startswith("entropy_q") or key == "entropy_mean":
+                    w.add_scalar(f"knowledge/{key}", value, step)
+            hist = getattr(res, "hists", {}).get(k)
+            if hist:
+                _add_entropy_histogram(w, hist, self.cfg, step)
             if not math.isnan(row["certainty_r"]):
                 w.add_scalar("self_kd/certainty_r", row["certainty_r"], step)
             if not math.isnan(res.chi) and not math.isinf(res.chi):
@@ -70,6 +78,7 @@ class Monitor:
             w.flush()
             record = {
                 "epoch": step,
+                "time": time.time(),  # wall clock at logging: epoch wall time = difference of consecutive rows
                 "peer": name,
                 "arch": self.cfg.peers[k].arch,
                 "eval_split": split,
@@ -96,6 +105,36 @@ class Monitor:
     def close(self) -> None:
         for w in [*self.writers.values(), self.exchange_writer]:
             w.close()
+
+
+def _add_entropy_histogram(w: SummaryWriter, counts: list[float], cfg: Config, step: int) -> None:
+    """``knowledge/entropy`` histogram: the epoch's per-sample H(p), binned on [0, H(u)]."""
+    from cmd_dist.selfkd import uniform_entropy
+
+    n = sum(counts)
+    if n <= 0:
+        return
+    h_u = uniform_entropy(_num_classes(cfg))
+    width = h_u / len(counts)
+    limits = [width * (i + 1) for i in range(len(counts))]
+    centers = [width * (i + 0.5) for i in range(len(counts))]
+    w.add_histogram_raw(
+        "knowledge/entropy",
+        min=0.0,
+        max=h_u,
+        num=n,
+        sum=sum(c * x for c, x in zip(counts, centers)),
+        sum_squares=sum(c * x * x for c, x in zip(counts, centers)),
+        bucket_limits=limits,
+        bucket_counts=counts,
+        global_step=step,
+    )
+
+
+def _num_classes(cfg: Config) -> int:
+    from cmd_dist.data import SPECS
+
+    return SPECS[cfg.data.dataset].num_classes if cfg.data.dataset in SPECS else 2
 
 
 def epoch_line(cfg: Config, step: int, rows: dict[int, dict[str, float]], res: Any, split: str) -> str:

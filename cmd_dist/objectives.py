@@ -1,8 +1,10 @@
 """Distillation objectives: CMD (paper Sec. 4.1, Eq. 8-11) and the baselines of Sec. 2.1-2.2.
 
-All functions are pure tensor code. Peers' predictions and refined labels enter as targets and are
-detached here; gradients flow only into the prediction of the peer whose loss is computed.
-Batch reductions follow the paper's reference code (appendix C): sum over samples / batch size.
+All functions are pure tensor code. Batch reductions follow the paper's reference code (appendix C):
+sum over samples / batch size. The CMD losses detach nothing, like appendix C: whether a peer's refined
+label q~_j sends gradient into peer j (through the p_j inside it, ``method.peer_target_grad``) is
+decided by the caller, who passes q~_j with or without its graph. The selection masks never carry
+gradient. The baselines' peer predictions (KL targets, KDCL's teacher) are detached, as in their papers.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def cmd_losses(
 
     L_B2A = sum over samples with H(p_B) < chi of H(q~_B, p_A), divided by the full batch size
     (the reduction of appendix C); L_A2B symmetric. ``q_*`` are refined labels, ``p_*`` predicted
-    probabilities. Selection uses masks (no index lists), so no host synchronisation.
+    probabilities. Selection uses masks (no index lists), so no host synchronisation. Gradient flows
+    into p_A (and into q~_B when q~_B carries a graph, as in appendix C where nothing is detached).
     ``validate`` checks shapes and distributions (a host sync); the training step turns it off.
     """
     if validate:
@@ -53,8 +56,8 @@ def cmd_losses(
     batch = p_a.shape[0]
     mask_into_a = (entropy(p_b.detach()) < chi).to(p_a.dtype)  # B's confident knowledge
     mask_into_b = (entropy(p_a.detach()) < chi).to(p_b.dtype)
-    loss_b2a = (mask_into_a * cross_entropy(q_b.detach(), p_a)).sum() / batch
-    loss_a2b = (mask_into_b * cross_entropy(q_a.detach(), p_b)).sum() / batch
+    loss_b2a = (mask_into_a * cross_entropy(q_b, p_a)).sum() / batch
+    loss_a2b = (mask_into_b * cross_entropy(q_a, p_b)).sum() / batch
     return loss_b2a, loss_a2b
 
 
@@ -74,6 +77,7 @@ def cmd_peer_loss(
     :func:`cmd_dist.selection.confident_mask`). With N > 2 the confident peers are averaged with
     equal weight 1/(N-1), so the peer term keeps the scale of the two-peer case and adding peers
     does not drown a peer's own label; at N = 2 the weight is 1 and this is exactly Eq. (10)/(11).
+    ``refined_labels[j]`` is used as given: with its graph it sends gradient into peer j too.
     Returns ``{"loss", "self_loss", "peer_loss"}`` (scalars).
     """
     n = len(refined_labels)
@@ -85,7 +89,7 @@ def cmd_peer_loss(
     peer_loss = p_self.new_zeros(())
     for j in range(n):
         if j != peer:
-            peer_loss = peer_loss + (peer_masks[j] * cross_entropy(refined_labels[j].detach(), p_self)).sum() / batch
+            peer_loss = peer_loss + (peer_masks[j] * cross_entropy(refined_labels[j], p_self)).sum() / batch
     peer_loss = peer_loss / (n - 1)
     self_mean = self_loss.mean()
     return {"loss": self_mean + peer_loss, "self_loss": self_mean, "peer_loss": peer_loss}

@@ -1,8 +1,16 @@
 """Self knowledge distillation (paper Sec. 3, Table 2): trusts and refined labels.
 
 Every function here is pure: tensors in, tensors out, no device moves, no host synchronisation.
-Probabilities are rows of a ``[batch, classes]`` tensor. Refined labels and trusts are detached:
-they are learning *targets* and carry no gradient (Sec. 2.3).
+Probabilities are rows of a ``[batch, classes]`` tensor.
+
+Which terms carry gradient (the paper is silent; the authors' released ProSelfLC code decides,
+``proselflc/slices/losses/proselflc.py`` of XinshaoAmosWang/ProSelfLC-AT): the trust epsilon is
+computed under ``no_grad`` and is a constant; the prediction p *inside* a refined label
+q~ = (1 - eps) q + eps p keeps its gradient. The self-KD loss H(q~, p) is then
+(1 - eps) H(q, p) + eps H(p), cross entropy plus an entropy term pulling each sample towards the
+model's own confident prediction (Reed et al.'s soft bootstrapping is the same). With p detached
+(``grad=False``) the gradient w.r.t. the logits is (1 - eps)(p - q): plain cross entropy on the noisy
+label, scaled down, which can never correct a label. See docs/method.md, "Gradients".
 """
 
 from __future__ import annotations
@@ -106,46 +114,52 @@ def refined_label(
     q: torch.Tensor,
     p: torch.Tensor,
     epsilon: torch.Tensor | float = 0.0,
+    grad: bool = True,
 ) -> torch.Tensor:
-    """Table 2: the refined label q~ of a self-KD method, detached.
+    """Table 2: the refined label q~ of a self-KD method.
 
     ``q`` is the annotated (possibly noisy) label distribution, ``p`` the model's prediction and
     ``epsilon`` the self trust: a float (fixed, LS/CP/Boot-soft) or a per-sample ``[batch]``
-    tensor (ProSelfLC, Mconf). CE ignores epsilon.
+    tensor (ProSelfLC, Mconf), always used as a constant. CE ignores epsilon. With ``grad=True``
+    (the authors' code) the p inside q~ keeps its gradient; ``grad=False`` detaches it (ablation).
     """
     if method not in SELF_KD_METHODS:
         raise ValueError(f"unknown self-KD method {method!r}; choose one of {', '.join(SELF_KD_METHODS)}")
     if q.shape != p.shape:
         raise ValueError(f"q and p must have the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
-    p = p.detach()
-    if isinstance(epsilon, torch.Tensor) and epsilon.dim() == 1:
-        epsilon = epsilon.detach().unsqueeze(1)
+    q = q.detach()
+    if not grad:
+        p = p.detach()
+    if isinstance(epsilon, torch.Tensor):
+        epsilon = epsilon.detach()
+        if epsilon.dim() == 1:
+            epsilon = epsilon.unsqueeze(1)
     if method == "ce":
-        return q.detach()
+        return q
     if method == "ls":
-        return ((1.0 - epsilon) * q + epsilon / q.shape[1]).detach()
+        return (1.0 - epsilon) * q + epsilon / q.shape[1]
     if method == "cp":
-        return ((1.0 - epsilon) * q - epsilon * p).detach()
-    return ((1.0 - epsilon) * q + epsilon * p).detach()
+        return (1.0 - epsilon) * q - epsilon * p
+    return (1.0 - epsilon) * q + epsilon * p
 
 
-def self_kd_loss(
-    method: str, refined: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float = 0.0
-) -> torch.Tensor:
+def self_kd_loss(refined: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Per-sample self-KD loss H(q~, p) (Eq. 7 for Mconf; Table 2 for the others).
 
-    For CP the refined label (1-eps)q - eps*p is a target with no gradient, which would leave
-    only (1-eps)CE to optimise (the gradient of -eps*sum(p_detached * log p) is zero at p).
-    Confidence penalty's purpose is the entropy gradient, so for CP this returns
-    (1-eps)H(q, p) - eps*H(p) with H(p) differentiable (Pereyra et al.), whose value equals
-    H(q~, p) and whose gradient penalises confident predictions.
+    Its gradient depends on how ``refined`` was built (:func:`refined_label`'s ``grad``): with the
+    prediction's gradient kept, H((1-eps) q + eps p, p) = (1-eps) H(q, p) + eps H(p) for Boot-soft,
+    ProSelfLC and Mconf, and (1-eps) H(q, p) - eps H(p) for CP (Pereyra et al.'s confidence penalty).
     """
-    if method == "cp":
-        per_row = epsilon  # scalar, 0-d or [batch]
-        column = epsilon.unsqueeze(1) if isinstance(epsilon, torch.Tensor) and epsilon.dim() == 1 else epsilon
-        q_part = refined + column * p.detach()  # (1-eps) q, recovered without another argument
-        return cross_entropy(q_part, p) - per_row * entropy(p)
     return cross_entropy(refined, p)
+
+
+def own_target_grad(method: str, target_grad: bool) -> bool:
+    """Whether a peer's own refined label keeps the gradient of its prediction (``method.target_grad``).
+
+    CP always keeps it: with a detached target CP's loss degrades to (1-eps) CE, and its purpose is
+    the entropy gradient (Pereyra et al. 2017; the authors' ConfidencePenalty detaches nothing).
+    """
+    return target_grad or method == "cp"
 
 
 @dataclass
@@ -168,6 +182,12 @@ class ModelCertainty:
         s = entropies.detach().sum()
         self.entropy_sum = s if self.entropy_sum is None else self.entropy_sum + s
         self.count += int(entropies.shape[0])
+
+    def add_epoch_sum(self, entropy_sum: float, count: int) -> None:
+        """Add summed entropies read once per epoch from the step's device accumulator."""
+        total = torch.tensor(float(entropy_sum), dtype=torch.float64)
+        self.entropy_sum = total if self.entropy_sum is None else self.entropy_sum + total
+        self.count += int(count)
 
     def end_epoch(self) -> float:
         if self.count:

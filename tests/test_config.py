@@ -399,7 +399,7 @@ def main_without_ray(monkeypatch, tmp_path):
     (["method.objective=dml"], "method.objective"),
     (["method.knowledge=some"], "method.knowledge"),
     (["train.epochs=0"], "train.epochs"),
-    (["method.knowledge=cmd-s"], "method.b2"),  # demo.yaml has b2 = -4
+    (["method.knowledge=cmd-s"], "method.b2"),  # demo.yaml has b2 = -8
     (["method.knowledge=cmd-p", "method.b2=0"], "method.b2"),
     (["method.eta"], "key=value"),
 ])
@@ -448,6 +448,6 @@ def test_cli_fence_really_blocks_ray(tmp_path):
 
 
 def test_yaml_of_the_demo_is_a_mapping():
-    """Sanity for the CLI tests: they rely on demo.yaml's values (two cnn_small peers, b2 = -4, digits)."""
+    """Sanity for the CLI tests: they rely on demo.yaml's values (two cnn_small peers, b2 = -8, digits)."""
     raw = yaml.safe_load(DEMO.read_text())
-    assert raw["method"]["b2"] == -4.0 and raw["data"]["dataset"] == "digits" and len(raw["peers"]) == 2
+    assert raw["method"]["b2"] == -8.0 and raw["data"]["dataset"] == "digits" and len(raw["peers"]) == 2

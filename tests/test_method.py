@@ -202,14 +202,23 @@ def test_refined_label_zero_epsilon_is_annotated_label():
 
 
 @pytest.mark.parametrize("method", ["ce", "ls", "cp", "bootsoft", "proselflc", "mconf"])
-def test_refined_label_is_detached(method):
+def test_refined_label_gradient_flags(method):
+    """q and eps never carry gradient; p inside q~ keeps it with grad=True (authors' code), not with grad=False."""
     q = t64(Q).requires_grad_()
     p = t64(P).requires_grad_()
     eps = t64([0.1, 0.2, 0.3]).requires_grad_()
     for e in (0.2, eps):
-        out = refined_label(method, q, p, e)
-        assert not out.requires_grad
-        assert out.grad_fn is None
+        detached = refined_label(method, q, p, e, grad=False)
+        assert not detached.requires_grad and detached.grad_fn is None
+        kept = refined_label(method, q, p, e, grad=True)
+        if method in ("ce", "ls"):  # no prediction inside the target
+            assert not kept.requires_grad
+            continue
+        (g_p,) = torch.autograd.grad(kept.sum(), p, retain_graph=True)
+        sign = -1.0 if method == "cp" else 1.0
+        e_col = e.detach().unsqueeze(1) if isinstance(e, torch.Tensor) else e
+        torch.testing.assert_close(g_p, sign * e_col * torch.ones_like(g_p))  # d q~ / d p = +-eps
+        assert torch.autograd.grad(kept.sum(), (q, eps), allow_unused=True) == (None, None)
 
 
 def test_refined_label_sums_to_one_for_convex_methods():
@@ -228,6 +237,14 @@ def _cp_gradient_by_hand(q, p, eps_rows):
     return grad
 
 
+def _bootstrap_gradient_by_hand(q, p, eps_rows):
+    """d/dp of sum_b [(1-eps_b) H(q_b, p_b) + eps_b H(p_b)]: Boot-soft / ProSelfLC / Mconf with p's gradient kept."""
+    grad = []
+    for qr, pr, e in zip(q, p, eps_rows):
+        grad.append([-(1 - e) * a / (b + DELTA) - e * (math.log(b + DELTA) + b / (b + DELTA)) for a, b in zip(qr, pr)])
+    return grad
+
+
 @pytest.mark.parametrize("eps_kind", ["float", "per_sample"])
 def test_self_kd_loss_cp_value_and_entropy_gradient(eps_kind):
     eps_rows = [0.2, 0.2, 0.2] if eps_kind == "float" else [0.1, 0.3, 0.5]
@@ -235,51 +252,104 @@ def test_self_kd_loss_cp_value_and_entropy_gradient(eps_kind):
     p = t64(P).requires_grad_()
     refined = refined_label("cp", t64(Q), p, eps)
 
-    loss = self_kd_loss("cp", refined, p, eps)
+    loss = self_kd_loss(refined, p)
     # value: H(q~, p) of Table 2
     expected_value = [xent(r, pr) for r, pr in zip(_refine_by_hand("cp", eps_rows), P)]
     assert loss.shape == (3,)
     torch.testing.assert_close(loss.detach(), t64(expected_value), rtol=0, atol=1e-12)
-    torch.testing.assert_close(loss.detach(), cross_entropy(refined, p).detach(), rtol=0, atol=1e-12)
 
     # gradient: that of (1-eps) H(q, p) - eps H(p) with H(p) differentiable (Pereyra et al.)
     (grad,) = torch.autograd.grad(loss.sum(), p)
-    p2 = t64(P).requires_grad_()
-    e_col = t64(eps_rows).unsqueeze(1)
-    ref_expr = (-(1 - e_col) * t64(Q) * torch.log(p2 + DELTA) + e_col * p2 * torch.log(p2 + DELTA)).sum()
-    (ref_grad,) = torch.autograd.grad(ref_expr, p2)
-    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(grad, t64(_cp_gradient_by_hand(Q, P, eps_rows)), rtol=0, atol=1e-10)
 
-    # and it differs from the gradient of the plain CE on the detached target by the entropy gradient
-    (ce_grad,) = torch.autograd.grad(cross_entropy(refined, p).sum(), p)
-    diff = grad - ce_grad
-    assert diff.abs().max().item() > 1e-3
-    # CE on the detached target has gradient -(1-eps)q/(p+d) + eps p/(p+d); the CP loss adds eps log(p+d)
+    # and it differs from the gradient with a detached target by exactly the entropy gradient
+    (det_grad,) = torch.autograd.grad(self_kd_loss(refined_label("cp", t64(Q), p, eps, grad=False), p).sum(), p)
     e_only = [[e * math.log(b + DELTA) for b in pr] for pr, e in zip(P, eps_rows)]
-    torch.testing.assert_close(diff, t64(e_only), rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad - det_grad, t64(e_only), rtol=0, atol=1e-10)
 
 
-def test_self_kd_loss_cp_scalar_tensor_epsilon():
-    # epsilon as a 0-d tensor (a fixed trust held as a tensor) must behave like the equal float.
+@pytest.mark.parametrize("method", ["bootsoft", "proselflc", "mconf"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_self_kd_loss_bootstrap_methods_gradient(method, grad):
+    """With grad=True: (1-eps) H(q,p) + eps H(p) (authors' code); with grad=False: CE on a constant target."""
+    eps_rows = [0.1, 0.3, 0.5]
     p = t64(P).requires_grad_()
-    refined = refined_label("cp", t64(Q), p, torch.tensor(0.2, dtype=F64))
-    got = self_kd_loss("cp", refined, p, torch.tensor(0.2, dtype=F64))
-    expected = self_kd_loss("cp", refined, p, 0.2)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    refined = refined_label(method, t64(Q), p, t64(eps_rows), grad=grad)
+    loss = self_kd_loss(refined, p)
+    hand_refined = _refine_by_hand(method, eps_rows)
+    torch.testing.assert_close(loss.detach(), t64([xent(r, pr) for r, pr in zip(hand_refined, P)]), rtol=0, atol=1e-12)
+    (g,) = torch.autograd.grad(loss.sum(), p)
+    if grad:
+        expected = _bootstrap_gradient_by_hand(Q, P, eps_rows)
+    else:
+        expected = [[-a / (b + DELTA) for a, b in zip(r, pr)] for r, pr in zip(hand_refined, P)]
+    torch.testing.assert_close(g, t64(expected), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["ce", "ls", "bootsoft", "proselflc", "mconf"])
-def test_self_kd_loss_other_methods_are_cross_entropy(method):
+@pytest.mark.parametrize("method", ["ce", "ls"])
+def test_self_kd_loss_ce_ls_are_cross_entropy_on_a_constant(method):
     eps_rows = [0.1, 0.3, 0.5]
     p = t64(P).requires_grad_()
     refined = refined_label(method, t64(Q), p, t64(eps_rows))
-    loss = self_kd_loss(method, refined, p, t64(eps_rows))
+    loss = self_kd_loss(refined, p)
     hand_refined = _refine_by_hand(method, eps_rows)
     torch.testing.assert_close(loss.detach(), t64([xent(r, pr) for r, pr in zip(hand_refined, P)]), rtol=0, atol=1e-12)
     (grad,) = torch.autograd.grad(loss.sum(), p)
     expected_grad = [[-a / (b + DELTA) for a, b in zip(r, pr)] for r, pr in zip(hand_refined, P)]
     torch.testing.assert_close(grad, t64(expected_grad), rtol=0, atol=1e-10)
+
+
+def _authors_target(method: str, q: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The refined label as the authors' ProSelfLC-AT losses build it: p not detached, eps a constant."""
+    e = eps.detach()[:, None]
+    if method == "ce":
+        return q
+    if method == "ls":
+        return (1 - e) * q + e / q.shape[1]
+    if method == "cp":
+        return (1 - e) * q - e * p
+    return (1 - e) * q + e * p
+
+
+@pytest.mark.parametrize("method", ["ce", "ls", "cp", "bootsoft", "proselflc", "mconf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_wrt_logits_equals_authors_formulation(method, dtype):
+    """Issue 9: d loss / d logits of the library path == autograd through H((1-eps) q + eps p, p), 1e-6."""
+    from types import SimpleNamespace
+
+    from cmd_dist.step import SelfKD
+
+    gen = torch.Generator().manual_seed(7)
+    logits = (3.0 * torch.randn(16, 10, generator=gen, dtype=dtype)).requires_grad_()
+    y = torch.randint(0, 10, (16,), generator=gen)
+    q = torch.nn.functional.one_hot(y, 10).to(dtype)
+    cfg = SimpleNamespace(self_kd=method, b1=16.0, rho=0.5, epsilon=None, target_grad=True, peer_target_grad=True)
+    skd = SelfKD(cfg)
+    p = torch.softmax(logits, 1)
+    h = entropy(p.detach())
+    eps = skd.trust(p, h, torch.tensor(0.8, dtype=dtype), torch.tensor(0.9, dtype=dtype))
+    if method not in ("ce",):
+        assert float(eps.max()) > 0.01  # a real trust, so the test can tell targets apart
+    own, _ = skd.targets(q, p, eps)
+    (g_lib,) = torch.autograd.grad(self_kd_loss(own, p).sum() / 16, logits)
+
+    logits2 = logits.detach().clone().requires_grad_()
+    p2 = torch.softmax(logits2, 1)
+    target = _authors_target(method, q, p2, eps)
+    ref = torch.sum(target * (-torch.log(p2 + 1e-6)), 1).sum() / 16  # their CrossEntropy.forward
+    (g_ref,) = torch.autograd.grad(ref, logits2)
+    torch.testing.assert_close(g_lib, g_ref, rtol=0, atol=1e-6)
+
+
+def test_detached_target_gradient_is_scaled_cross_entropy():
+    """target_grad=false: for Boot-soft the logit gradient is CE's direction scaled by (1 - eps) (up to the 1e-6)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(8, 5, generator=gen, dtype=F64).requires_grad_()
+    q = torch.nn.functional.one_hot(torch.randint(0, 5, (8,), generator=gen), 5).to(F64)
+    eps = torch.full((8,), 0.3, dtype=F64)
+    p = torch.softmax(logits, 1)
+    (g,) = torch.autograd.grad(self_kd_loss(refined_label("bootsoft", q, p, eps, grad=False), p).sum(), logits)
+    torch.testing.assert_close(g, (1 - 0.3) * (p.detach() - q), rtol=0, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -577,30 +647,31 @@ def test_cmd_losses_zero_knowledge_on_one_hot_predictions():
     assert b2a.item() == 0.0 and a2b.item() == 0.0
 
 
-def test_cmd_losses_gradients_flow_only_into_student_prediction():
+def test_cmd_losses_gradients_into_student_and_into_refined_label_where_selected():
+    """Appendix C detaches nothing: dL_B2A/dp_A = -m_B q_B/(p_A+d)/B and dL_B2A/dq_B = -m_B log(p_A+d)/B."""
     q_a, q_b, p_a, p_b = _cmd_inputs(0, batch=8, classes=5)
     q_a, q_b, p_a, p_b = (t.clone().requires_grad_() for t in (q_a, q_b, p_a, p_b))
     chi = _mixed_chi(p_b.detach())
     b2a, _ = cmd_losses(q_a, q_b, p_a, p_b, chi)
     b2a.backward()
-    assert p_a.grad is not None
-    for t in (p_b, q_a, q_b):
-        assert t.grad is None or bool((t.grad == 0).all())
-    # dL_B2A/dp_A = -m_B q_B / (p_A + 1e-6) / batch, m_B = 1[H(p_B) < chi]
     mask = (entropy(p_b.detach()) < chi).to(F64).unsqueeze(1)
+    assert 0 < int(mask.sum()) < 8  # a threshold that selects part of the batch
     expected = -mask * q_b.detach() / (p_a.detach() + DELTA) / p_a.shape[0]
     torch.testing.assert_close(p_a.grad, expected, rtol=0, atol=1e-10)
     assert bool((p_a.grad[mask.squeeze(1) == 0] == 0).all())
+    torch.testing.assert_close(q_b.grad, -mask * torch.log(p_a.detach() + DELTA) / 8, rtol=0, atol=1e-10)
+    # the selection itself carries no gradient, and A's own label is not part of L_B2A
+    for t in (p_b, q_a):
+        assert t.grad is None or bool((t.grad == 0).all())
 
 
-def test_cmd_losses_a2b_gradients_flow_only_into_p_b():
+def test_cmd_losses_detached_refined_labels_send_no_gradient():
     q_a, q_b, p_a, p_b = _cmd_inputs(2, batch=8, classes=5)
-    q_a, q_b, p_a, p_b = (t.clone().requires_grad_() for t in (q_a, q_b, p_a, p_b))
-    _, a2b = cmd_losses(q_a, q_b, p_a, p_b, 1e9)
+    p_a, p_b = p_a.clone().requires_grad_(), p_b.clone().requires_grad_()
+    _, a2b = cmd_losses(q_a.detach(), q_b.detach(), p_a, p_b, 1e9)
     a2b.backward()
     assert p_b.grad is not None and bool((p_b.grad != 0).any())
-    for t in (p_a, q_a, q_b):
-        assert t.grad is None or bool((t.grad == 0).all())
+    assert p_a.grad is None or bool((p_a.grad == 0).all())
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -659,16 +730,19 @@ def test_cmd_peer_loss_three_peers_averages_other_peers():
         assert out["peer_loss"].item() == pytest.approx(sum(x.item() for x in pair) / 2, abs=1e-10)
 
 
-def test_cmd_peer_loss_no_gradient_into_refined_labels():
+def test_cmd_peer_loss_gradient_into_peer_refined_labels_follows_the_caller():
     gen = torch.Generator().manual_seed(1)
     probs = [random_probs(gen, 6, 3).requires_grad_() for _ in range(2)]
     refined = [random_probs(gen, 6, 3).requires_grad_() for _ in range(2)]
     masks = [confident_mask(p, 1e9) for p in probs]
     out = cmd_peer_loss(0, cross_entropy(refined[0].detach(), probs[0]), probs[0], refined, masks)
     out["loss"].backward()
-    assert probs[0].grad is not None
-    assert probs[1].grad is None
-    assert all(r.grad is None for r in refined)
+    assert probs[0].grad is not None and probs[1].grad is None
+    assert refined[0].grad is None  # the own label enters only through self_loss (given detached here)
+    torch.testing.assert_close(refined[1].grad, -torch.log(probs[0].detach() + DELTA) / 6, rtol=0, atol=1e-10)
+    detached = [r.detach() for r in refined]
+    out = cmd_peer_loss(0, cross_entropy(detached[0], probs[0]), probs[0], detached, masks)
+    assert not any(r.requires_grad for r in detached)
 
 
 def test_cmd_peer_loss_errors():
