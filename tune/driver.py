@@ -135,17 +135,20 @@ class CMDTrial(ray_tune.Trainable):
 
 
 def stop_train_run(controller: Any) -> None:
-    """End a Ray Train run at once and free its resources, through Ray's public API only.
+    """End a Ray Train run at once and free its resources: the controller's ``abort()`` (Ray 2.60, pinned).
 
-    ``ray.kill`` of the run's controller actor: the worker actors it created die with their owner, and the
-    GCS removes the placement group of a (non-detached) creator that died, so the trial's CPUs/GPUs are free
-    for the next trial immediately (tested: tests/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes).
-    This replaces the controller's internal ``abort()`` (Train V2 has no public abort of a running fit).
-    The checkpoints already written stay; nothing else of a stopped trial is needed.
+    Ray Train V2 has no public way to stop a running ``fit()``. ``ray.kill`` of the controller (public) is not
+    enough: its workers die, but the run's placement group stays reserved (tested: the next trial then waits
+    forever), while ``abort()`` shuts the worker group down and removes the placement group. ``abort()`` is
+    internal (``ray.train.v2._internal...TrainController.abort``), so ``pyproject.toml`` pins Ray to 2.60.0 and
+    tests/test_tune.py and tests/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes fail if it
+    stops freeing the resources (the later trials could not start). See docs/cluster.md.
     """
+    if not hasattr(controller, "abort"):
+        raise RuntimeError("Ray Train's controller has no abort() in this Ray version; cmd-dist pins ray==2.60.0")
     try:
-        ray.kill(controller, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone (the run ended on its own meanwhile): nothing to free
+        ray.get(controller.abort.remote(), timeout=ABORT_GRACE_S)
+    except Exception:  # noqa: BLE001 - the controller exits inside abort(); that is success
         pass
 
 
