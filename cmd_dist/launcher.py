@@ -498,8 +498,10 @@ class RayReporter:
 
     def worker_info(self) -> dict[str, Any]:
         """Where this worker runs, for ``workers/rank<r>.json`` (which peers ran on which Ray node)."""
-        ctx = ray.get_runtime_context()
-        return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+        node_id = ray.get_runtime_context().get_node_id()
+        # The address the node joined the cluster with (127.0.0.1 on a loopback cluster), from the node table.
+        ip = next((n.get("NodeManagerAddress") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+        return {"node_id": node_id, "node_ip": ip or ray.util.get_node_ip_address()}
 
     def progress(self, total: int, desc: str) -> Any:
         if not self._show_progress:
@@ -698,6 +700,46 @@ def lost_workers(error: WorkerGroupError) -> dict[int, str]:
     return lost
 
 
+#: A collective that broke because its partner's process or node vanished (gloo, NCCL).
+_COMM_ERROR = re.compile(r"gloo|nccl|connection reset|connection closed|DistBackendError|DistNetworkError", re.I)
+
+#: Seconds to wait for Ray to mark a vanished node dead (its GCS health check) before calling an error the code's.
+NODE_LOSS_WAIT_S = 30.0
+
+
+def lost_nodes(error: WorkerGroupError, run_dir: Path, timeout: float = NODE_LOSS_WAIT_S) -> dict[int, str]:
+    """Ranks that ran on a node the cluster has lost, when every failure is a collective breaking.
+
+    A node removed at once (machine gone, raylet killed) reaches the driver first as the surviving workers'
+    collective errors (gloo: "Connection reset by peer"), before Ray's health check of the dead worker
+    fails, and Ray Train reports only those. The workers' records (``workers/rank<r>.json``: ``node_id``,
+    written at every start) and the cluster's node table tell whether a worker's node is gone; Ray marks
+    it dead within its health-check period, so this waits up to ``timeout``. Other errors return at once.
+    Pinned by tests/test_cluster.py::test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node.
+    """
+    failures = list(error.worker_failures.values())
+    if not failures or not all(
+        isinstance(f, TrainingCodeError) and _COMM_ERROR.search(f"{f.kind}: {f.message}") for f in failures
+    ):
+        return {}
+    where: dict[int, str] = {}
+    for path in Path(run_dir, "workers").glob("rank*.json"):
+        try:
+            info = json.loads(path.read_text())
+            where[int(info["rank"])] = str(info["node_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a run without Ray node records (or a damaged one): nothing to tell
+    if not where:
+        return {}
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = {r: f"its node {nid[:8]} left the cluster" for r, nid in sorted(where.items()) if nid not in alive}
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.5)
+
+
 def code_error(error: WorkerGroupError) -> TrainingCodeError | BaseException:
     """The first training-code exception among the workers' failures (lowest rank), else any failure."""
     failures = dict(sorted(error.worker_failures.items()))
@@ -774,7 +816,7 @@ def fit_with_restarts(
         try:
             return run_interruptibly(trainer.fit)
         except WorkerGroupError as e:
-            lost = lost_workers(e)
+            lost = lost_workers(e) or lost_nodes(e, run_dir)
             if not lost:
                 err = code_error(e)
                 detail = err.tb if isinstance(err, TrainingCodeError) else "".join(traceback.format_exception(e))
