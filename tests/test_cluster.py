@@ -287,6 +287,31 @@ def test_cluster_without_the_resources_is_refused():
     assert launcher.scaling_for(ok)[0].placement_strategy == "STRICT_SPREAD"
 
 
+def test_lost_node_is_told_from_a_code_error(monkeypatch, tmp_path):
+    """A node removed at once can reach the driver only as the survivor's broken collective (gloo); the rank
+    records and the node table make it a lost worker (restart). A code error, or no dead node, stays an error."""
+    from ray.train import WorkerGroupError
+
+    from cmd_dist import launcher
+
+    (tmp_path / "workers").mkdir()
+    for rank, node in ((0, "a" * 56), (1, "b" * 56)):
+        (tmp_path / "workers" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "node_id": node}))
+    reset = launcher.TrainingCodeError(
+        1, "RuntimeError", "[gloo/transport/tcp/pair.cc:545] Connection reset by peer", ""
+    )
+    nodes = [{"NodeID": "a" * 56, "Alive": False}, {"NodeID": "b" * 56, "Alive": True}]
+    monkeypatch.setattr(launcher.ray, "nodes", lambda: nodes)
+    lost = launcher.lost_nodes(WorkerGroupError("x", {1: reset}), tmp_path, timeout=0)
+    assert list(lost) == [0] and "aaaaaaaa left the cluster" in lost[0]
+    bug = launcher.TrainingCodeError(1, "ValueError", "bad shape", "")
+    assert launcher.lost_nodes(WorkerGroupError("x", {1: bug}), tmp_path, timeout=0) == {}
+    nodes[0]["Alive"] = True  # every node alive: a broken collective without a lost node is the code's
+    start = time.monotonic()
+    assert launcher.lost_nodes(WorkerGroupError("x", {1: reset}), tmp_path, timeout=1.0) == {}
+    assert time.monotonic() - start >= 1.0  # it waited for Ray's health check to mark a dead node
+
+
 def test_spread_and_output_dir_keys_are_validated():
     with pytest.raises(ConfigError, match="ray.spread: true needs ray.placement=separate or auto"):
         load_config(DEMO, ["ray.spread=true", "ray.placement=together"])
