@@ -1,4 +1,5 @@
-"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]`` and ``cmd-dist report DIR...``.
+"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]``, ``cmd-dist submit CONFIG [...]``
+and ``cmd-dist report DIR...``.
 
 User mistakes (config, data files) print one line and exit with code 2, before Ray starts.
 """
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search")
     u.add_argument("--address")
     u.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help="GPUs each trial holds, shared by its peers' workers (e.g. 0.5: two trials per GPU)",
+    )
+    u.add_argument(
         "--verbose", action="store_true", help="show Ray's logs, Tune's trial tables and lost workers' tracebacks"
     )
     u.set_defaults(func=_cmd_tune)
@@ -177,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: FOLDER/report)")
     r.set_defaults(func=cmd_report)
+    from cmd_dist.submit import add_parser as add_submit_parser
+
+    add_submit_parser(sub)
     return parser
 
 

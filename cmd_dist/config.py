@@ -165,6 +165,8 @@ class RayConfig:
     max_failures: int = 3
     #: Checkpoints kept (the latest N) besides the best by validation accuracy.
     keep_checkpoints: int = 2
+    #: Put every worker on a different node (Ray's STRICT_SPREAD placement); false packs them (PACK).
+    spread: bool = False
 
 
 @dataclass
@@ -426,6 +428,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ray.gpus_per_worker: {cfg.ray.gpus_per_worker} must be in (0, 1]")
     if cfg.ray.max_failures < 0:
         raise ConfigError(f"ray.max_failures: {cfg.ray.max_failures} must be >= 0")
+    if cfg.ray.spread and cfg.ray.placement == "together":
+        raise ConfigError("ray.spread: true needs ray.placement=separate or auto (one worker per peer, one node each)")
     if cfg.ray.keep_checkpoints < 1:
         raise ConfigError(f"ray.keep_checkpoints: {cfg.ray.keep_checkpoints} must be >= 1")
     paper = cfg.paper
@@ -437,6 +441,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"paper.peers: {paper.peers} must be accuracies in % (0 to 100)")
     if (paper.value is not None or paper.peers) and not paper.table.strip():
         raise ConfigError("paper.table: name where the paper reports these numbers, e.g. 'Table 1'")
+    if "://" in cfg.output_dir:
+        raise ConfigError(
+            f"output_dir: {cfg.output_dir!r}: URIs (s3://, gs://, file://) are not supported yet; use a folder "
+            f"every node sees at the same path (NFS or similar)"
+        )
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
 

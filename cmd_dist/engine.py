@@ -369,7 +369,7 @@ def run_worker(
             if stale != folder and (folder_epoch(stale) > start_epoch or checkpoint_epoch(stale) < 0):
                 _remove_tree(stale)
     exchange.gather_objects(None)  # nobody writes a checkpoint before the stale ones are gone
-    _write_worker_info(run_dir, exchange, start_epoch)
+    _write_worker_info(run_dir, exchange, start_epoch, reporter)
     best_dir = run_dir / "best_checkpoint"
     best_score = _stored_best_score(best_dir)
     best_pending: tuple[dict, dict, int] | None = None  # (CPU states, metrics, epoch) not yet on disk
@@ -503,8 +503,12 @@ def _save_best(best_dir: Path, exchange: Exchange, states: dict[int, dict], metr
         write_epoch_marker(best_dir, epoch)
 
 
-def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int) -> None:
-    """``workers/rank<r>.json``: which process hosts which peers, and the epochs done when it started."""
+def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int, reporter: Reporter | None = None) -> None:
+    """``workers/rank<r>.json``: which process on which host hosts which peers, and the epochs done when it started.
+
+    The reporter may add where it runs (the Ray launcher: the Ray node id and IP); operators and the
+    cluster tests read it to see which peers ran on which node.
+    """
     folder = Path(run_dir) / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     info = {
@@ -513,7 +517,11 @@ def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int) -> N
         "host": socket.gethostname(),
         "peers": exchange.local_peers,
         "resumed_after_epoch": start_epoch,
+        "started_at": time.time(),
     }
+    where = getattr(reporter, "worker_info", None)
+    if where is not None:
+        info.update(where())
     atomic_write_bytes(folder / f"rank{exchange.rank}.json", json.dumps(info).encode())
 
 

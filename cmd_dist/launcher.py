@@ -202,7 +202,11 @@ def init_ray(cfg: Config) -> None:
         env_vars.setdefault("RAY_ADDRESS", address)
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: this node is 127.0.0.1 too
-    kwargs["runtime_env"] = {"env_vars": env_vars}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        # Inside a Ray Job (cmd-dist submit) the job's runtime env already carries these (cmd_dist/submit.py),
+        # and a runtime_env given here would replace the job's, whose working_dir package the workers then
+        # could not download.
+        kwargs["runtime_env"] = {"env_vars": env_vars}
     try:
         ray.init(address=address, **kwargs)
     finally:
@@ -287,6 +291,8 @@ class Placement:
     resources_per_worker: dict[str, float]
     backend: str
     line: str
+    #: Ray's placement-group strategy: STRICT_SPREAD (``ray.spread``: every worker on its own node) or PACK.
+    strategy: str = "PACK"
 
 
 def auto_workers(num_peers: int, total_gpus: int, use_gpu: str) -> int:
@@ -302,21 +308,23 @@ def auto_workers(num_peers: int, total_gpus: int, use_gpu: str) -> int:
     return max(d for d in range(1, total_gpus + 1) if num_peers % d == 0)
 
 
-def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
+def plan_placement(cfg: Config, nodes: list[dict[str, float]], check_nodes: bool = True) -> Placement:
     """Decide the placement from the config and the cluster's alive nodes' total resources (pure).
 
     ``ray.use_gpu: auto`` puts the workers on the GPUs that exist: one GPU each when there are
     enough, else GPU shares (e.g. 2 workers on 1 GPU: 0.5 each, exchanging through gloo); CPU only
     when the cluster has no GPU. ``true`` with too few GPUs, and CPU requests that no node or the
-    whole cluster can hold, are a ConfigError (exit 2) before anything starts, never a wait.
+    whole cluster can hold, are a ConfigError (exit 2) before anything starts, never a wait; so is
+    ``ray.spread`` (a worker per peer, each on its own node) with fewer nodes that can hold a worker
+    than workers (``check_nodes``).
     """
     r = cfg.ray
     names = [p.name for p in cfg.peers]
     mode = str(r.use_gpu).lower()
     node_gpus = [int(n.get("GPU", 0.0) + 1e-9) for n in nodes]
     total_gpus = sum(node_gpus)
-    workers = auto_workers(len(names), total_gpus, mode) if r.placement == "auto" else None
-    if workers is None:
+    workers = auto_workers(len(names), total_gpus, mode) if r.placement == "auto" and not r.spread else None
+    if workers is None:  # ray.spread: a worker per peer, each on its own node
         workers = len(names) if r.placement != "together" else 1
 
     def capacity(share: float) -> int:  # workers of this GPU share the cluster's GPUs hold
@@ -354,6 +362,8 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
     resources = {"CPU": cpu}
     if use_gpu:
         resources["GPU"] = share
+    if r.spread and check_nodes:
+        check_spread(workers, resources, nodes)
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
     backend = "nccl" if use_gpu and workers > 1 and share >= 1 else "gloo"
     per = len(names) // workers  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
@@ -368,7 +378,92 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]]) -> Placement:
             + (" (no GPU in the cluster)" if mode == "auto" else "")
             + (", gloo exchange" if workers > 1 else "")
         )
-    return Placement(workers, use_gpu, resources, backend, f"placement: {where}; {how}")
+    if r.spread:
+        how += ", one node each (STRICT_SPREAD)"
+    strategy = "STRICT_SPREAD" if r.spread else "PACK"
+    return Placement(workers, use_gpu, resources, backend, f"placement: {where}; {how}", strategy)
+
+
+def check_spread(workers: int, need: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """``ray.spread``: a ConfigError unless ``workers`` distinct nodes can each hold one worker's ``need``.
+
+    Ray would otherwise wait forever for a STRICT_SPREAD placement group the cluster can never place.
+    Totals, not free resources, are compared: a busy cluster that can hold the job makes it wait its turn.
+    """
+    need = {k: v for k, v in need.items() if v > 0}
+    usable = sum(1 for n in nodes if all(n.get(k, 0.0) + 1e-9 >= v for k, v in need.items()))
+    if usable < workers:
+        shown = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        raise ConfigError(
+            f"ray.spread: {workers} workers need {workers} nodes with {shown} each; the cluster has {usable} such "
+            f"node(s) of {len(nodes)}; add nodes, lower ray.cpus_per_worker/gpus_per_worker, or set ray.spread=false"
+        )
+
+
+#: Seconds the output_dir visibility probe waits for every node's answer.
+PROBE_TIMEOUT_S = 60.0
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def nodes_missing_file(folder: str, name: str, token: str, timeout: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:
+    """The alive nodes on which ``folder/name`` does not hold ``token`` (one zero-CPU task pinned to each node)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def read_token(path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    nodes = alive_nodes()
+    refs = [
+        read_token.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+            str(Path(folder) / name)
+        )
+        for n in nodes
+    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    missing = []
+    for node, ref in zip(nodes, refs):
+        seen = ray.get(ref, timeout=1) if ref in ready else None
+        if seen != token:
+            missing.append(node)
+    return missing
+
+
+def check_shared_output(output_dir: str) -> None:
+    """On a multi-node cluster ``output_dir`` must be the same folder on every node (NFS or similar).
+
+    A token file written here is read back by a task on every node; a node that cannot read it means the
+    folder is local to this machine, and the run is refused (one line) before any worker starts.
+    """
+    if len(alive_nodes()) < 2:
+        return
+    import uuid
+
+    token = uuid.uuid4().hex
+    name = f".cmd-dist-shared-{token[:12]}"
+    probe = Path(output_dir) / name
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(probe, token.encode())
+    try:
+        missing = nodes_missing_file(output_dir, name, token)
+    finally:
+        probe.unlink(missing_ok=True)
+    if missing:
+        raise ConfigError(shared_output_error(output_dir, missing, len(alive_nodes())))
+
+
+def shared_output_error(output_dir: str, missing: list[dict[str, Any]], total: int) -> str:
+    where = ", ".join(f"{n.get('NodeManagerAddress', '?')} ({str(n.get('NodeID', ''))[:8]})" for n in missing[:3])
+    return (
+        f"output_dir: {output_dir} is local to this machine: {len(missing)} of the cluster's {total} nodes "
+        f"cannot see it ({where}); use a folder shared by every node at the same path (NFS or similar)"
+    )
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -393,8 +488,14 @@ def scaling_for(cfg: Config) -> tuple[ScalingConfig, str, bool]:
     """Ray Train's ScalingConfig for ``cfg`` on the connected cluster (CPU counts are checked by train())."""
     nodes = cluster_nodes() if ray.is_initialized() else []
     probe = [{**n, "CPU": max(n.get("CPU", 0.0), 1e9)} for n in nodes] or [{"CPU": 1e9}]
-    p = plan_placement(cfg, probe)
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=p.resources_per_worker)
+    # The ray.spread node count is checked by train() (and the search) against the real cluster.
+    p = plan_placement(cfg, probe, check_nodes=False)
+    scaling = ScalingConfig(
+        num_workers=p.num_workers,
+        use_gpu=p.use_gpu,
+        resources_per_worker=p.resources_per_worker,
+        placement_strategy=p.strategy,
+    )
     return scaling, p.backend, p.use_gpu
 
 
@@ -407,6 +508,13 @@ class RayReporter:
 
     def report(self, metrics: dict[str, Any]) -> None:
         ray.train.report(metrics)
+
+    def worker_info(self) -> dict[str, Any]:
+        """Where this worker runs, for ``workers/rank<r>.json`` (which peers ran on which Ray node)."""
+        node_id = ray.get_runtime_context().get_node_id()
+        # The address the node joined the cluster with (127.0.0.1 on a loopback cluster), from the node table.
+        ip = next((n.get("NodeManagerAddress") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+        return {"node_id": node_id, "node_ip": ip or ray.util.get_node_ip_address()}
 
     def progress(self, total: int, desc: str) -> Any:
         if not self._show_progress:
@@ -555,6 +663,7 @@ def build_trainer(
             num_workers=placement.num_workers,
             use_gpu=placement.use_gpu,
             resources_per_worker=placement.resources_per_worker,
+            placement_strategy=placement.strategy,
         )
         backend = placement.backend
     run_config = RunConfig(
@@ -614,6 +723,46 @@ def lost_workers(error: WorkerGroupError) -> dict[int, str]:
         if isinstance(inner, ray.exceptions.RayActorError) or isinstance(err, ray.exceptions.RayActorError):
             lost[rank] = str(inner).strip().splitlines()[0] if str(inner).strip() else type(inner).__name__
     return lost
+
+
+#: A collective that broke because its partner's process or node vanished (gloo, NCCL).
+_COMM_ERROR = re.compile(r"gloo|nccl|connection reset|connection closed|DistBackendError|DistNetworkError", re.I)
+
+#: Seconds to wait for Ray to mark a vanished node dead (its GCS health check) before calling an error the code's.
+NODE_LOSS_WAIT_S = 30.0
+
+
+def lost_nodes(error: WorkerGroupError, run_dir: Path, timeout: float = NODE_LOSS_WAIT_S) -> dict[int, str]:
+    """Ranks that ran on a node the cluster has lost, when every failure is a collective breaking.
+
+    A node removed at once (machine gone, raylet killed) reaches the driver first as the surviving workers'
+    collective errors (gloo: "Connection reset by peer"), before Ray's health check of the dead worker
+    fails, and Ray Train reports only those. The workers' records (``workers/rank<r>.json``: ``node_id``,
+    written at every start) and the cluster's node table tell whether a worker's node is gone; Ray marks
+    it dead within its health-check period, so this waits up to ``timeout``. Other errors return at once.
+    Pinned by tests/test_cluster.py::test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node.
+    """
+    failures = list(error.worker_failures.values())
+    if not failures or not all(
+        isinstance(f, TrainingCodeError) and _COMM_ERROR.search(f"{f.kind}: {f.message}") for f in failures
+    ):
+        return {}
+    where: dict[int, str] = {}
+    for path in Path(run_dir, "workers").glob("rank*.json"):
+        try:
+            info = json.loads(path.read_text())
+            where[int(info["rank"])] = str(info["node_id"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a run without Ray node records (or a damaged one): nothing to tell
+    if not where:
+        return {}
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        lost = {r: f"its node {nid[:8]} left the cluster" for r, nid in sorted(where.items()) if nid not in alive}
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.5)
 
 
 def code_error(error: WorkerGroupError) -> TrainingCodeError | BaseException:
@@ -692,7 +841,7 @@ def fit_with_restarts(
         try:
             return run_interruptibly(trainer.fit)
         except WorkerGroupError as e:
-            lost = lost_workers(e)
+            lost = lost_workers(e) or lost_nodes(e, run_dir)
             if not lost:
                 err = code_error(e)
                 detail = err.tb if isinstance(err, TrainingCodeError) else "".join(traceback.format_exception(e))
@@ -777,6 +926,7 @@ def train(cfg: Config, run_dir: Path | None = None, log: Callable[[str], None] =
     lock_run_dir(run_dir)
     init_ray(cfg)
     placement = plan_placement(cfg, cluster_nodes())
+    check_shared_output(cfg.output_dir)
     log(f"cmd-dist: {placement.line}")
     start = time.time()
     result = fit_with_restarts(cfg, run_dir, placement=placement, log=log, verbose=verbose)

@@ -229,4 +229,6 @@ def test_docker_image_copies_files_that_exist_and_are_not_ignored():
     for src in sources:
         assert (REPO / src).exists(), f"docker/Dockerfile copies {src}, which is not in the repo"
         assert src in kept, f"docker/Dockerfile.dockerignore drops {src} from the build context"
-    assert 'ENTRYPOINT ["cmd-dist"]' in dockerfile
+    # The image of Ray cluster nodes: `ray up` runs `docker run IMAGE bash` and KubeRay its own command, so no
+    # ENTRYPOINT may capture them; `cmd-dist` is on PATH from `pip install .`.
+    assert "ENTRYPOINT" not in dockerfile and "RUN pip install ." in dockerfile

@@ -46,7 +46,7 @@ def trial_dirname(trial: Any) -> str:
 class _ForwardReports(UserCallback):
     """Runs in the Ray Train controller: hands each epoch's metrics (rank 0's) to the trial's queue.
 
-    The first report also carries the controller's handle, so the trial can abort the run cleanly.
+    The first report also carries the controller's handle, so the trial can stop the run (:func:`stop_train_run`).
     """
 
     def __init__(self, reports: Queue) -> None:
@@ -68,7 +68,8 @@ class CMDTrial(ray_tune.Trainable):
     epoch) it kills the trial's process, and a Ray Train run killed with it keeps its workers'
     placement group (Train frees it through the state API, absent without the dashboard): the CPUs
     stay reserved and every later trial waits for them forever. ``cleanup`` first lets a finishing
-    run end, or aborts a running one, so its workers and resources are released.
+    run end, or stops a running one (:func:`stop_train_run`), so its workers and resources are released.
+    Each trial's Train run has its own placement group, so on a cluster trials run side by side on any nodes.
 
     The trial's cmd-dist run folder is its Tune trial folder: tb/, metrics.jsonl and config.yaml sit
     beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there.
@@ -138,15 +139,30 @@ class CMDTrial(ray_tune.Trainable):
         return None
 
     def cleanup(self) -> None:
-        # A run past its last report needs only a moment to close; otherwise it was stopped early: abort it.
+        # A run past its last report needs only a moment to close; otherwise it was stopped early: end it now.
         last_epoch = int(self._last.get("epoch", 0)) >= self._epochs or bool(self._last.get("nonfinite"))
         self._thread.join(timeout=ABORT_GRACE_S if last_epoch else 0.1)
         if self._thread.is_alive() and self._controller is not None:
-            try:
-                ray.get(self._controller.abort.remote(), timeout=ABORT_GRACE_S)
-            except Exception:  # noqa: BLE001 - the controller exits inside abort(); that is success
-                pass
+            stop_train_run(self._controller)
             self._thread.join(timeout=ABORT_GRACE_S)
+
+
+def stop_train_run(controller: Any) -> None:
+    """End a Ray Train run at once and free its resources: the controller's ``abort()`` (Ray 2.60, pinned).
+
+    Ray Train V2 has no public way to stop a running ``fit()``. ``ray.kill`` of the controller (public) is not
+    enough: its workers die, but the run's placement group stays reserved (tested: the next trial then waits
+    forever), while ``abort()`` shuts the worker group down and removes the placement group. ``abort()`` is
+    internal (``ray.train.v2._internal...TrainController.abort``), so ``pyproject.toml`` pins Ray to 2.60.0 and
+    tests/test_tune.py and tests/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes fail if it
+    stops freeing the resources (the later trials could not start). See docs/cluster.md.
+    """
+    if not hasattr(controller, "abort"):
+        raise RuntimeError("Ray Train's controller has no abort() in this Ray version; cmd-dist pins ray==2.60.0")
+    try:
+        ray.get(controller.abort.remote(), timeout=ABORT_GRACE_S)
+    except Exception:  # noqa: BLE001 - the controller exits inside abort(); that is success
+        pass
 
 
 def trial_hparams(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
@@ -247,8 +263,12 @@ def tune_domain(param: Param) -> Any:
     return ray_tune.choice(list(param.values))
 
 
-def search_setup(job: SearchJob, seed: int) -> tuple[dict[str, Any], Any, int]:
-    """(param_space, search algorithm, num_samples) for --algo optuna / random / grid."""
+def search_setup(job: SearchJob, seed: int, max_concurrent: int = 0) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search algorithm, num_samples) for --algo optuna / random / grid.
+
+    ``max_concurrent`` must reach the random search's generator itself: Tune ignores
+    ``TuneConfig(max_concurrent_trials=...)`` when handed a generator (it only wraps a ``Searcher``).
+    """
     algo = job.options.algo
     start = [dict(p) for p in job.space.start] or None
     if algo == "grid":
@@ -259,7 +279,8 @@ def search_setup(job: SearchJob, seed: int) -> tuple[dict[str, Any], Any, int]:
 
         # Optuna's TPE, seeded; the space's start points are enqueued before TPE samples.
         return space, OptunaSearch(points_to_evaluate=start, seed=seed), job.options.trials
-    return space, BasicVariantGenerator(points_to_evaluate=start, random_state=seed), job.options.trials
+    generator = BasicVariantGenerator(points_to_evaluate=start, random_state=seed, max_concurrent=max_concurrent)
+    return space, generator, job.options.trials
 
 
 def max_epochs(job: SearchJob) -> int:
@@ -287,6 +308,10 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
     launcher.init_ray(cfg)
     probe = trial_config(job.base, {})
     scaling, _, _ = launcher.scaling_for(probe)
+    # The CPU/GPU and ray.spread node checks with the cluster's real totals (one line, before any trial starts).
+    launcher.plan_placement(probe, launcher.cluster_nodes())
+    # Every trial's workers write into the search folder: on a multi-node cluster every node must see it.
+    launcher.check_shared_output(str(job.search_dir))
     plan = plan_resources(
         scaling.num_workers,
         dict(scaling.resources_per_worker or {"CPU": 1.0}),
@@ -311,7 +336,7 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
         ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir), verbose=verbose),
         {"CPU": 0, "memory": 1},
     )
-    param_space, searcher, num_samples = search_setup(job, cfg.seed)
+    param_space, searcher, num_samples = search_setup(job, cfg.seed, plan.concurrency)
     epochs = max_epochs(job)
     # Ray Tune's own trial tables (every few seconds, every column) with --verbose; otherwise one line per trial.
     callbacks = [] if verbose else [TrialLines(job, epochs, live=launcher.CONSOLE.progress)]

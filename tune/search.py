@@ -129,6 +129,24 @@ def check_options(args: argparse.Namespace, cfg: Config, space: SearchSpace) -> 
     )
 
 
+def apply_gpus_per_trial(cfg: Config, gpus: float | None) -> None:
+    """``--gpus-per-trial G``: every trial holds G GPUs, split evenly over its workers (fractions share a GPU)."""
+    if gpus is None:
+        return
+    if cfg.ray.placement == "auto":  # G is split over a worker per peer (not auto's GPU-count-based grouping)
+        cfg.ray.placement = "separate"
+    workers = len(cfg.peers) if cfg.ray.placement == "separate" else 1
+    if not gpus > 0:
+        raise ConfigError(f"--gpus-per-trial {gpus:g}: must be > 0 (leave it out for CPU trials)")
+    per_worker = gpus / workers
+    if per_worker > 1:
+        raise ConfigError(
+            f"--gpus-per-trial {gpus:g}: a trial has {workers} worker(s), each can hold at most 1 GPU; "
+            f"use at most {workers}"
+        )
+    cfg.ray.use_gpu, cfg.ray.gpus_per_worker = "true", per_worker
+
+
 def _absolute_paths(cfg: Config) -> None:
     """Ray workers do not run in the caller's directory: make output_dir and data.root absolute."""
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
@@ -145,6 +163,7 @@ def prepare(args: argparse.Namespace) -> SearchJob:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.ray.address = args.address
+    apply_gpus_per_trial(cfg, getattr(args, "gpus_per_trial", None))
     _absolute_paths(cfg)
     base = cfg.to_dict()
     space = load_space(args.space, base)
@@ -186,6 +205,8 @@ def _prepare_resume(args: argparse.Namespace) -> SearchJob:
         raise ConfigError(f"--resume {args.resume}: {state_path} is incomplete or damaged ({e})") from None
     if args.address:
         base["ray"]["address"] = args.address
+    if getattr(args, "gpus_per_trial", None) is not None:
+        raise ConfigError("--resume continues a saved search with its saved resources; drop --gpus-per-trial")
     return SearchJob(search_dir, base, space, options, resume=True)
 
 
