@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -29,3 +30,14 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def wait_for(predicate, timeout: float = 240.0, every: float = 0.05):
+    """Poll ``predicate()`` until it is truthy (returned) or ``timeout`` seconds pass (AssertionError)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")

@@ -25,7 +25,7 @@ import yaml
 
 from cmd_dist.checkpoint import load_peer_state
 from cmd_dist.config import ConfigError, load_config
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 from tests.multinode import MultiNodeCluster, free_port
 
 DEMO = os.path.join(REPO, "configs", "demo.yaml")
@@ -84,16 +84,6 @@ def _final_checkpoint(run_dir: Path, epoch: int) -> Path:
     raise AssertionError(f"no checkpoint for epoch {epoch} in {run_dir}")
 
 
-def _wait_for(predicate, timeout: float, every: float = 0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 # ----------------------------------------------------------------------------- on the cluster
 
 
@@ -143,7 +133,7 @@ def test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node(clu
     )
     try:
         ranks = [run_dir / "workers" / f"rank{r}.json" for r in range(2)]
-        _wait_for(lambda: all(p.is_file() for p in ranks) and len(_rows(run_dir)) >= 4, timeout=240)
+        wait_for(lambda: all(p.is_file() for p in ranks) and len(_rows(run_dir)) >= 4, timeout=240)
         first = [json.loads(p.read_text()) for p in ranks]
         assert first[0]["node_id"] != first[1]["node_id"], first  # STRICT_SPREAD: one peer per node
         # Remove a worker node that hosts a peer (the head hosts the driver and Train's controller).

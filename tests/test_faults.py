@@ -33,7 +33,7 @@ from cmd_dist.checkpoint import (
 )
 from cmd_dist.config import ConfigError, load_config
 from cmd_dist.local import run_local
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 
 DEMO = os.path.join(REPO, "configs", "demo.yaml")
 FAST = [
@@ -355,7 +355,7 @@ def test_disk_full_mid_run_is_one_line_no_retry_no_tmp(tmp_path):
             text=True,
             env=_env(),
         )
-        _wait_for(lambda: (run_dir / "checkpoint_000001" / "epoch.txt").is_file() or proc.poll() is not None)
+        wait_for(lambda: (run_dir / "checkpoint_000001" / "epoch.txt").is_file() or proc.poll() is not None)
         _fill(disk)
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 1, err[-3000:]
@@ -489,16 +489,6 @@ def test_sigterm_and_sigint_both_raise_keyboard_interrupt():
 # ----------------------------------------------------------------------------- Ctrl-C (subprocesses)
 
 
-def _wait_for(predicate, timeout: float = 240.0, every: float = 0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def _our_tracebacks(err: str) -> bool:
     """A traceback through cmd-dist's code or an error it raised. (Ray's PlacementGroupCleaner thread
     prints one of its own when several Ray instances run on one machine, as in this test session.)"""
@@ -539,7 +529,7 @@ def test_ctrl_c_on_train_with_a_stale_cluster_file(tmp_path):
             env=env,
             start_new_session=True,
         )
-        _wait_for(lambda: _epochs_logged(run_dir) >= 2 or proc.poll() is not None, timeout=180)
+        wait_for(lambda: _epochs_logged(run_dir) >= 2 or proc.poll() is not None, timeout=180)
         sent = time.time()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         _, err = proc.communicate(timeout=60)
@@ -581,7 +571,7 @@ def test_ctrl_c_on_tune_exits_130_with_the_resume_command(tmp_path):
         env=_env(),
         start_new_session=True,
     )
-    _wait_for(
+    wait_for(
         lambda: any(_epochs_logged(p) >= 1 for p in (run / "trials").glob("trial_*")) or proc.poll() is not None,
         timeout=240,
     )

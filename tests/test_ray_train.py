@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cmd_dist.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
 from cmd_dist.config import load_config
-from tests.conftest import REPO, SHARED_CIFAR
+from tests.conftest import REPO, SHARED_CIFAR, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -191,18 +191,6 @@ def test_real_cifar100_slice(ray_cluster, tmp_path):
 # ----------------------------------------------------------------------------- faults (issue 6)
 
 
-def _wait_for(predicate, timeout: float = 240.0, every: float = 0.05):
-    import time
-
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def _epochs_logged(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -259,7 +247,7 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     thread.start()
     info = run_dir / "workers" / "rank1.json"
     # After epoch 1's checkpoint is complete, so the restart has a checkpoint to resume from.
-    _wait_for(lambda: (run_dir / "checkpoint_000001" / "epoch.txt").is_file() and info.is_file(), every=0.01)
+    wait_for(lambda: (run_dir / "checkpoint_000001" / "epoch.txt").is_file() and info.is_file(), every=0.01)
     victim = json.loads(info.read_text())["pid"]
     os.kill(victim, signal.SIGKILL)  # peerB's worker, while a later epoch runs
     killed_after = _epochs_logged(run_dir)
@@ -299,7 +287,7 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(tmp_path):
     args = [exe, "train", demo, *overrides, f"output_dir={tmp_path}", "run_name=sigterm"]
     run_dir = tmp_path / "sigterm"
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    _wait_for(lambda: _epochs_logged(run_dir) >= 1 or proc.poll() is not None, every=0.01)
+    wait_for(lambda: _epochs_logged(run_dir) >= 1 or proc.poll() is not None, every=0.01)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
