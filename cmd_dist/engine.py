@@ -213,6 +213,8 @@ class EpochResult:
     seconds: float = 0.0
     #: Per local peer: counts of H(p) over the epoch's samples in HIST_BINS bins on [0, H(u)].
     hists: dict[int, list[float]] = field(default_factory=dict)
+    #: Unreadable images skipped so far by all workers together (set after the epoch's gather).
+    skipped: int = 0
 
 
 class Trainer:
@@ -341,19 +343,23 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange | None = None) -> float:
+def evaluate(
+    peer: Peer, data: PeerData, batch_size: int, exchange: Exchange | None = None, split: str | None = None
+) -> float:
     """Top-1 accuracy (%) on the eval split, in eval mode, batched; one host read at the end.
 
     On the fast path in eager bf16: a compiled eval graph per batch shape is not worth its compile time.
     With replicas each scores every R-th batch with replica 0's BatchNorm statistics (broadcast first)
-    and the hits are summed over the replicas.
+    and the hits are summed over the replicas. ``split``: another of a streamed dataset's ``eval_sets``
+    (e.g. WebVision's own val set beside the ImageNet val test set).
     """
     peer.model.eval()
     replicas = getattr(exchange, "replicas", 1) if exchange is not None else 1
+    which = {"split": split} if split else {}
     if replicas > 1:
-        return _evaluate_sharded(peer, data, batch_size, exchange)
+        return _evaluate_sharded(peer, data, batch_size, exchange, which)
     correct, total = None, 0
-    for x, y in data.eval_batches(batch_size):
+    for x, y in data.eval_batches(batch_size, **which):
         if peer.fast:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 logits = peer.model(x.contiguous(memory_format=torch.channels_last))
@@ -365,14 +371,14 @@ def evaluate(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange | N
     return 100.0 * float(correct) / total if total else 0.0
 
 
-def _evaluate_sharded(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange) -> float:
+def _evaluate_sharded(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange, which: dict) -> float:
     import torch.distributed as dist
 
     for buf in peer.model.buffers():  # per-replica BatchNorm statistics differ (no SyncBatchNorm): use replica 0's
         dist.broadcast(buf, src=exchange.worker, group=exchange.peer_group)
     device = next(peer.model.parameters()).device
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in data.eval_batches(batch_size, shard=Shard(exchange.replica, exchange.replicas)):
+    for x, y in data.eval_batches(batch_size, shard=Shard(exchange.replica, exchange.replicas), **which):
         if peer.fast:
             with torch.autocast(x.device.type, dtype=torch.bfloat16):
                 logits = peer.model(x.contiguous(memory_format=torch.channels_last))
@@ -478,6 +484,7 @@ def run_worker(
     monitor = monitor_factory(cfg, run_dir, start_epoch) if (monitor_factory and exchange.rank == 0) else None
     verified: set[Path] = {folder} if folder is not None else set()
     trainer = Trainer(cfg, peers, exchange, data, device)  # after loading: a CUDA graph binds the live tensors
+    extra_sets = extra_eval_sets(data)
     every = cfg.train.checkpoint_every
 
     for epoch in range(start_epoch, cfg.train.epochs):
@@ -489,6 +496,8 @@ def run_worker(
             row = res.rows[p.index]
             t_eval = time.perf_counter()
             row["eval_acc"] = evaluate(p, data, cfg.train.eval_batch_size, exchange)
+            for name in extra_sets:  # e.g. mini-WebVision: ImageNet val is the test set, WebVision val beside it
+                row[f"{name}_acc"] = evaluate(p, data, cfg.train.eval_batch_size, exchange, split=name)
             row["train_s"], row["eval_s"] = res.seconds, time.perf_counter() - t_eval
             row["certainty_r"] = p.certainty.end_epoch() if cfg.method.self_kd == "mconf" else math.nan
             row["lr"] = p.optimizer.param_groups[0]["lr"]
@@ -497,9 +506,11 @@ def run_worker(
                 p.best_eval_acc, p.best_epoch = row["eval_acc"], epoch + 1
             row["best_eval_acc"], row["best_epoch"] = p.best_eval_acc, p.best_epoch
             p.scheduler.step()
-        gathered = exchange.gather_objects((res.rows, res.hists))
-        rows = {k: v for part, _ in gathered for k, v in part.items()}
-        res.hists = {k: v for _, part in gathered for k, v in part.items()}
+        # Unreadable images met by any worker (replicas each decode their own slices, so they meet different ones).
+        gathered = exchange.gather_objects((res.rows, res.hists, sorted(getattr(data, "skipped", {}))))
+        rows = {k: v for part, _, _ in gathered for k, v in part.items()}
+        res.hists = {k: v for _, part, _ in gathered for k, v in part.items()}
+        res.skipped = len({path for _, _, paths in gathered for path in paths})
         metrics = flatten_metrics(cfg, data, epoch, rows, res, lr)
         last = metrics
         bad = [(k, r["nonfinite_step"]) for k, r in sorted(rows.items()) if r["nonfinite_step"] >= 0]
@@ -633,6 +644,11 @@ def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int, repo
     atomic_write_bytes(folder / f"rank{exchange.rank}.json", json.dumps(info).encode())
 
 
+def extra_eval_sets(data: Any) -> list[str]:
+    """Evaluation sets scored every epoch besides ``eval_split`` (streamed data may have some; never selects)."""
+    return [s for s in getattr(data, "eval_sets", [])[1:] if s != data.eval_split]
+
+
 def flatten_metrics(
     cfg: Config, data: PeerData, epoch: int, rows: dict[int, dict], res: EpochResult, lr: float
 ) -> dict:
@@ -647,9 +663,12 @@ def flatten_metrics(
         "images_per_s": res.images / max(res.seconds, 1e-9),
         f"{split}_acc": sum(r["eval_acc"] for r in rows.values()) / len(rows),
         f"best_{split}_acc": sum(r["best_eval_acc"] for r in rows.values()) / len(rows),
+        "extra_eval_sets": ",".join(extra_eval_sets(data)),
         "noise_rate": float(getattr(data, "noise_rate", math.nan)),
-        "skipped_images": int(getattr(data, "skipped_images", 0)),
+        "skipped_images": max(res.skipped, int(getattr(data, "skipped_images", 0))),
     }
+    for name in extra_eval_sets(data):
+        out[f"{name}_acc"] = sum(r[f"{name}_acc"] for r in rows.values()) / len(rows)
     names = [p.name for p in cfg.peers]
     for k, r in sorted(rows.items()):
         for key, value in r.items():

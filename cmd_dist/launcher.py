@@ -891,6 +891,7 @@ def _finite_or_none(x: Any) -> float | None:
 def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float) -> dict[str, Any]:
     split = metrics.get("eval_split", "test" if cfg.data.protocol == "final" else "val")
     peers = []
+    extra = [name for name in str(metrics.get("extra_eval_sets", "")).split(",") if name]
     for p in cfg.peers:
         acc = metrics.get(f"{p.name}/{split}_acc")
         best = metrics.get(f"{p.name}/best_{split}_acc")
@@ -906,6 +907,8 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
                 "best_epoch": metrics.get(f"{p.name}/best_epoch"),
                 "train_acc_clean": _finite_or_none(metrics.get(f"{p.name}/train_acc_clean")),  # None: no clean labels
                 "train_acc_noisy": metrics.get(f"{p.name}/train_acc_noisy"),
+                # Scored beside the eval split, never used to select (mini-WebVision: WebVision's val set).
+                "other_acc": {name: metrics.get(f"{p.name}/{name}_acc") for name in extra},
             }
         )
     summary = {

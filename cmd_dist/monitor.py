@@ -85,6 +85,8 @@ class Monitor:
             w.add_scalar("train/acc_noisy_labels", row["train_acc_noisy"], step)
             w.add_scalar("train/acc_clean_labels", row["train_acc_clean"], step)
             w.add_scalar(f"{split}/acc", row["eval_acc"], step)
+            for other in filter(None, str(metrics.get("extra_eval_sets", "")).split(",")):
+                w.add_scalar(f"{other}/acc", row[f"{other}_acc"], step)
             w.add_scalar("train/lr", row["lr"], step)
             w.add_scalar("self_kd/epsilon_mean", row["epsilon_mean"], step)
             # The selection explained: where the peer's entropies lie relative to chi (Eq. 8-9, 12).

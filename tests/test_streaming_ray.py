@@ -17,7 +17,13 @@ pytestmark = pytest.mark.ray
 
 LAYOUTS = {
     # dataset, fixture, extra overrides, expected noise rate (None: unknown), expected skipped images
-    "webvision": (lambda r: make_webvision(r, classes=3, per_class=8, corrupt=True), ["data.num_classes=3"], None, 1),
+    # mini-WebVision also runs each peer as 2 DDP replicas (4 workers): each decodes only its slice of a batch.
+    "webvision": (
+        lambda r: make_webvision(r, classes=3, per_class=8, corrupt=True),
+        ["data.num_classes=3", "ray.replicas_per_peer=2", "ray.cpus_per_worker=0.5", "train.batch_size=7"],
+        None,
+        1,
+    ),
     "food101n": (make_food101n, [], 0.5, 0),
     "imagefolder": (make_imagefolder, ["noise.kind=symmetric", "noise.rate=0.4"], "realised", 0),
 }
@@ -37,7 +43,7 @@ def test_two_peers_train_on_a_streamed_layout(ray_cluster, tmp_path, dataset):
         "data.workers=1",
         "noise.kind=none",
         "train.epochs=1",
-        "train.batch_size=6",
+        "train.batch_size=6",  # webvision: 7
         "train.log_every=0",
         f"output_dir={tmp_path / 'runs'}",
         "run_name=stream",
@@ -62,4 +68,14 @@ def test_two_peers_train_on_a_streamed_layout(ray_cluster, tmp_path, dataset):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["peer"] for r in rows) == ["peerA", "peerB"]
     ranks = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [w["peers"] for w in ranks] == [[0], [1]]  # one Ray Train worker per peer
+    assert [w["peers"] for w in ranks] == [[0], [1]]  # one Ray Train worker per peer (replica 0)
+    if dataset == "webvision":  # ImageNet val is the test set; WebVision's own val set is scored beside it
+        replicas = [json.loads((run_dir / "workers" / f"rank{r}.json").read_text()) for r in (2, 3)]
+        assert [(w["peers"], w["replica"]) for w in replicas] == [([0], 1), ([1], 1)]
+        assert all(0.0 <= p["other_acc"]["webvision_val"] <= 100.0 for p in summary["peers"])
+        assert all("webvision_val_acc" in r for r in rows)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        tb = EventAccumulator(str(run_dir / "tb" / "peerA"))
+        tb.Reload()
+        assert {"test/acc", "webvision_val/acc"} <= set(tb.Tags()["scalars"])
