@@ -444,8 +444,8 @@ def validate(cfg: Config) -> None:
     _choice("ray.sync_batchnorm", str(cfg.ray.sync_batchnorm).lower(), ("auto", "true", "false"))
     if str(cfg.ray.sync_batchnorm).lower() == "true" and str(cfg.ray.use_gpu).lower() == "false":
         raise ConfigError(
-            "ray.sync_batchnorm: true needs GPUs (torch's SyncBatchNorm runs on CUDA only); use ray.sync_batchnorm=auto "
-            "or a model without BatchNorm (e.g. cnn_small_gn)"
+            "ray.sync_batchnorm: true needs GPUs (torch's SyncBatchNorm runs on CUDA only); use "
+            "ray.sync_batchnorm=auto or a model without BatchNorm (e.g. cnn_small_gn)"
         )
     if cfg.ray.replicas_per_peer > 1:
         if cfg.method.objective == "asyncmkd":

@@ -470,8 +470,8 @@ class StreamedData:
         for item, size in zip(self._loader(self.train, reqs, dev, keep_empty), sizes):
             if not item["ids"].numel():
                 raise DataError(
-                    f"every image of replica {shard.index}'s slice of a batch ({len(item['bad'])} files) is unreadable; "
-                    f"remove or repair them (see the warnings) or use fewer ray.replicas_per_peer"
+                    f"every image of replica {shard.index}'s slice of a batch ({len(item['bad'])} files) is "
+                    f"unreadable; remove or repair them (see the warnings) or use fewer ray.replicas_per_peer"
                 )
             yield Batch(
                 xs=[self._normalise(item["x"][j], dev) for j in range(len(peers))],
@@ -484,7 +484,7 @@ class StreamedData:
     def eval_batches(
         self, batch_size: int, device=None, split: str | None = None, shard: Shard = WHOLE
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(normalised centre crops, labels) of the eval split (or of another of ``eval_sets``); a replica: its batches."""
+        """(normalised centre crops, labels) of the eval split (or another of ``eval_sets``); a replica: its batches."""
         images = self.evals[split or self.eval_split]
         n = len(images)
         reqs = [

@@ -36,8 +36,17 @@ BASE = [
     "method.knowledge=cmd-p",
     "peers=[{arch: cnn_small_gn, name: peerA}, {arch: cnn_small_gn, name: peerB}]",
 ]
-COMPARED = ("train_loss", "train_self_loss", "train_peer_loss", "train_acc_noisy", "entropy_mean", "epsilon_mean",
-            "entropy_q50", "test_acc", "distilled_from")
+COMPARED = (
+    "train_loss",
+    "train_self_loss",
+    "train_peer_loss",
+    "train_acc_noisy",
+    "entropy_mean",
+    "epsilon_mean",
+    "entropy_q50",
+    "test_acc",
+    "distilled_from",
+)
 
 
 def _worker(rank: int, world: int, init_file: str, cfg_dict: dict, run_dir: str) -> None:
@@ -58,7 +67,10 @@ def _run_replicated(tmp: Path, name: str, overrides: list[str], world: int) -> t
     run_dir = tmp / name
     run_dir.mkdir()
     mp.start_processes(
-        _worker, args=(world, str(tmp / f"{name}.init"), cfg.to_dict(), str(run_dir)), nprocs=world, join=True,
+        _worker,
+        args=(world, str(tmp / f"{name}.init"), cfg.to_dict(), str(run_dir)),
+        nprocs=world,
+        join=True,
         start_method="spawn",
     )
     return run_dir, json.loads((run_dir / "final_metrics.json").read_text())
@@ -89,7 +101,11 @@ def test_replicas_train_exactly_like_one_worker_per_peer(tmp_path: Path, referen
         want, have = _weights(ref_dir, k), _weights(run_dir, k)
         assert want.keys() == have.keys()
         for key in want:
-            assert torch.allclose(have[key], want[key], atol=1e-5, rtol=0), (k, key, (have[key] - want[key]).abs().max())
+            assert torch.allclose(have[key], want[key], atol=1e-5, rtol=0), (
+                k,
+                key,
+                (have[key] - want[key]).abs().max(),
+            )
     for name in ("peerA", "peerB"):
         for metric in COMPARED:
             a, b = ref[f"{name}/{metric}"], got[f"{name}/{metric}"]

@@ -167,7 +167,9 @@ def test_replica_shards_decode_their_slice_and_together_are_the_whole_batch(webv
         # the corrupt file leaves its replica's slice one image short: the shares say so
         assert sum(p[b].share for p in parts) == pytest.approx(len(batch.ids) / min(7, data.num_train - 7 * b))
     evals = [list(_data(cfg).eval_batches(2, "cpu", shard=Shard(j, 2))) for j in range(2)]
-    assert sum(int(y.shape[0]) for e in evals for _, y in e) == sum(int(y.shape[0]) for _, y in _data(cfg).eval_batches(2, "cpu"))
+    assert sum(int(y.shape[0]) for e in evals for _, y in e) == sum(
+        int(y.shape[0]) for _, y in _data(cfg).eval_batches(2, "cpu")
+    )
 
 
 def test_a_replica_whose_whole_slice_is_unreadable_stops_with_one_line(tmp_path):
