@@ -39,7 +39,6 @@ from cmd_dist.models import build_model, load_weights
 from cmd_dist.objectives import async_mkd_active_peer
 from cmd_dist.selection import threshold_for_mode
 from cmd_dist.selfkd import ModelCertainty, uniform_entropy
-from cmd_dist.storage import RunStore
 from cmd_dist.step import (
     ACC_COLUMNS,
     GraphedStep,
@@ -50,6 +49,7 @@ from cmd_dist.step import (
     entropy_quantiles,
     nonfinite_first_step,
 )
+from cmd_dist.storage import RunStore
 
 #: Entropy quantiles recorded per peer and epoch (``<peer>/entropy_q10`` ...), next to chi.
 ENTROPY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -508,7 +508,12 @@ def _stored_best_score(best_dir: Path) -> float:
 
 
 def _save_best(
-    best_dir: Path, exchange: Exchange, states: dict[int, dict], metrics: dict, epoch: int, store: RunStore | None = None
+    best_dir: Path,
+    exchange: Exchange,
+    states: dict[int, dict],
+    metrics: dict,
+    epoch: int,
+    store: RunStore | None = None,
 ) -> None:
     """Keep the epoch with the best mean accuracy on the eval split (validation in the search protocol).
 

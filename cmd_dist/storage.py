@@ -403,7 +403,9 @@ class RunStore:
         for name in self.remote.checkpoint_names():
             shown = self.remote.uri(name)
             if self.remote.marker_epoch(name) < 0:
-                warn(f"warning: skipping checkpoint {shown}: incomplete (no epoch.txt: the run stopped while writing it)")
+                warn(
+                    f"warning: skipping checkpoint {shown}: incomplete (no epoch.txt: the run stopped while writing it)"
+                )
                 continue
             if not self.remote.looks_complete(name, num_peers, files):
                 warn(f"warning: skipping checkpoint {shown}: incomplete (a peer's files or the marker are missing)")
@@ -414,7 +416,7 @@ class RunStore:
                 check_checkpoint(local, num_peers)
                 return local
             except CheckpointError as e:
-                warn(f"warning: skipping checkpoint {shown}: {e}")
+                warn(f"warning: skipping checkpoint {shown}: {str(e).replace(str(self.dir), self.remote.shown)}")
                 shutil.rmtree(local, ignore_errors=True)
         return None
 
@@ -566,7 +568,10 @@ class UriRunLock:
 
     def acquire(self) -> UriRunLock:
         holder = self._holder()
-        if holder.get("token") not in (None, self.token) and time.time() - float(holder.get("heartbeat", 0)) < self.STALE_S:
+        if (
+            holder.get("token") not in (None, self.token)
+            and time.time() - float(holder.get("heartbeat", 0)) < self.STALE_S
+        ):
             self._busy(holder)
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         self._write(since)
@@ -592,3 +597,36 @@ class UriRunLock:
             self._thread = None
             if self._holder().get("token") == self.token:
                 self.remote.delete_file(".lock")
+
+
+# ----------------------------------------------------------------------------- reading runs back (report)
+
+#: The files ``cmd-dist report`` reads from a run or search folder.
+REPORT_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "search.yaml", "results.csv")
+_SKIPPED_DIRS = ("tb", "workers", "best_checkpoint", "report")
+
+
+def mirror_for_report(uri: str, dest: Path) -> Path:
+    """Copy what ``cmd-dist report`` reads (config, metrics, summaries, search results) of the runs under
+    ``uri`` into ``dest/<last part of the URI>``, keeping the layout; never a checkpoint or event file."""
+    remote = Remote.open(uri.rstrip("/"))
+    local = Path(dest) / (split_location(uri)[1] or "run")
+    for rel in remote.files():
+        parts = PurePosixPath(rel).parts
+        if parts[-1] not in REPORT_FILES:
+            continue
+        if any(p.startswith(CHECKPOINT_PREFIX) or p in _SKIPPED_DIRS or p.startswith(".") for p in parts[:-1]):
+            continue
+        remote.download(rel, local / rel)
+    return local
+
+
+def upload_folder(local: Path, uri: str) -> int:
+    """Copy every file under ``local`` to ``uri`` (keeping the layout); returns how many."""
+    remote = Remote.open(uri.rstrip("/"))
+    count = 0
+    for path in sorted(Path(local).rglob("*")):
+        if path.is_file():
+            remote.upload(path, path.relative_to(local).as_posix())
+            count += 1
+    return count
