@@ -81,7 +81,7 @@ def git_revision() -> str:
 
 
 #: Run folders this process holds the lock of (a process may train the same folder again, e.g. tests).
-_LOCKS: dict[str, RunLock | UriRunLock] = {}
+_LOCKS: dict[Path | str, RunLock | UriRunLock] = {}
 
 
 def lock_run_dir(run_dir: Path | str) -> None:
@@ -90,7 +90,7 @@ def lock_run_dir(run_dir: Path | str) -> None:
     A folder: an exclusive ``flock``. A URI: the best-effort :class:`~cmd_dist.storage.UriRunLock`
     (heartbeat object; an object store has no atomic create-if-absent), released at exit.
     """
-    key = str(run_dir).rstrip("/") if is_uri(run_dir) else str(Path(run_dir))
+    key = str(run_dir).rstrip("/") if is_uri(run_dir) else Path(run_dir)
     if key in _LOCKS:
         return
     if is_uri(run_dir):
@@ -103,7 +103,7 @@ def lock_run_dir(run_dir: Path | str) -> None:
         atexit.register(_LOCKS[key].release)
         return
     try:
-        _LOCKS[key] = RunLock(Path(run_dir)).acquire()
+        _LOCKS[key] = RunLock(key).acquire()
     except RunFolderBusy as e:
         raise ConfigError(str(e)) from None
 
