@@ -35,7 +35,7 @@ STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
 REAL_NOISE_DATASETS = ("webvision", "food101n")
 IN_MEMORY_SIZES = {"cifar100": 32, "cifar10": 32, "digits": 8}
 PROTOCOLS = ("search", "final")
-ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "inception_resnet_v2", "cnn_small")
+ARCHS = ("resnet18", "resnet34", "resnet50", "shufflenetv2", "inception_resnet_v2", "cnn_small", "cnn_small_gn")
 #: Smallest input size per architecture (Inception-ResNet-v2's valid convolutions), see models.MIN_INPUT_SIZE.
 MIN_INPUT_SIZE = {"inception_resnet_v2": 75}
 FOOD_TRAIN_SETS = ("food101n", "food101")
@@ -167,6 +167,13 @@ class RayConfig:
     keep_checkpoints: int = 2
     #: Put every worker on a different node (Ray's STRICT_SPREAD placement); false packs them (PACK).
     spread: bool = False
+    #: Data-parallel replicas of every peer (a peer larger than one GPU): each peer's worker becomes R
+    #: workers that average gradients with DDP, each replica takes its slice of the global batch
+    #: (``train.batch_size``) and exchanges knowledge with the other peers' replicas of the same slice.
+    replicas_per_peer: int = 1
+    #: BatchNorm across a peer's replicas: ``auto`` = SyncBatchNorm on GPU when replicas_per_peer > 1,
+    #: plain per-replica BatchNorm on CPU (torch's SyncBatchNorm needs a GPU); ``true`` / ``false`` force it.
+    sync_batchnorm: str = "auto"
 
 
 @dataclass
@@ -242,7 +249,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is str:
-        if isinstance(value, bool) and key.endswith(("use_gpu", "fast_path", "cuda_graph")):
+        if isinstance(value, bool) and key.endswith(("use_gpu", "fast_path", "cuda_graph", "sync_batchnorm")):
             return "true" if value else "false"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -432,6 +439,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError("ray.spread: true needs ray.placement=separate or auto (one worker per peer, one node each)")
     if cfg.ray.keep_checkpoints < 1:
         raise ConfigError(f"ray.keep_checkpoints: {cfg.ray.keep_checkpoints} must be >= 1")
+    if cfg.ray.replicas_per_peer < 1:
+        raise ConfigError(f"ray.replicas_per_peer: {cfg.ray.replicas_per_peer} must be >= 1")
+    _choice("ray.sync_batchnorm", str(cfg.ray.sync_batchnorm).lower(), ("auto", "true", "false"))
+    if str(cfg.ray.sync_batchnorm).lower() == "true" and str(cfg.ray.use_gpu).lower() == "false":
+        raise ConfigError(
+            "ray.sync_batchnorm: true needs GPUs (torch's SyncBatchNorm runs on CUDA only); use ray.sync_batchnorm=auto "
+            "or a model without BatchNorm (e.g. cnn_small_gn)"
+        )
+    if cfg.ray.replicas_per_peer > 1:
+        if cfg.method.objective == "asyncmkd":
+            raise ConfigError(
+                "ray.replicas_per_peer: asyncmkd steps one peer per iteration, which DDP replicas cannot follow; "
+                "use ray.replicas_per_peer=1 or another method.objective"
+            )
+        if cfg.train.batch_size < cfg.ray.replicas_per_peer:
+            raise ConfigError(
+                f"ray.replicas_per_peer: {cfg.ray.replicas_per_peer} replicas cannot share a global batch of "
+                f"train.batch_size={cfg.train.batch_size}; use a batch of at least one sample per replica"
+            )
     paper = cfg.paper
     if paper.value is not None and not 0.0 <= paper.value <= 100.0:
         raise ConfigError(f"paper.value: {paper.value} must be an accuracy in % (0 to 100), or null")

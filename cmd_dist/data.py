@@ -184,6 +184,34 @@ class Batch:
     y: torch.Tensor  # noisy (training) labels, int64
     clean: torch.Tensor  # clean labels, int64 (-1 where unknown)
     ids: torch.Tensor  # sample ids (positions in the training set), int64
+    #: This worker's fraction of the global batch (its replica's slice; 1.0 without replicas).
+    share: float = 1.0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Replica ``index`` of ``count`` of a peer: it trains on its slice of every global batch.
+
+    Slices are contiguous and as equal as possible (``torch.tensor_split``'s rule: the first
+    ``n % count`` slices hold one sample more), so the replicas of one peer together cover the
+    global batch exactly once, and replica j of every peer holds the same samples.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """[start, stop) of this replica's slice of a global batch of ``n`` samples."""
+        base, extra = divmod(n, self.count)
+        start = self.index * base + min(self.index, extra)
+        return start, start + base + (1 if self.index < extra else 0)
+
+    def takes(self, batch_index: int) -> bool:
+        """Evaluation is split by whole batches: replica j scores batches j, j + count, ..."""
+        return batch_index % self.count == self.index
+
+
+WHOLE = Shard()
 
 
 def epoch_order(seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -229,27 +257,39 @@ class PeerData:
     def steps_per_epoch(self, batch_size: int) -> int:
         return math.ceil(self.num_train / batch_size)
 
-    def epoch_batches(self, epoch: int, peers: list[int], batch_size: int, seed: int) -> Iterator[Batch]:
+    def epoch_batches(
+        self, epoch: int, peers: list[int], batch_size: int, seed: int, shard: Shard = WHOLE
+    ) -> Iterator[Batch]:
         """The epoch's batches in the shared order of (seed, epoch); the last one may be smaller.
 
-        No host synchronisation: the order is drawn once per epoch and sliced on the device.
+        No host synchronisation: the order is drawn once per epoch and sliced on the device. With a
+        ``shard`` (a replica of a peer) only that slice of each global batch is built, and each sample
+        gets exactly the augmentation it gets without replicas: the random crop offsets and flips are
+        drawn for the whole global batch from the peer's generator, then sliced.
         """
         dev = self.train_x.device
         order = epoch_order(seed, epoch, self.num_train, dev)
         gens = [augment_generator(seed, k, epoch, dev) for k in peers]
         for start in range(0, self.num_train, batch_size):
-            idx = order[start : start + batch_size]
+            gidx = order[start : start + batch_size]
+            lo, hi = shard.bounds(int(gidx.shape[0]))
+            idx = gidx[lo:hi]
             xb = self.train_x[idx]
-            xs = [
-                normalize(augment(xb, self.spec.pad, self.spec.flip, g) if self.augment else xb, self.mean, self.std)
-                for g in gens
-            ]
-            yield Batch(xs, self.train_labels[idx], self.train_clean[idx], idx)
+            xs = []
+            for g in gens:
+                if self.augment:
+                    params = augment_params(int(gidx.shape[0]), self.spec.pad, self.spec.flip, g, dev)
+                    oy, ox, f = (None if t is None else t[lo:hi] for t in params)
+                    xs.append(normalize(apply_augment(xb, self.spec.pad, oy, ox, f), self.mean, self.std))
+                else:
+                    xs.append(normalize(xb, self.mean, self.std))
+            yield Batch(xs, self.train_labels[idx], self.train_clean[idx], idx, (hi - lo) / int(gidx.shape[0]))
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(normalised images, labels) of the eval split (validation or test), in order."""
-        for i in range(0, self.eval_x.shape[0], batch_size):
-            yield normalize(self.eval_x[i : i + batch_size], self.mean, self.std), self.eval_y[i : i + batch_size]
+    def eval_batches(self, batch_size: int, shard: Shard = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images, labels) of the eval split (validation or test), in order (a replica: its batches)."""
+        for b, i in enumerate(range(0, self.eval_x.shape[0], batch_size)):
+            if shard.takes(b):
+                yield normalize(self.eval_x[i : i + batch_size], self.mean, self.std), self.eval_y[i : i + batch_size]
 
     @property
     def skipped_images(self) -> int:
@@ -305,26 +345,43 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (x_uint8.float() / 255.0 - mean) / std
 
 
-def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop after zero padding (and horizontal flip), batched on x's device.
+def augment_params(
+    b: int, pad: int, flip: bool, generator: torch.Generator, device: torch.device | str
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The random draws of :func:`augment` for a batch of ``b`` (crop offsets y, x; flip), in its order."""
+    oy = ox = f = None
+    if pad:
+        oy = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
+    if flip:
+        f = torch.rand(b, device=device, generator=generator) < 0.5
+    return oy, ox, f
 
-    No per-image Python: offsets are drawn for the whole batch and applied with one gather.
-    """
+
+def apply_augment(
+    x: torch.Tensor, pad: int, oy: torch.Tensor | None, ox: torch.Tensor | None, f: torch.Tensor | None
+) -> torch.Tensor:
+    """Crop after zero padding at offsets (oy, ox) and flip where ``f``, with one gather for the batch."""
     b, _, h, w = x.shape
     dev = x.device
     if pad:
         xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
-        ox = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=generator)
         rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]  # [B,1,H,1]
         cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]  # [B,1,1,W]
         bidx = torch.arange(b, device=dev)[:, None, None, None]
         cidx = torch.arange(x.shape[1], device=dev)[None, :, None, None]
         x = xp[bidx, cidx, rows, cols]
-    if flip:
-        f = torch.rand(b, device=dev, generator=generator) < 0.5
+    if f is not None:
         x = torch.where(f[:, None, None, None], x.flip(3), x)
     return x
+
+
+def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop after zero padding (and horizontal flip), batched on x's device.
+
+    No per-image Python: offsets are drawn for the whole batch and applied with one gather.
+    """
+    return apply_augment(x, pad, *augment_params(x.shape[0], pad, flip, generator, x.device))
 
 
 @dataclass

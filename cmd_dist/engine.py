@@ -33,7 +33,7 @@ from cmd_dist.checkpoint import (
     write_epoch_marker,
 )
 from cmd_dist.config import Config
-from cmd_dist.data import PeerData, augment_generator, epoch_order, prepare_data  # noqa: F401 (re-exported)
+from cmd_dist.data import WHOLE, PeerData, Shard, augment_generator, epoch_order, prepare_data  # noqa: F401
 from cmd_dist.exchange import Exchange
 from cmd_dist.models import build_model, load_weights
 from cmd_dist.objectives import async_mkd_active_peer
@@ -76,6 +76,8 @@ class Peer:
     best_eval_acc: float = -1.0
     best_epoch: int = -1
     fast: bool = False
+    #: What the training step calls: the model, or its DDP wrapper when the peer has replicas.
+    net: nn.Module | None = None
 
 
 def fast_path_enabled(cfg: Config, device: torch.device) -> bool:
@@ -100,11 +102,52 @@ def cuda_graph_enabled(cfg: Config, device: torch.device, world_size: int) -> bo
     return possible
 
 
-def resolved_compile_mode(cfg: Config, device: torch.device, graphed: bool) -> str:
+def resolved_compile_mode(cfg: Config, device: torch.device, graphed: bool, replicas: int = 1) -> str:
+    """``train.compile_mode: auto``: reduce-overhead on a CUDA worker without the whole-step graph, else eager.
+
+    Replicas (DDP) run eagerly under ``auto``: torch.compile's DDP graph splitting with cudagraph trees
+    has not been run on a GPU here; ``train.compile_mode=default`` opts in.
+    """
     mode = cfg.train.compile_mode
     if mode != "auto":
         return mode
-    return "reduce-overhead" if (device.type == "cuda" and not graphed) else "none"
+    return "reduce-overhead" if (device.type == "cuda" and not graphed and replicas == 1) else "none"
+
+
+def sync_batchnorm_enabled(cfg: Config, device: torch.device, replicas: int) -> bool:
+    """``ray.sync_batchnorm``: BatchNorm statistics over a peer's whole global batch (all its replicas)."""
+    mode = str(cfg.ray.sync_batchnorm).lower()
+    if replicas == 1 or mode == "false":
+        return False
+    if device.type != "cuda":
+        if mode == "true":
+            raise ValueError(
+                "ray.sync_batchnorm: true, but this worker has no GPU (torch's SyncBatchNorm runs on CUDA only); "
+                "use ray.sync_batchnorm=auto or a model without BatchNorm (cnn_small_gn)"
+            )
+        return False
+    return True
+
+
+def wrap_replicas(peers: list[Peer], exchange: Exchange, cfg: Config, device: torch.device) -> None:
+    """Replicas of a peer (``ray.replicas_per_peer`` > 1): SyncBatchNorm where enabled, then DDP over the peer group.
+
+    ``peer.model`` stays the plain network (checkpoints, evaluation); ``peer.net`` is what the step calls.
+    DDP starts every replica from replica 0's weights and averages the gradients in its backward.
+    """
+    if exchange.replicas == 1:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    sync = sync_batchnorm_enabled(cfg, device, exchange.replicas)
+    for p in peers:
+        if sync:  # the same parameter and buffer tensors: the optimizer and checkpoints are unaffected
+            p.model = nn.SyncBatchNorm.convert_sync_batchnorm(p.model, process_group=exchange.peer_group)
+        p.net = DistributedDataParallel(
+            p.model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            process_group=exchange.peer_group,
+        )
 
 
 def build_peer(
@@ -137,7 +180,7 @@ class LocalForward(nn.Module):
 
     def __init__(self, peers: list[Peer], compile_mode: str) -> None:
         super().__init__()
-        self.nets = nn.ModuleList([p.model for p in peers])
+        self.nets = nn.ModuleList([p.net if p.net is not None else p.model for p in peers])
         self.fast = [p.fast for p in peers]
         self.mark_step = compile_mode in ("reduce-overhead", "max-autotune")
         self._call = self._forward if compile_mode == "none" else torch.compile(self._forward, mode=compile_mode)
@@ -176,8 +219,11 @@ class Trainer:
 
     def __init__(self, cfg: Config, peers: list[Peer], exchange: Exchange, data: PeerData, device: torch.device):
         self.cfg, self.peers, self.exchange, self.data, self.device = cfg, peers, exchange, data, device
+        replicas = getattr(exchange, "replicas", 1)
+        self.shard = Shard(exchange.replica, replicas) if replicas > 1 else WHOLE
+        wrap_replicas(peers, exchange, cfg, device)
         graphed = cuda_graph_enabled(cfg, device, exchange.world_size)
-        self.forward = LocalForward(peers, resolved_compile_mode(cfg, device, graphed))
+        self.forward = LocalForward(peers, resolved_compile_mode(cfg, device, graphed, replicas))
         self.state = StepState(len(peers), len(cfg.peers), data.num_train, device)
         self.step = TrainStep(
             peers,
@@ -203,10 +249,16 @@ class Trainer:
         # Zero knowledge (chi = -inf, the same on every rank for the whole epoch) needs no exchange at all.
         self.step.exchanging = self.step.objective.exchanges and n_peers > 1 and chi != -math.inf
         for p in self.peers:
-            p.model.train()
+            (p.net if p.net is not None else p.model).train()
         bar = progress(steps, f"epoch {epoch + 1}/{t.epochs}") if progress else None
         start = time.perf_counter()
-        for step, batch in enumerate(data.epoch_batches(epoch, [p.index for p in self.peers], t.batch_size, cfg.seed)):
+        local = [p.index for p in self.peers]
+        batches = (
+            data.epoch_batches(epoch, local, t.batch_size, cfg.seed)
+            if self.shard is WHOLE
+            else data.epoch_batches(epoch, local, t.batch_size, cfg.seed, shard=self.shard)
+        )
+        for step, batch in enumerate(batches):
             global_step = epoch * steps + step
             # ProSelfLC's t/Gamma (Eq. 5): iterations (the authors' experiments) or epochs.
             st.progress.fill_(epoch / t.epochs if m.progress_unit == "epoch" else global_step / (t.epochs * steps))
@@ -216,7 +268,7 @@ class Trainer:
             if self.graphed is not None:
                 self.graphed(batch)
             else:
-                self.step(batch.xs, batch.y, batch.clean, batch.ids)
+                self.step(batch.xs, batch.y, batch.clean, batch.ids, batch.share)
             if bar is not None:
                 bar.update(1)
                 if device.type != "cuda" and t.log_every and (step + 1) % t.log_every == 0:
@@ -229,6 +281,7 @@ class Trainer:
         if bar is not None:
             bar.close()
 
+        self._sum_over_replicas()
         acc = st.acc.tolist()
         bad = nonfinite_first_step(st.bad_step)
         result = EpochResult(chi=chi, images=n, seconds=seconds, distilled=st.distilled.tolist())
@@ -255,6 +308,23 @@ class Trainer:
             result.hists[p.index] = torch.histc(ents.clamp(0.0, h_u), bins=HIST_BINS, min=0.0, max=h_u).tolist()
         return result
 
+    def _sum_over_replicas(self) -> None:
+        """The epoch's counters over the whole global batch: each replica counted its slices only.
+
+        Sums (losses weighted by each slice's share, hits, entropies: every sample's entropy lands in one
+        replica's row, zeros elsewhere); the first non-finite step is the minimum over the replicas.
+        """
+        ex, st = self.exchange, self.state
+        if getattr(ex, "replicas", 1) == 1:
+            return
+        ex.sum_over_replicas(st.acc)
+        ex.sum_over_replicas(st.distilled)
+        ex.sum_over_replicas(st.entropies)
+        never = torch.iinfo(torch.long).max
+        first = torch.where(st.bad_step < 0, torch.full_like(st.bad_step, never), st.bad_step)
+        ex.min_over_replicas(first)
+        st.bad_step.copy_(torch.where(first == never, torch.full_like(first, -1), first))
+
 
 def train_one_epoch(
     cfg: Config,
@@ -270,12 +340,17 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(peer: Peer, data: PeerData, batch_size: int) -> float:
+def evaluate(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange | None = None) -> float:
     """Top-1 accuracy (%) on the eval split, in eval mode, batched; one host read at the end.
 
     On the fast path in eager bf16: a compiled eval graph per batch shape is not worth its compile time.
+    With replicas each scores every R-th batch with replica 0's BatchNorm statistics (broadcast first)
+    and the hits are summed over the replicas.
     """
     peer.model.eval()
+    replicas = getattr(exchange, "replicas", 1) if exchange is not None else 1
+    if replicas > 1:
+        return _evaluate_sharded(peer, data, batch_size, exchange)
     correct, total = None, 0
     for x, y in data.eval_batches(batch_size):
         if peer.fast:
@@ -287,6 +362,26 @@ def evaluate(peer: Peer, data: PeerData, batch_size: int) -> float:
         correct = hits if correct is None else correct + hits
         total += int(y.shape[0])
     return 100.0 * float(correct) / total if total else 0.0
+
+
+def _evaluate_sharded(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange) -> float:
+    import torch.distributed as dist
+
+    for buf in peer.model.buffers():  # per-replica BatchNorm statistics differ (no SyncBatchNorm): use replica 0's
+        dist.broadcast(buf, src=exchange.worker, group=exchange.peer_group)
+    device = next(peer.model.parameters()).device
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in data.eval_batches(batch_size, shard=Shard(exchange.replica, exchange.replicas)):
+        if peer.fast:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                logits = peer.model(x.contiguous(memory_format=torch.channels_last))
+        else:
+            logits = peer.model(x)
+        counts[0] += (logits.argmax(1) == y).sum()
+        counts[1] += y.shape[0]
+    exchange.sum_over_replicas(counts)
+    correct, total = counts.tolist()
+    return 100.0 * correct / total if total else 0.0
 
 
 def peer_state(p: Peer, next_epoch: int) -> dict[str, Any]:
@@ -340,7 +435,14 @@ def run_worker(
     data = prepare_data(cfg.data, cfg.noise, device)
     if cfg.train.batch_size > data.num_train:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the {data.num_train} training images")
-    exchange = Exchange(len(cfg.peers))
+    replicas = cfg.ray.replicas_per_peer
+    last_batch = data.num_train % cfg.train.batch_size
+    if replicas > 1 and 0 < last_batch < replicas:
+        raise ValueError(
+            f"ray.replicas_per_peer: the epoch's last batch has {last_batch} of the {data.num_train} training images, "
+            f"fewer than the {replicas} replicas that split it; choose another train.batch_size"
+        )
+    exchange = Exchange(len(cfg.peers), replicas)
     peers = [
         build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device, data.spec.size)
         for k in exchange.local_peers
@@ -396,7 +498,7 @@ def run_worker(
         for p in peers:
             row = res.rows[p.index]
             t_eval = time.perf_counter()
-            row["eval_acc"] = evaluate(p, data, cfg.train.eval_batch_size)
+            row["eval_acc"] = evaluate(p, data, cfg.train.eval_batch_size, exchange)
             row["train_s"], row["eval_s"] = res.seconds, time.perf_counter() - t_eval
             row["certainty_r"] = p.certainty.end_epoch() if cfg.method.self_kd == "mconf" else math.nan
             row["lr"] = p.optimizer.param_groups[0]["lr"]
@@ -429,14 +531,19 @@ def run_worker(
         score = metrics[f"{data.eval_split}_acc"]
         if score > best_score:  # kept in host memory, written with the next checkpoint
             best_score = score
-            best_pending = ({p.index: _to_cpu(peer_state(p, epoch + 1)) for p in peers}, metrics, epoch + 1)
+            # Replica 0 of each peer writes its files; the other replicas hold the same weights.
+            best_pending = (
+                {p.index: _to_cpu(peer_state(p, epoch + 1)) for p in peers if exchange.primary},
+                metrics,
+                epoch + 1,
+            )
         if (epoch + 1) % every and epoch + 1 != cfg.train.epochs:
             reporter.report(metrics)
             continue
         if best_pending is not None:
             _save_best(best_dir, exchange, *best_pending, store=store)
             best_pending = None
-        states = {p.index: peer_state(p, epoch + 1) for p in peers}
+        states = {p.index: peer_state(p, epoch + 1) for p in peers if exchange.primary}
         _save_checkpoint(
             run_dir, exchange, states, metrics, epoch + 1, cfg.ray.keep_checkpoints, n_peers, verified, store
         )
@@ -550,6 +657,7 @@ def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int, repo
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "peers": exchange.local_peers,
+        "replica": exchange.replica,
         "resumed_after_epoch": start_epoch,
         "started_at": time.time(),
     }

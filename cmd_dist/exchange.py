@@ -8,6 +8,13 @@ ranks, of the gradients their losses sent to its tensors, so a peer's refined la
 all peers share one process. With one process (all peers in one worker, or no torch.distributed at
 all) the exchange is an in-process list; otherwise ``all_gather`` over the default process group
 (NCCL across GPUs, gloo on CPU or when peers share one GPU).
+
+With replicas (``ray.replicas_per_peer`` R > 1, issue 12) the world is R x W ranks, W the workers that
+hold the peers once. Rank r is replica ``j = r // W`` of peer-worker ``w = r % W`` (replica-major, so
+ranks 0..W-1 are the layout without replicas). Two kinds of process groups then exist: the
+*exchange group* of replica j (ranks j*W .. j*W+W-1: every peer once, the same slice of each batch),
+over which knowledge is gathered, and the *peer group* of worker w (ranks w, W+w, ..., the replicas of
+the same peers), over which DDP averages gradients and the epoch's counters are summed.
 """
 
 from __future__ import annotations
@@ -43,28 +50,55 @@ class _GatherWithGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, stacked: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        world = dist.get_world_size()
+    def forward(ctx, stacked: torch.Tensor, group: Any) -> torch.Tensor:  # noqa: D102
+        world = dist.get_world_size(group)
         out = [torch.empty_like(stacked) for _ in range(world)]
-        dist.all_gather(out, stacked.contiguous())
-        ctx.rank = dist.get_rank()
+        dist.all_gather(out, stacked.contiguous(), group=group)
+        ctx.rank = dist.get_rank(group)
+        ctx.group = group
         return torch.stack(out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)  # sum over ranks of d(loss_r)/d(gathered)
-        return grad[ctx.rank]
+        dist.all_reduce(grad, group=ctx.group)  # sum over ranks of d(loss_r)/d(gathered)
+        return grad[ctx.rank], None
 
 
 class Exchange:
-    """Gathers every peer's packed, detached knowledge tensor, in global peer order."""
+    """Gathers every peer's packed knowledge tensor, in global peer order; knows this rank's place.
 
-    def __init__(self, num_peers: int) -> None:
+    ``world_size`` and ``rank`` are global (all replicas); ``group_size`` is the number of ranks that
+    exchange knowledge with each other (the peer-workers W), ``replicas`` and ``replica`` say which
+    data-parallel copy of its peers this rank is.
+    """
+
+    def __init__(self, num_peers: int, replicas: int = 1) -> None:
         self.world_size = get_world_size()
         self.rank = get_rank()
         self.num_peers = num_peers
-        self.local_peers = local_peer_indices(num_peers, self.world_size, self.rank)
+        if replicas < 1 or self.world_size % replicas:
+            raise ValueError(f"{self.world_size} workers cannot hold {replicas} replicas of every peer")
+        self.replicas = replicas
+        self.group_size = self.world_size // replicas  # W: workers that hold every peer once
+        self.replica = self.rank // self.group_size
+        self.worker = self.rank % self.group_size
+        self.local_peers = local_peer_indices(num_peers, self.group_size, self.worker)
+        #: Replica 0 of each peer writes its checkpoint files; the other replicas hold the same weights.
+        self.primary = self.replica == 0
+        self.exchange_group: Any = None  # None: the default group (no replicas) or in-process (W = 1)
+        self.peer_group: Any = None  # DDP's group: this worker's replicas (None without replicas)
+        if replicas > 1:
+            w_count = self.group_size
+            # Every rank creates every group, in the same order (torch.distributed.new_group's contract).
+            for j in range(replicas):
+                g = dist.new_group([j * w_count + w for w in range(w_count)])
+                if j == self.replica:
+                    self.exchange_group = g
+            for w in range(w_count):
+                g = dist.new_group([j * w_count + w for j in range(replicas)])
+                if w == self.worker:
+                    self.peer_group = g
 
     def all_gather(self, local: list[torch.Tensor], grad: bool = False) -> list[torch.Tensor]:
         """Local peers' ``[batch, k]`` tensors in, all peers' tensors out, in global peer order.
@@ -72,15 +106,27 @@ class Exchange:
         ``grad=False``: detached copies. ``grad=True``: differentiable (see the module docstring);
         then every rank must run the backward of every step, as the CMD step does.
         """
-        if self.world_size == 1:
+        if self.group_size == 1:
             return list(local) if grad else [t.detach() for t in local]
         if grad:
-            gathered = _GatherWithGrad.apply(torch.stack(local))
+            gathered = _GatherWithGrad.apply(torch.stack(local), self.exchange_group)
             return [t for chunk in gathered.unbind(0) for t in chunk.unbind(0)]
         stacked = torch.stack([t.detach() for t in local]).contiguous()
-        out = [torch.empty_like(stacked) for _ in range(self.world_size)]
-        dist.all_gather(out, stacked)
+        out = [torch.empty_like(stacked) for _ in range(self.group_size)]
+        dist.all_gather(out, stacked, group=self.exchange_group)
         return [t for chunk in out for t in chunk.unbind(0)]
+
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """In place: ``t`` summed over this peer's replicas (the epoch's counters); a no-op without replicas."""
+        if self.replicas > 1:
+            dist.all_reduce(t, group=self.peer_group)
+        return t
+
+    def min_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """In place: the element-wise minimum over this peer's replicas; a no-op without replicas."""
+        if self.replicas > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.peer_group)
+        return t
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's small Python object (per-epoch metrics), on every rank."""

@@ -384,9 +384,13 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]], check_nodes: bool
     mode = str(r.use_gpu).lower()
     node_gpus = [int(n.get("GPU", 0.0) + 1e-9) for n in nodes]
     total_gpus = sum(node_gpus)
-    workers = auto_workers(len(names), total_gpus, mode) if r.placement == "auto" and not r.spread else None
-    if workers is None:  # ray.spread: a worker per peer, each on its own node
-        workers = len(names) if r.placement != "together" else 1
+    replicas = r.replicas_per_peer
+    # Workers that hold every peer once (W); with replicas each of them is R workers (replica-major ranks,
+    # cmd_dist.exchange.Exchange), so the GPUs one set of peer-workers may use are total / R.
+    groups = auto_workers(len(names), total_gpus // replicas, mode) if r.placement == "auto" and not r.spread else None
+    if groups is None:  # ray.spread: a worker per peer, each on its own node
+        groups = len(names) if r.placement != "together" else 1
+    workers = groups * replicas
 
     def capacity(share: float) -> int:  # workers of this GPU share the cluster's GPUs hold
         return sum(g * int(1.0 / share + 1e-9) for g in node_gpus)
@@ -427,10 +431,17 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]], check_nodes: bool
         check_spread(workers, resources, nodes)
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
     backend = "nccl" if use_gpu and workers > 1 and share >= 1 else "gloo"
-    per = len(names) // workers  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
-    hosted = [names[i * per : (i + 1) * per] for i in range(workers)]
+    per = len(names) // groups  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
+    hosted = [names[i * per : (i + 1) * per] for i in range(groups)]
     device = f"{cpu:g} CPU + {share:g} GPU" if use_gpu else f"{cpu:g} CPU"
-    where = "; ".join(f"{', '.join(h)} -> worker {i} ({device})" for i, h in enumerate(hosted))
+    if replicas == 1:
+        where = "; ".join(f"{', '.join(h)} -> worker {i} ({device})" for i, h in enumerate(hosted))
+    else:
+        where = "; ".join(
+            f"{', '.join(h)} -> workers {', '.join(str(j * groups + i) for j in range(replicas))}"
+            for i, h in enumerate(hosted)
+        )
+        where += f" ({device} each, {replicas} DDP replicas per peer)"
     if use_gpu:
         how = f"on GPU{note}, {backend} exchange" if workers > 1 else "on GPU"
     else:

@@ -7,7 +7,7 @@ CIFAR code). On ImageNet-sized images (streamed datasets) they keep the ImageNet
 stride 2, max-pool), so ImageNet weights load unchanged: Food-101N's ResNet-50 (Table 4).
 ``inception_resnet_v2`` (Szegedy et al. 2017; mini-WebVision in Table 4) is timm's implementation,
 whose parameter names match the published ImageNet weights. ``cnn_small`` is a small CNN for digits
-and CPU smoke runs.
+and CPU smoke runs; ``cnn_small_gn`` the same with GroupNorm (batch-independent, for replicas on CPU).
 
 ``peers[k].weights`` starts a peer from a local weights file (``torch.load(weights_only=True)`` or
 safetensors); a classifier of another class count is left freshly initialised.
@@ -47,15 +47,19 @@ def _cifar_shufflenetv2(num_classes: int, in_channels: int) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks and a linear head; ~27 k parameters at width 16. Works for any input size >= 8."""
+    """Three conv blocks and a linear head; ~27 k parameters at width 16. Works for any input size >= 8.
 
-    def __init__(self, num_classes: int, in_channels: int, width: int = 16) -> None:
+    ``norm="group"`` (arch ``cnn_small_gn``) uses GroupNorm, which normalises each sample on its own:
+    the network's output then does not depend on how a batch is split, so data-parallel replicas on CPU
+    (where torch has no SyncBatchNorm) train exactly like one worker with the whole batch.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, width: int = 16, norm: str = "batch") -> None:
         super().__init__()
 
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-            )
+            layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(min(8, cout), cout)
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), layer, nn.ReLU(inplace=True))
 
         self.features = nn.Sequential(
             block(in_channels, width),
@@ -107,9 +111,11 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, image_size: i
         return _inception_resnet_v2(num_classes, in_channels)
     if arch == "cnn_small":
         return SmallCNN(num_classes, in_channels)
+    if arch == "cnn_small_gn":
+        return SmallCNN(num_classes, in_channels, norm="group")
     raise ValueError(
-        f"unknown architecture {arch!r}; choose resnet18, resnet34, resnet50, shufflenetv2, inception_resnet_v2 "
-        f"or cnn_small"
+        f"unknown architecture {arch!r}; choose resnet18, resnet34, resnet50, shufflenetv2, inception_resnet_v2, "
+        f"cnn_small or cnn_small_gn"
     )
 
 

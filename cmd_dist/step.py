@@ -198,8 +198,19 @@ class TrainStep:
         self.exchanging = objective.exchanges and num_peers > 1
         #: AsyncMKD (Eq. 2): the global index of the only peer that steps, or None for all.
         self.active: int | None = None
+        #: Data-parallel replicas of each peer (DDP averages their gradients; see ``__call__``).
+        self.replicas = getattr(exchange, "replicas", 1)
 
-    def __call__(self, xs: Sequence[torch.Tensor], y: torch.Tensor, clean: torch.Tensor, ids: torch.Tensor) -> None:
+    def __call__(
+        self, xs: Sequence[torch.Tensor], y: torch.Tensor, clean: torch.Tensor, ids: torch.Tensor, share: float = 1.0
+    ) -> None:
+        """One batch. ``share``: this replica's fraction of the global batch (1.0 without replicas).
+
+        With R replicas of each peer, DDP averages the replicas' gradients; scaling each replica's loss by
+        ``share * R`` makes that average the gradient of the mean over the whole global batch even when
+        the slices differ in size (Sum_j share_j * grad(mean_j) = grad(global mean)). The counters get
+        ``share`` so their sum over the replicas is the global batch's mean loss.
+        """
         st, c = self.state, self.num_classes
         q = F.one_hot(y, c).float()
         logits_all = self.forward(list(xs))
@@ -234,9 +245,9 @@ class TrainStep:
             rows.append(
                 torch.stack(
                     [
-                        loss.detach(),
-                        parts.get("self_loss", zero).detach(),
-                        parts.get("peer_loss", zero).detach(),
+                        loss.detach() * share,
+                        parts.get("self_loss", zero).detach() * share,
+                        parts.get("peer_loss", zero).detach() * share,
                         (pred == y).sum().float(),
                         (pred == clean).sum().float(),
                         (clean >= 0).sum().float(),  # real-noise datasets may not know every clean label (-1)
@@ -256,7 +267,7 @@ class TrainStep:
         for p in stepping:
             p.optimizer.zero_grad(set_to_none=True)
         if total is not None:
-            total.backward()
+            (total * (share * self.replicas) if self.replicas > 1 else total).backward()
         for p in stepping:
             p.optimizer.step()
 

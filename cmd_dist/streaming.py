@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cmd_dist.data import Batch, DataError, DatasetSpec
+from cmd_dist.data import WHOLE, Batch, DataError, DatasetSpec, Shard
 from cmd_dist.noise import corrupt_labels, noise_rate, split_train_val
 
 STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
@@ -421,7 +421,7 @@ class StreamedData:
         """Batches per epoch (fewer when a whole batch is unreadable: every peer skips the same one)."""
         return math.ceil(self.num_train / batch_size)
 
-    def _loader(self, images: ImageList, requests: list[_Request], device) -> Iterator[dict]:
+    def _loader(self, images: ImageList, requests: list[_Request], device, keep_empty: bool = False) -> Iterator[dict]:
         dev = torch.device(device)
         loader = DataLoader(
             _BatchDecoder(images, self.spec.size, self.augment),
@@ -438,7 +438,7 @@ class StreamedData:
                 if path not in self.skipped:
                     self.skipped[path] = reason
                     self.log(f"skipped unreadable image {path} ({reason}); {len(self.skipped)} skipped so far")
-            if item["ids"].numel():
+            if item["ids"].numel() or keep_empty:
                 yield item
 
     def _normalise(self, x: torch.Tensor, device) -> torch.Tensor:
@@ -448,28 +448,50 @@ class StreamedData:
         std = torch.tensor(self.spec.std, device=dev).view(shape) * 255.0
         return (x.to(dev, non_blocking=True).float() - mean) / std
 
-    def epoch_batches(self, epoch: int, peers: list[int], batch_size: int, seed: int, device=None) -> Iterator[Batch]:
-        """The epoch's batches: same ids for every peer (a function of seed and epoch), one view per peer."""
+    def epoch_batches(
+        self, epoch: int, peers: list[int], batch_size: int, seed: int, device=None, shard: Shard = WHOLE
+    ) -> Iterator[Batch]:
+        """The epoch's batches: same ids for every peer (a function of seed and epoch), one view per peer.
+
+        A replica (``shard``) decodes only its slice of each global batch; a view depends only on
+        (seed, epoch, peer, sample), so the slices together are exactly the unsharded batch.
+        """
         order = sample_order(seed, epoch, self.num_train).numpy()
-        reqs = [
-            _Request(order[s : s + batch_size], epoch, seed, tuple(peers)) for s in range(0, len(order), batch_size)
-        ]
+        reqs, sizes = [], []
+        for s in range(0, len(order), batch_size):
+            ids = order[s : s + batch_size]
+            lo, hi = shard.bounds(len(ids))
+            reqs.append(_Request(ids[lo:hi], epoch, seed, tuple(peers)))
+            sizes.append(len(ids))
         dev = torch.device(device if device is not None else self.device)
-        for item in self._loader(self.train, reqs, dev):
+        # Replicas must stay in step (their collectives pair up batch by batch): an all-unreadable slice
+        # is an error there, while one worker simply skips a batch nobody can read.
+        keep_empty = shard.count > 1
+        for item, size in zip(self._loader(self.train, reqs, dev, keep_empty), sizes):
+            if not item["ids"].numel():
+                raise DataError(
+                    f"every image of replica {shard.index}'s slice of a batch ({len(item['bad'])} files) is unreadable; "
+                    f"remove or repair them (see the warnings) or use fewer ray.replicas_per_peer"
+                )
             yield Batch(
                 xs=[self._normalise(item["x"][j], dev) for j in range(len(peers))],
                 y=item["y"].to(dev, non_blocking=True),
                 clean=item["clean"].to(dev, non_blocking=True),
                 ids=item["ids"].to(dev, non_blocking=True),
+                share=int(item["ids"].numel()) / size,
             )
 
     def eval_batches(
-        self, batch_size: int, device=None, split: str | None = None
+        self, batch_size: int, device=None, split: str | None = None, shard: Shard = WHOLE
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(normalised centre crops, labels) of the eval split (or of another of ``eval_sets``)."""
+        """(normalised centre crops, labels) of the eval split (or of another of ``eval_sets``); a replica: its batches."""
         images = self.evals[split or self.eval_split]
         n = len(images)
-        reqs = [_Request(np.arange(s, min(n, s + batch_size)), 0, 0, ()) for s in range(0, n, batch_size)]
+        reqs = [
+            _Request(np.arange(s, min(n, s + batch_size)), 0, 0, ())
+            for b, s in enumerate(range(0, n, batch_size))
+            if shard.takes(b)
+        ]
         dev = torch.device(device if device is not None else self.device)
         for item in self._loader(images, reqs, dev):
             yield self._normalise(item["x"][0], dev), item["y"].to(dev, non_blocking=True)

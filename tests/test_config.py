@@ -506,6 +506,8 @@ def test_yaml_of_the_demo_is_a_mapping():
         ("ray.gpus_per_worker=2", "ray.gpus_per_worker", "(0, 1]"),
         ("ray.max_failures=-1", "ray.max_failures", ">= 0"),
         ("ray.keep_checkpoints=0", "ray.keep_checkpoints", ">= 1"),
+        ("ray.replicas_per_peer=0", "ray.replicas_per_peer", ">= 1"),
+        ("ray.sync_batchnorm=sometimes", "ray.sync_batchnorm", "auto"),
         ("run_name=a/b", "run_name", "plain folder name"),
         ("run_name=..", "run_name", "plain folder name"),
     ],
@@ -517,7 +519,15 @@ def test_every_validated_key_names_itself_and_what_is_allowed(override, key, wor
 
 
 @pytest.mark.parametrize(
-    "override", ["data.val_fraction=0.5", "method.epsilon=0", "method.kd_weight=1", "ray.gpus_per_worker=0.25"]
+    "override",
+    [
+        "data.val_fraction=0.5",
+        "method.epsilon=0",
+        "method.kd_weight=1",
+        "ray.gpus_per_worker=0.25",
+        "ray.replicas_per_peer=1",
+        "ray.sync_batchnorm=true",
+    ],
 )
 def test_validated_keys_accept_their_edge_values(override):
     load_config(DEMO, [override])
