@@ -99,6 +99,16 @@ def test_a_uri_that_cannot_be_opened_is_a_config_error():
         storage.open_filesystem("hdfs://nn:8020/runs")  # no Hadoop client here: refused in one line
 
 
+def test_submit_accepts_a_uri_output_dir_and_still_refuses_a_relative_folder():
+    from cmd_dist.submit import check_job_config
+
+    check_job_config(load_config(DEMO, ["output_dir=s3://bucket/runs"]))
+    with pytest.raises(
+        ConfigError, match=r"output_dir: 'runs' is relative; .* or a URI \(output_dir=s3://bucket/runs\)"
+    ):
+        check_job_config(load_config(DEMO, ["output_dir=runs"]))
+
+
 def test_tune_refuses_a_uri_output_dir():
     from tune.search import prepare
 
