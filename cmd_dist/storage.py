@@ -25,6 +25,7 @@ Ray-free (pyarrow only); the tests use it with pyarrow's in-memory mock filesyst
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -300,7 +301,7 @@ def make_staging(uri: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     run_name = split_location(uri)[1] or "run"
     prefix = f"{hashlib.sha1(uri.rstrip('/').encode()).hexdigest()[:10]}-{run_name[:40]}-p"
-    for old in root.glob(f"{prefix}*"):
+    for old in root.glob(f"{glob.escape(prefix)}*"):
         try:
             pid = int(old.name[len(prefix) :].split("-", 1)[0])
         except ValueError:

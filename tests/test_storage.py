@@ -316,13 +316,21 @@ def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, c
     assert "epochs: 4" in (folder / "config.yaml").read_text()
 
 
-def test_report_of_a_missing_uri_folder_names_the_uri(tmp_path, capsys):
+def test_report_and_resume_of_a_missing_uri_folder_name_the_uri(tmp_path, capsys):
     from cmd_dist import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["report", f"file://{tmp_path}/nothing"])
     assert e.value.code == 2
     assert f"file://{tmp_path}/nothing: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", f"file://{tmp_path}/nothing"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"cmd-dist: error: --resume file://{tmp_path}/nothing: no config.yaml there; pass a run folder "
+        "written by cmd-dist train"
+    )
 
 
 @pytest.mark.ray
