@@ -465,9 +465,8 @@ class RunStore:
         if self.remote is None:
             return [str(p) for p in prune_checkpoints(self.dir, keep, num_peers, verified)]
         known = {p.name for p in verified}
-        files = set(self.remote.files())
         names = self.remote.checkpoint_names()
-        ok = {n: n in known or self.remote.looks_complete(n, num_peers, files) for n in names}
+        ok = {n: n in known or self.remote.looks_complete(n, num_peers) for n in names}  # lists that folder only
         doomed = select_pruned([(n, folder_epoch(Path(n)), ok[n]) for n in names], keep)
         for name in doomed:
             self.remote.delete_dir(name)
