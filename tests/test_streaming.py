@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cmd_dist.config import load_config
-from cmd_dist.data import DataError, check_data, prepare_data
+from cmd_dist.data import DataError, Shard, check_data, prepare_data
 from cmd_dist.streaming import StreamedData, build_streamed, random_resized_crop_box, sample_order
 from tests.image_fixtures import (
     corrupt_jpeg,
@@ -151,6 +151,32 @@ def test_batches_do_not_depend_on_placement_or_loader_processes(webvision_root):
     for t, a0, a1 in zip(together, *alone):
         assert torch.equal(t.ids, a0.ids) and torch.equal(t.ids, a1.ids)
         assert torch.equal(t.xs[0], a0.xs[0]) and torch.equal(t.xs[1], a1.xs[0])
+
+
+def test_replica_shards_decode_their_slice_and_together_are_the_whole_batch(webvision_root):
+    """ray.replicas_per_peer: replica j of a peer decodes only its slice; the slices concatenate to the batch."""
+    cfg = _cfg("webvision", webvision_root)
+    data = _data(cfg)
+    whole = _epoch(data, [0, 1], epoch=1, batch=7)
+    parts = [list(_data(cfg).epoch_batches(1, [0, 1], 7, 0, "cpu", shard=Shard(j, 2))) for j in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for b, batch in enumerate(whole):
+        assert torch.equal(torch.cat([p[b].ids for p in parts]), batch.ids)
+        for k in (0, 1):
+            assert torch.equal(torch.cat([p[b].xs[k] for p in parts]), batch.xs[k])
+        # the corrupt file leaves its replica's slice one image short: the shares say so
+        assert sum(p[b].share for p in parts) == pytest.approx(len(batch.ids) / min(7, data.num_train - 7 * b))
+    evals = [list(_data(cfg).eval_batches(2, "cpu", shard=Shard(j, 2))) for j in range(2)]
+    assert sum(int(y.shape[0]) for e in evals for _, y in e) == sum(int(y.shape[0]) for _, y in _data(cfg).eval_batches(2, "cpu"))
+
+
+def test_a_replica_whose_whole_slice_is_unreadable_stops_with_one_line(tmp_path):
+    root = make_imagefolder(tmp_path, classes=("cat", "dog"), per_class=2, png=False)
+    for f in (root / "train").rglob("*.jpg"):
+        corrupt_jpeg(f)
+    d = _data(_cfg("imagefolder", root))
+    with pytest.raises(DataError, match="every image of replica 1's slice"):
+        list(d.epoch_batches(0, [0], 4, 0, "cpu", shard=Shard(1, 2)))
 
 
 def test_augment_false_gives_every_peer_the_centre_crop(webvision_root):
