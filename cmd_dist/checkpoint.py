@@ -146,20 +146,34 @@ def newest_complete_checkpoint(
     return None
 
 
-def prune_checkpoints(run_dir: Path, keep: int, num_peers: int, verified: set[Path] | None = None) -> list[Path]:
-    """Keep the ``keep`` newest complete checkpoints; delete older folders and broken ones.
+def select_pruned(folders: list[tuple[Any, int, bool]], keep: int) -> list[Any]:
+    """Which checkpoint folders retention deletes, given ``(folder, folder epoch, complete)`` for each.
 
-    Never deletes the newest complete checkpoint (there is always one to resume from), and only
-    deletes an incomplete or corrupt folder when a newer complete one exists, so a checkpoint being
-    written right now (always the newest) is never touched. ``verified`` caches folders already
-    checked (their files are immutable once complete), so pruning reads each checkpoint once.
-    Returns the deleted folders.
+    Keeps the ``keep`` newest complete ones; never deletes the newest complete one (there is always one
+    to resume from), and deletes an incomplete or corrupt folder only when a newer complete one exists,
+    so a checkpoint being written right now (always the newest) is never touched. The same rule serves
+    a run folder (:func:`prune_checkpoints`) and a run folder behind a URI (``cmd_dist.storage``).
+    """
+    good = 0
+    doomed = []
+    for folder, _, ok in sorted(folders, key=lambda f: (f[1], str(f[0])), reverse=True):
+        if ok and good < keep:
+            good += 1
+        elif good:
+            doomed.append(folder)
+        # else: nothing complete is newer: this may be the checkpoint being written
+    return doomed
+
+
+def prune_checkpoints(run_dir: Path, keep: int, num_peers: int, verified: set[Path] | None = None) -> list[Path]:
+    """Keep the ``keep`` newest complete checkpoints; delete older folders and broken ones (:func:`select_pruned`).
+
+    ``verified`` caches folders already checked (their files are immutable once complete), so pruning
+    reads each checkpoint once. Returns the deleted folders.
     """
     verified = verified if verified is not None else set()
-    ordered = sorted(checkpoint_folders(run_dir), key=lambda p: (folder_epoch(p), p.name), reverse=True)
-    good: list[Path] = []
-    removed: list[Path] = []
-    for folder in ordered:
+    entries = []
+    for folder in checkpoint_folders(run_dir):
         ok = folder in verified
         if not ok:
             try:
@@ -168,14 +182,11 @@ def prune_checkpoints(run_dir: Path, keep: int, num_peers: int, verified: set[Pa
                 verified.add(folder)
             except CheckpointError:
                 ok = False
-        if ok and len(good) < keep:
-            good.append(folder)
-            continue
-        if not good:
-            continue  # nothing complete is newer: this may be the checkpoint being written
+        entries.append((folder, folder_epoch(folder), ok))
+    removed = select_pruned(entries, keep)
+    for folder in removed:
         shutil.rmtree(folder, ignore_errors=True)
         verified.discard(folder)
-        removed.append(folder)
     return removed
 
 

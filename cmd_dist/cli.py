@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cmd_dist.config import Config, ConfigError, load_config
 from cmd_dist.data import DataError, check_data
+from cmd_dist.storage import is_uri, join
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -57,15 +58,7 @@ def _sigterm_as_interrupt() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
-        run_dir = Path(args.resume).expanduser().resolve()
-        if not (run_dir / "config.yaml").is_file():
-            fail(f"--resume {args.resume}: no config.yaml there; pass a run folder written by cmd-dist train")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
-        cfg.output_dir, cfg.run_name = str(run_dir.parent), run_dir.name
-        if args.overrides:  # e.g. train.epochs=200 extends a finished run; record what now applies
-            from cmd_dist.config import dump_yaml
-
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        run_dir, cfg = _resume_config(args.resume, args.overrides)
     else:
         if args.config is None:
             fail("a CONFIG file is required (e.g. configs/demo.yaml), or --resume RUN_DIR")
@@ -106,19 +99,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     for peer in summary["peers"]:
         acc = peer[f"{split}_acc"]
         print(f"final {split} accuracy  {peer['name']} ({peer['arch']}): {acc:.2f}%")
-    print(f"summary: {run_dir / 'summary.json'}   tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
+    print(f"summary: {join(run_dir, 'summary.json')}   tensorboard --logdir {join(run_dir, 'tb')} --host 127.0.0.1")
     return 0
 
 
-def interrupted_message(run_dir: Path, num_peers: int) -> str:
-    """What an interrupted run kept, and the command that continues it."""
-    from cmd_dist.checkpoint import checkpoint_epoch, newest_complete_checkpoint
+def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Config]:
+    """The run folder (a path, or a URI when output_dir was one) and its config with ``overrides`` applied."""
+    import tempfile
 
-    newest = newest_complete_checkpoint(run_dir, num_peers, warn=lambda _: None)
+    from cmd_dist.config import dump_yaml
+    from cmd_dist.storage import read_run_file, split_location, write_run_file
+
+    run_dir: Path | str = resume.rstrip("/") if is_uri(resume) else Path(resume).expanduser().resolve()
+    text = read_run_file(run_dir, "config.yaml")
+    if text is None:
+        fail(f"--resume {resume}: no config.yaml there; pass a run folder written by cmd-dist train")
+    with tempfile.TemporaryDirectory(prefix="cmd-dist-resume-") as tmp:
+        (Path(tmp) / "config.yaml").write_bytes(text)
+        cfg = load_config(Path(tmp) / "config.yaml", overrides)
+    cfg.output_dir, cfg.run_name = split_location(run_dir)
+    if overrides:  # e.g. train.epochs=200 extends a finished run; record what now applies
+        write_run_file(run_dir, "config.yaml", dump_yaml(cfg).encode())
+    return run_dir, cfg
+
+
+def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
+    """What an interrupted run kept, and the command that continues it."""
+    from cmd_dist.storage import newest_checkpoint_epoch
+
+    try:
+        newest = newest_checkpoint_epoch(run_dir, num_peers)
+    except (OSError, ConfigError):
+        newest = -2  # the URI cannot be read right now
     kept = (
-        f"epochs 1-{checkpoint_epoch(newest)} are checkpointed"
-        if newest is not None
+        f"epochs 1-{newest} are checkpointed"
+        if newest > 0
         else "no epoch had finished, nothing is lost"
+        if newest == -1
+        else "what was checkpointed is kept"
     )
     return f"cmd-dist: interrupted; {kept}. Continue with:\n  cmd-dist train --resume {run_dir}"
 
@@ -193,11 +211,47 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace) -> int:
     from cmd_dist.report import ReportError, write_report  # matplotlib, no Ray
 
+    uris = [p for p in args.paths if is_uri(p)]
+    if uris and not args.out and len(args.paths) > 1:
+        fail(f"{uris[0]}: a report over several folders, one of them a URI, needs --out DIR (a local folder)")
+    if uris:
+        return _report_from_uris(args, write_report, ReportError)
     try:
         report = write_report([Path(p) for p in args.paths], Path(args.out) if args.out else None)
     except ReportError as e:
         fail(str(e))
     print(f"report: {report}")
+    return 0
+
+
+def _report_from_uris(args: argparse.Namespace, write_report, report_error) -> int:
+    """The report of run or search folders behind URIs: what it reads is copied into a temporary folder; the
+    report goes to ``--out``, or (one URI) back to ``URI/report/``."""
+    import shutil
+    import tempfile
+
+    from cmd_dist.storage import mirror_for_report, upload_folder
+
+    tmp = Path(tempfile.mkdtemp(prefix="cmd-dist-report-"))
+    try:
+        paths = [mirror_for_report(p, tmp / f"in{i}") if is_uri(p) else Path(p) for i, p in enumerate(args.paths)]
+        out = Path(args.out) if args.out else tmp / "report"
+        try:
+            report = write_report(paths, out)
+        except report_error as e:
+            message = str(e)
+            for i, p in enumerate(args.paths):  # name the URI, not the temporary copy
+                if is_uri(p):
+                    message = message.replace(str(paths[i]), p.rstrip("/"))
+            fail(message)
+        if args.out:
+            print(f"report: {report}")
+        else:
+            target = str(join(args.paths[0], "report"))
+            upload_folder(out, target)
+            print(f"report: {join(target, report.name)}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -468,10 +468,9 @@ def validate(cfg: Config) -> None:
     if (paper.value is not None or paper.peers) and not paper.table.strip():
         raise ConfigError("paper.table: name where the paper reports these numbers, e.g. 'Table 1'")
     if "://" in cfg.output_dir:
-        raise ConfigError(
-            f"output_dir: {cfg.output_dir!r}: URIs (s3://, gs://, file://) are not supported yet; use a folder "
-            f"every node sees at the same path (NFS or similar)"
-        )
+        from cmd_dist.storage import check_uri  # its form only; opening it (credentials) is the launcher's
+
+        check_uri(cfg.output_dir, "output_dir")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
 

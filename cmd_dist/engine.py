@@ -29,8 +29,6 @@ from cmd_dist.checkpoint import (
     checkpoint_folders,
     folder_epoch,
     load_peer_state,
-    newest_complete_checkpoint,
-    prune_checkpoints,
     save_peer_state,
     write_epoch_marker,
 )
@@ -51,6 +49,7 @@ from cmd_dist.step import (
     entropy_quantiles,
     nonfinite_first_step,
 )
+from cmd_dist.storage import RunStore
 
 #: Entropy quantiles recorded per peer and epoch (``<peer>/entropy_q10`` ...), next to chi.
 ENTROPY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -421,7 +420,7 @@ class NonFiniteLoss(RuntimeError):
 
 def run_worker(
     cfg: Config,
-    run_dir: Path,
+    run_dir: Path | str | RunStore,
     reporter: Reporter,
     device: torch.device,
     monitor_factory: Callable[..., Any] | None = None,
@@ -434,8 +433,11 @@ def run_worker(
     group, an interrupted run, the same run name again). After each epoch every worker writes its
     peers' files into ``run_dir/checkpoint_<epoch>``; after a barrier rank 0 writes the marker, prunes
     old checkpoints (never the newest complete one) and reports. ``fault_hook(rank, epoch)`` runs
-    before each epoch (tests inject faults with it).
+    before each epoch (tests inject faults with it). ``run_dir`` may be a filesystem URI (or a
+    :class:`~cmd_dist.storage.RunStore`): the run is then written in a local staging folder and copied
+    there (checkpoint files by each worker, the marker last by rank 0, the logs every epoch).
     """
+    store = RunStore.open(run_dir)
     data = prepare_data(cfg.data, cfg.noise, device)
     if cfg.train.batch_size > data.num_train:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the {data.num_train} training images")
@@ -451,14 +453,14 @@ def run_worker(
         build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device, data.spec.size)
         for k in exchange.local_peers
     ]
-    run_dir = Path(run_dir)
+    run_dir = store.dir
     n_peers = len(cfg.peers)
 
     start_epoch = 0
     # Every rank must pick the same folder: rank 0 decides (and warns once), the others follow.
-    choice = newest_complete_checkpoint(run_dir, n_peers, warn=log) if exchange.rank == 0 else None
-    folder = exchange.gather_objects(str(choice) if choice else None)[0]
-    folder = Path(folder) if folder else None
+    choice = store.newest_complete_checkpoint(n_peers, warn=log) if exchange.rank == 0 else None
+    name = exchange.gather_objects(choice.name if choice else None)[0]
+    folder = store.fetch_checkpoint(name, exchange.local_peers) if name else None
     if folder is not None:
         for p in peers:
             start_epoch = load_into_peer(p, load_peer_state(folder, p.index))
@@ -470,17 +472,25 @@ def run_worker(
         return last
     if exchange.rank == 0:
         if folder is not None:
-            log(f"resuming from {folder} (epoch {start_epoch} done), training epoch {start_epoch + 1} onwards")
+            log(
+                f"resuming from {store.shown(folder.name)} (epoch {start_epoch} done), training epoch "
+                f"{start_epoch + 1} onwards"
+            )
         # Folders past the resume point are from epochs about to be retrained (or broken): clear them
         # so an epoch's folder only ever holds that epoch's files.
         for stale in checkpoint_folders(run_dir):
             if stale != folder and (folder_epoch(stale) > start_epoch or checkpoint_epoch(stale) < 0):
                 _remove_tree(stale)
+        store.clear_stale(folder, start_epoch)
     exchange.gather_objects(None)  # nobody writes a checkpoint before the stale ones are gone
     _write_worker_info(run_dir, exchange, start_epoch, reporter)
+    store.upload(f"workers/rank{exchange.rank}.json")
     best_dir = run_dir / "best_checkpoint"
+    store.download("best_checkpoint/metrics.json")
     best_score = _stored_best_score(best_dir)
     best_pending: tuple[dict, dict, int] | None = None  # (CPU states, metrics, epoch) not yet on disk
+    if monitor_factory and exchange.rank == 0:
+        store.download("metrics.jsonl")  # the Monitor truncates it to the resumed epoch, then appends
     monitor = monitor_factory(cfg, run_dir, start_epoch) if (monitor_factory and exchange.rank == 0) else None
     verified: set[Path] = {folder} if folder is not None else set()
     trainer = Trainer(cfg, peers, exchange, data, device)  # after loading: a CUDA graph binds the live tensors
@@ -523,10 +533,12 @@ def run_worker(
             metrics["nonfinite"] = msg
             if monitor:
                 monitor.close()
+                store.sync_logs()
             reporter.report(metrics)
             return metrics
         if monitor:
             monitor.log_epoch(epoch, rows, res, metrics)
+            store.sync_logs()  # a URI gets every epoch's metrics and TensorBoard events at once
         score = metrics[f"{data.eval_split}_acc"]
         if score > best_score:  # kept in host memory, written with the next checkpoint
             best_score = score
@@ -540,13 +552,16 @@ def run_worker(
             reporter.report(metrics)
             continue
         if best_pending is not None:
-            _save_best(best_dir, exchange, *best_pending)
+            _save_best(best_dir, exchange, *best_pending, store=store)
             best_pending = None
         states = {p.index: peer_state(p, epoch + 1) for p in peers if exchange.primary}
-        _save_checkpoint(run_dir, exchange, states, metrics, epoch + 1, cfg.ray.keep_checkpoints, n_peers, verified)
+        _save_checkpoint(
+            run_dir, exchange, states, metrics, epoch + 1, cfg.ray.keep_checkpoints, n_peers, verified, store
+        )
         reporter.report(metrics)
     if monitor:
         monitor.close()
+        store.sync_logs()
     return last
 
 
@@ -576,22 +591,29 @@ def _save_checkpoint(
     keep: int,
     num_peers: int,
     verified: set[Path],
+    store: RunStore | None = None,
 ) -> None:
     """Every worker writes its peers' files; after a barrier rank 0 writes the marker (last) and prunes.
+
+    With a URI (``store``) each worker uploads its files before the barrier and rank 0 the marker after it,
+    last, so the checkpoint on the URI is complete iff its marker is there.
 
     A write that fails (full disk, read-only folder) raises OSError after removing its temporary
     file; the folder then has no marker, so it is never resumed from, and the next prune removes it.
     """
     folder = checkpoint_folder(run_dir, epoch)
     folder.mkdir(parents=True, exist_ok=True)
+    store = store or RunStore(run_dir)
     for k, state in states.items():
         save_peer_state(folder, k, state)
+    store.upload_checkpoint_files(folder, states)
     exchange.gather_objects(None)
     if exchange.rank == 0:
         atomic_write_bytes(folder / "metrics.json", json.dumps(metrics).encode())
         write_epoch_marker(folder, epoch)
+        store.upload_marker(folder)
         verified.add(folder)  # written and checksummed just now, by this run
-        prune_checkpoints(run_dir, keep, num_peers, verified)
+        store.prune(keep, num_peers, verified)
 
 
 def _stored_best_score(best_dir: Path) -> float:
@@ -603,22 +625,34 @@ def _stored_best_score(best_dir: Path) -> float:
         return -math.inf
 
 
-def _save_best(best_dir: Path, exchange: Exchange, states: dict[int, dict], metrics: dict, epoch: int) -> None:
+def _save_best(
+    best_dir: Path,
+    exchange: Exchange,
+    states: dict[int, dict],
+    metrics: dict,
+    epoch: int,
+    store: RunStore | None = None,
+) -> None:
     """Keep the epoch with the best mean accuracy on the eval split (validation in the search protocol).
 
     Each worker writes its peers' files atomically; after everyone is done (the gather is a barrier),
     rank 0 writes metrics.json and epoch.txt last, so a complete marker means a consistent set.
     """
     best_dir.mkdir(parents=True, exist_ok=True)
+    store = store or RunStore(best_dir.parent)
+    name = best_dir.name
     if exchange.rank == 0:
         (best_dir / "epoch.txt").unlink(missing_ok=True)
+        store.delete_uploaded(f"{name}/epoch.txt")
     exchange.gather_objects(None)
     for k, state in states.items():
         save_peer_state(best_dir, k, state)
+    store.upload(*(f"{name}/peer{k}{ext}" for k in states for ext in (".pt", ".sha256")))
     exchange.gather_objects(None)
     if exchange.rank == 0:
         atomic_write_bytes(best_dir / "metrics.json", json.dumps(metrics).encode())
         write_epoch_marker(best_dir, epoch)
+        store.upload(f"{name}/metrics.json", f"{name}/epoch.txt")
 
 
 def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int, reporter: Reporter | None = None) -> None:

@@ -30,8 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmd_dist.checkpoint import RunFolderBusy, RunLock, atomic_write_bytes, checkpoint_epoch, newest_complete_checkpoint
+from cmd_dist.checkpoint import RunFolderBusy, RunLock, atomic_write_bytes
 from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
+from cmd_dist.storage import (
+    Remote,
+    RunStore,
+    UriRunLock,
+    is_uri,
+    join,
+    newest_checkpoint_epoch,
+    open_filesystem,
+    read_run_file,
+    split_location,
+    worker_records,
+    write_run_file,
+)
 
 # Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -68,23 +81,47 @@ def git_revision() -> str:
 
 
 #: Run folders this process holds the lock of (a process may train the same folder again, e.g. tests).
-_LOCKS: dict[Path, RunLock] = {}
+_LOCKS: dict[Path | str, RunLock | UriRunLock] = {}
 
 
-def lock_run_dir(run_dir: Path) -> None:
-    """Hold ``run_dir``'s lock until this process exits; ConfigError (exit 2) if another run holds it."""
-    run_dir = Path(run_dir)
-    if run_dir in _LOCKS:
+def lock_run_dir(run_dir: Path | str) -> None:
+    """Hold ``run_dir``'s lock until this process exits; ConfigError (exit 2) if another run holds it.
+
+    A folder: an exclusive ``flock``. A URI: the best-effort :class:`~cmd_dist.storage.UriRunLock`
+    (heartbeat object; an object store has no atomic create-if-absent), released at exit.
+    """
+    key = str(run_dir).rstrip("/") if is_uri(run_dir) else Path(run_dir)
+    if key in _LOCKS:
+        return
+    if is_uri(run_dir):
+        try:
+            _LOCKS[key] = UriRunLock(key).acquire()
+        except OSError as e:
+            raise ConfigError(f"output_dir: cannot write the run folder {key} ({_first_line(e)})") from None
+        import atexit
+
+        atexit.register(_LOCKS[key].release)
         return
     try:
-        _LOCKS[run_dir] = RunLock(run_dir).acquire()
+        _LOCKS[key] = RunLock(key).acquire()
     except RunFolderBusy as e:
         raise ConfigError(str(e)) from None
 
 
-def resolve_run_dir(cfg: Config) -> Path:
-    """Absolute paths (Ray workers run elsewhere) and a run name; locks the folder, writes config.yaml and git_rev."""
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def resolve_run_dir(cfg: Config) -> Path | str:
+    """Absolute paths (Ray workers run elsewhere) and a run name; locks the folder, writes config.yaml and git_rev.
+
+    Returns the run folder: a Path, or a str when ``output_dir`` is a filesystem URI (``s3://``, ``file://``, ...).
+    """
+    if is_uri(cfg.output_dir):
+        cfg.output_dir = cfg.output_dir.rstrip("/")
+    else:
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
     if cfg.noise.label_file:
@@ -94,6 +131,8 @@ def resolve_run_dir(cfg: Config) -> Path:
             peer.weights = str(Path(peer.weights).expanduser().resolve())
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
+    if is_uri(cfg.output_dir):
+        return _resolve_uri_run_dir(cfg)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +149,28 @@ def resolve_run_dir(cfg: Config) -> Path:
         raise ConfigError(
             f"output_dir: cannot write the run folder {run_dir} ({e.strerror or e}); choose a writable "
             f"output_dir with free space"
+        ) from None
+    return run_dir
+
+
+def _resolve_uri_run_dir(cfg: Config) -> str:
+    """:func:`resolve_run_dir` for a URI: the same checks and files, through pyarrow."""
+    run_dir = str(join(cfg.output_dir, cfg.run_name))
+    open_filesystem(run_dir)  # an unknown scheme, missing credentials: one line now
+    try:
+        lock_run_dir(run_dir)
+        existing = read_run_file(run_dir, "config.yaml")
+        if existing is not None and existing.decode() != dump_yaml(cfg):
+            raise ConfigError(
+                f"run_name: {cfg.run_name!r} already exists in {cfg.output_dir} with a different config; "
+                f"use 'cmd-dist train --resume {run_dir}' to continue it, or choose a new run_name"
+            )
+        write_run_file(run_dir, "config.yaml", dump_yaml(cfg).encode())
+        write_run_file(run_dir, "git_rev.txt", (git_revision() + "\n").encode())
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir: cannot write the run folder {run_dir} ({_first_line(e)}); check the URI and this "
+            f"machine's credentials for it"
         ) from None
     return run_dir
 
@@ -420,20 +481,27 @@ def alive_nodes() -> list[dict[str, Any]]:
 
 
 def nodes_missing_file(folder: str, name: str, token: str, timeout: float = PROBE_TIMEOUT_S) -> list[dict[str, Any]]:
-    """The alive nodes on which ``folder/name`` does not hold ``token`` (one zero-CPU task pinned to each node)."""
+    """The alive nodes on which ``folder/name`` does not hold ``token`` (one zero-CPU task pinned to each node).
+
+    ``folder`` may be a URI: each node then reads the token through pyarrow, with its own credentials.
+    """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0, max_retries=0)
     def read_token(path: str) -> str | None:
         try:
+            if is_uri(path):
+                parent, rel = split_location(path)
+                data = Remote.open(parent).read_bytes(rel)
+                return data.decode() if data is not None else None
             return Path(path).read_text()
-        except OSError:
+        except (OSError, ConfigError, ValueError):
             return None
 
     nodes = alive_nodes()
     refs = [
         read_token.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-            str(Path(folder) / name)
+            str(join(folder, name))
         )
         for n in nodes
     ]
@@ -447,10 +515,11 @@ def nodes_missing_file(folder: str, name: str, token: str, timeout: float = PROB
 
 
 def check_shared_output(output_dir: str) -> None:
-    """On a multi-node cluster ``output_dir`` must be the same folder on every node (NFS or similar).
+    """On a multi-node cluster ``output_dir`` must be the same place for every node (NFS or similar, or a URI).
 
     A token file written here is read back by a task on every node; a node that cannot read it means the
-    folder is local to this machine, and the run is refused (one line) before any worker starts.
+    folder is local to this machine (or, for a URI, that node cannot reach it: a ``file://`` URI of a local
+    folder, missing credentials), and the run is refused (one line) before any worker starts.
     """
     if len(alive_nodes()) < 2:
         return
@@ -458,19 +527,31 @@ def check_shared_output(output_dir: str) -> None:
 
     token = uuid.uuid4().hex
     name = f".cmd-dist-shared-{token[:12]}"
-    probe = Path(output_dir) / name
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(probe, token.encode())
+    if is_uri(output_dir):
+        remote = Remote.open(output_dir)
+        remote.write_bytes(name, token.encode())
+        cleanup: Callable[[], None] = lambda: remote.delete_file(name)  # noqa: E731
+    else:
+        probe = Path(output_dir) / name
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(probe, token.encode())
+        cleanup = lambda: probe.unlink(missing_ok=True)  # noqa: E731
     try:
         missing = nodes_missing_file(output_dir, name, token)
     finally:
-        probe.unlink(missing_ok=True)
+        cleanup()
     if missing:
         raise ConfigError(shared_output_error(output_dir, missing, len(alive_nodes())))
 
 
 def shared_output_error(output_dir: str, missing: list[dict[str, Any]], total: int) -> str:
     where = ", ".join(f"{n.get('NodeManagerAddress', '?')} ({str(n.get('NodeID', ''))[:8]})" for n in missing[:3])
+    if is_uri(output_dir):
+        return (
+            f"output_dir: {output_dir}: {len(missing)} of the cluster's {total} nodes cannot read what this machine "
+            f"wrote there ({where}); use a URI every node reaches with its own credentials (a file:// URI must "
+            f"name a folder shared by every node)"
+        )
     return (
         f"output_dir: {output_dir} is local to this machine: {len(missing)} of the cluster's {total} nodes "
         f"cannot see it ({where}); use a folder shared by every node at the same path (NFS or similar)"
@@ -619,14 +700,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    run_dir = Path(config["run_dir"])
+    store = RunStore.open(config["run_dir"])  # a folder, or a URI staged in a folder of this process
     fault = config.get("test_fault")
     echo, hparams = config.get("echo", True), config.get("hparams")
     reporter = RayReporter(progress=config.get("progress", False))
     try:
         return run_worker(
             cfg,
-            run_dir,
+            store,
             reporter,
             device,
             monitor_factory=(lambda c, d, s: Monitor(c, d, s, echo=echo, hparams=hparams))
@@ -640,6 +721,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         raise TrainingCodeError(
             rank, type(e).__name__, str(e), traceback.format_exc(), getattr(e, "errno", None)
         ) from None
+    finally:
+        store.close()
 
 
 def _quiet_report_log() -> None:
@@ -657,7 +740,7 @@ def _quiet_report_log() -> None:
 
 def build_trainer(
     cfg: Config,
-    run_dir: Path,
+    run_dir: Path | str,
     callbacks: list | None = None,
     monitor: bool = True,
     placement: Placement | None = None,
@@ -677,9 +760,13 @@ def build_trainer(
             placement_strategy=placement.strategy,
         )
         backend = placement.backend
+    parent, name = split_location(run_dir)
+    # Ray Train keeps its own run state beside ours: in the run folder's parent, a folder or the URI's filesystem.
+    storage_fs, storage_path = open_filesystem(parent) if is_uri(parent) else (None, parent)
     run_config = RunConfig(
-        name=run_dir.name,
-        storage_path=str(run_dir.parent),
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         # Ray never retries by itself: fit_with_restarts tells a lost worker (restart) from an error
         # of the training code (fail at once). Worker-group start is retried twice, not forever.
         failure_config=FailureConfig(max_failures=0, controller_failure_limit=2),
@@ -743,7 +830,7 @@ _COMM_ERROR = re.compile(r"gloo|nccl|connection reset|connection closed|DistBack
 NODE_LOSS_WAIT_S = 30.0
 
 
-def lost_nodes(error: WorkerGroupError, run_dir: Path, timeout: float = NODE_LOSS_WAIT_S) -> dict[int, str]:
+def lost_nodes(error: WorkerGroupError, run_dir: Path | str, timeout: float = NODE_LOSS_WAIT_S) -> dict[int, str]:
     """Ranks that ran on a node the cluster has lost, when every failure is a collective breaking.
 
     A node removed at once (machine gone, raylet killed) reaches the driver first as the surviving workers'
@@ -759,11 +846,14 @@ def lost_nodes(error: WorkerGroupError, run_dir: Path, timeout: float = NODE_LOS
     ):
         return {}
     where: dict[int, str] = {}
-    for path in Path(run_dir, "workers").glob("rank*.json"):
+    try:
+        records = worker_records(run_dir)
+    except (OSError, ConfigError):
+        records = []  # the URI cannot be read right now: nothing to tell
+    for info in records:
         try:
-            info = json.loads(path.read_text())
             where[int(info["rank"])] = str(info["node_id"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             continue  # a run without Ray node records (or a damaged one): nothing to tell
     if not where:
         return {}
@@ -790,7 +880,7 @@ def code_error(error: WorkerGroupError) -> TrainingCodeError | BaseException:
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def _failed_line(err: BaseException, run_dir: Path) -> str:
+def _failed_line(err: BaseException, run_dir: Path | str) -> str:
     resume = f"cmd-dist train --resume {run_dir}"
     if isinstance(err, TrainingCodeError):
         if err.errno in WRITE_ERRNOS:
@@ -832,7 +922,7 @@ def run_interruptibly(fn: Callable[[], Any]) -> Any:
 
 def fit_with_restarts(
     cfg: Config,
-    run_dir: Path,
+    run_dir: Path | str,
     callbacks: list | None = None,
     monitor: bool = True,
     placement: Placement | None = None,
@@ -868,8 +958,8 @@ def fit_with_restarts(
                     f"cmd-dist train --resume {run_dir}",
                     "".join(traceback.format_exception(e)) if verbose else "",
                 ) from None
-            newest = newest_complete_checkpoint(run_dir, len(cfg.peers), warn=lambda _: None)
-            start = f"epoch {checkpoint_epoch(newest)}'s checkpoint" if newest else "the start (no checkpoint yet)"
+            newest = newest_checkpoint_epoch(run_dir, len(cfg.peers))
+            start = f"epoch {newest}'s checkpoint" if newest >= 0 else "the start (no checkpoint yet)"
             log(
                 f"cmd-dist: worker {ranks} was lost ({next(iter(lost.values()))}); restarting the peer group "
                 f"from {start} (restart {restarts} of at most {cfg.ray.max_failures})"
@@ -888,7 +978,7 @@ def _finite_or_none(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and x == x and abs(x) != float("inf") else None
 
 
-def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float) -> dict[str, Any]:
+def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path | str, wall_s: float) -> dict[str, Any]:
     split = metrics.get("eval_split", "test" if cfg.data.protocol == "final" else "val")
     peers = []
     extra = [name for name in str(metrics.get("extra_eval_sets", "")).split(",") if name]
@@ -926,11 +1016,13 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path, wall_s: float
         "noise_rate": _finite_or_none(metrics.get("noise_rate")),
         "skipped_images": metrics.get("skipped_images", 0),
     }
-    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+    write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
-def train(cfg: Config, run_dir: Path | None = None, log: Callable[[str], None] = print, verbose: bool = False) -> dict:
+def train(
+    cfg: Config, run_dir: Path | str | None = None, log: Callable[[str], None] = print, verbose: bool = False
+) -> dict:
     """Run (or resume) a training job on Ray and return its summary (also written to summary.json).
 
     Raises ConfigError (the placement cannot fit) before any worker starts, RunFailed when the run

@@ -14,13 +14,14 @@ import torch
 from cmd_dist.config import Config
 from cmd_dist.engine import run_worker
 from cmd_dist.monitor import Monitor
+from cmd_dist.storage import RunStore, is_uri
 
 
 class LocalReporter:
     """Collects each epoch's metrics (checkpoints are written into the run folder by the engine)."""
 
-    def __init__(self, run_dir: Path, show_progress: bool = False) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path | str, show_progress: bool = False) -> None:
+        self.run_dir = run_dir if is_uri(run_dir) else Path(run_dir)
         self.show_progress = show_progress
         self.reports: list[dict[str, Any]] = []
 
@@ -36,18 +37,26 @@ class LocalReporter:
 
 
 def run_local(
-    cfg: Config, run_dir: str | Path, device: str = "cpu", echo: bool = False, fault_hook=None
+    cfg: Config, run_dir: str | Path | RunStore, device: str = "cpu", echo: bool = False, fault_hook=None
 ) -> tuple[dict, LocalReporter]:
-    """Train all peers of ``cfg`` in this process; resumes from ``run_dir``'s latest checkpoint."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reporter = LocalReporter(run_dir)
-    metrics = run_worker(
-        cfg,
-        run_dir,
-        reporter,
-        torch.device(device),
-        monitor_factory=lambda c, d, s: Monitor(c, d, s, echo=echo),
-        fault_hook=fault_hook,
-    )
+    """Train all peers of ``cfg`` in this process; resumes from the run folder's latest complete checkpoint.
+
+    ``run_dir`` may be a filesystem URI (``file:///shared/runs/x``, ``s3://...``) or a :class:`RunStore`; the
+    staging folder of a URI is removed when the run ends, however it ends.
+    """
+    store = RunStore.open(run_dir)
+    if not store.is_uri:
+        store.dir.mkdir(parents=True, exist_ok=True)
+    reporter = LocalReporter(store.location if store.is_uri else store.dir)
+    try:
+        metrics = run_worker(
+            cfg,
+            store,
+            reporter,
+            torch.device(device),
+            monitor_factory=lambda c, d, s: Monitor(c, d, s, echo=echo),
+            fault_hook=fault_hook,
+        )
+    finally:
+        store.close()
     return metrics, reporter

@@ -61,10 +61,11 @@ def check_dashboard(url: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 def check_job_config(cfg: Config) -> None:
     """Paths a job on the cluster can use: the job's own folder is a temporary copy on the head node."""
-    if not Path(cfg.output_dir).is_absolute():
+    if "://" not in cfg.output_dir and not Path(cfg.output_dir).is_absolute():
         raise ConfigError(
             f"output_dir: {cfg.output_dir!r} is relative; a submitted job runs in a temporary copy of the working "
-            f"dir, so pass output_dir=/shared/runs (a folder every node mounts at the same path)"
+            f"dir, so pass output_dir=/shared/runs (a folder every node mounts at the same path) or a URI "
+            f"(output_dir=s3://bucket/runs)"
         )
     if cfg.data.dataset != "digits" and not Path(cfg.data.root).is_absolute():
         raise ConfigError(
@@ -132,13 +133,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         submission_id=args.job_id,
         metadata={"cmd_dist_run": cfg.run_name, "output_dir": cfg.output_dir},
     )
-    run_dir = Path(cfg.output_dir) / cfg.run_name
+    from cmd_dist.storage import join
+
+    run_dir = join(cfg.output_dir, cfg.run_name)
     print(f"cmd-dist: submitted job {job_id} to {url}")
     print(f"  entrypoint:  {entrypoint}")
     print(f"  run folder:  {run_dir}")
     print(f"  follow logs: ray job logs --follow --address {url} {job_id}")
     print(f"  status:      ray job status --address {url} {job_id}      stop: ray job stop --address {url} {job_id}")
-    print(f"  tensorboard: tensorboard --logdir {run_dir / 'tb'} --host 127.0.0.1")
+    print(f"  tensorboard: tensorboard --logdir {join(run_dir, 'tb')} --host 127.0.0.1")
     sys.stdout.flush()
     if not args.wait:
         return 0

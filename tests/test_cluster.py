@@ -99,6 +99,10 @@ def test_output_dir_probe_on_every_node(cluster, tmp_path):
         "missing = launcher.nodes_missing_file(sys.argv[2], 'no-such-file', 'token', timeout=60)\n"
         "print('MISSING', len(missing), len(launcher.alive_nodes()))\n"
         "print('ERROR', launcher.shared_output_error(sys.argv[2], missing, len(launcher.alive_nodes())))\n"
+        "uri = 'file://' + sys.argv[2]\n"  # a URI: each node reads the token through pyarrow
+        "launcher.check_shared_output(uri)\n"
+        "missing = launcher.nodes_missing_file(uri, 'no-such-file', 'token', timeout=60)\n"
+        "print('URI', len(missing), launcher.shared_output_error(uri, missing, 3))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, cluster.address, str(tmp_path)],
@@ -111,6 +115,8 @@ def test_output_dir_probe_on_every_node(cluster, tmp_path):
     assert "MISSING 3 3" in out.stdout
     error = next(line for line in out.stdout.splitlines() if line.startswith("ERROR"))
     assert "3 of the cluster's 3 nodes cannot see it" in error and "shared by every node" in error
+    uri = next(line for line in out.stdout.splitlines() if line.startswith("URI"))
+    assert uri.startswith(f"URI 3 output_dir: file://{tmp_path}: 3 of the cluster's 3 nodes cannot read what")
     assert not list(tmp_path.glob(".cmd-dist-shared-*"))  # the probe file is removed
 
 
@@ -307,9 +313,10 @@ def test_spread_and_output_dir_keys_are_validated():
         load_config(DEMO, ["ray.spread=true", "ray.placement=together"])
     with pytest.raises(ConfigError, match="ray.spread: expected true or false"):
         load_config(DEMO, ["ray.spread=3"])
-    for uri in ("s3://bucket/runs", "file:///tmp/runs", "://x"):
-        with pytest.raises(ConfigError, match=r"output_dir: .*URIs \(s3://, gs://, file://\) are not supported yet"):
-            load_config(DEMO, [f"output_dir={uri}"])
+    for uri in ("s3://bucket/runs", "file:///tmp/runs"):  # filesystem URIs: tests/test_storage.py
+        assert load_config(DEMO, [f"output_dir={uri}"]).output_dir == uri
+    with pytest.raises(ConfigError, match=r"output_dir: '://x' is not a filesystem URI"):
+        load_config(DEMO, ["output_dir=://x"])
 
 
 def test_gpus_per_trial_splits_over_workers_and_sets_concurrency():

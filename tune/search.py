@@ -163,6 +163,12 @@ def prepare(args: argparse.Namespace) -> SearchJob:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.ray.address = args.address
+    if "://" in cfg.output_dir:
+        raise ConfigError(
+            f"output_dir: {cfg.output_dir!r}: cmd-dist tune writes its search folder (Tune's experiment, every "
+            f"trial's run folder) to a folder, on a cluster one every node mounts at the same path; filesystem "
+            f"URIs are for cmd-dist train and submit"
+        )
     apply_gpus_per_trial(cfg, getattr(args, "gpus_per_trial", None))
     _absolute_paths(cfg)
     base = cfg.to_dict()

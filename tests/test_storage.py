@@ -1,0 +1,367 @@
+"""output_dir as a filesystem URI (issue 13, point 2): the store on pyarrow's in-memory mock filesystem,
+real in-process runs through a ``file://`` URI, and one Ray run that resumes from the URI.
+
+The URI path is exercised for real: everything goes through pyarrow (``file://`` is pyarrow's local
+filesystem, the mock one lives in memory), never through the local-folder code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pyarrow.fs
+import pytest
+import torch
+
+from cmd_dist import storage
+from cmd_dist.checkpoint import select_pruned
+from cmd_dist.config import ConfigError, load_config
+from cmd_dist.local import run_local
+from cmd_dist.storage import Remote, RunStore, UriRunLock
+from tests.conftest import REPO
+
+FAST = [
+    "train.epochs=3",
+    "train.milestones=[2]",
+    "method.eta=1.0",
+    "method.b2=-1.0",
+    "train.log_every=0",
+    "data.train_subset=512",
+]
+DEMO = os.path.join(REPO, "configs", "demo.yaml")
+
+
+def _cfg(extra=()):
+    return load_config(None, FAST + list(extra))
+
+
+class Recording(Remote):
+    """A Remote that records every upload and delete, in order."""
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.log: list[tuple[str, str]] = []
+
+    def upload(self, local, rel):
+        self.log.append(("upload", rel))
+        super().upload(local, rel)
+
+    def delete_dir(self, rel):
+        self.log.append(("delete", rel))
+        super().delete_dir(rel)
+
+
+def _mock_store(fs=None, name="r") -> RunStore:
+    fs = fs or pyarrow.fs._MockFileSystem()
+    return RunStore(f"mock://bucket/runs/{name}", Recording(fs, f"bucket/runs/{name}", f"mock://bucket/runs/{name}"))
+
+
+def _stop_before(epoch):
+    def hook(rank, e):
+        if e == epoch:
+            raise KeyboardInterrupt(f"stopped before epoch {e}")
+
+    return hook
+
+
+# ----------------------------------------------------------------------------- config and bad URIs
+
+
+def test_uri_output_dir_is_accepted_and_bad_ones_are_one_line():
+    for uri in ("s3://bucket/runs", "gs://bucket/runs", "hdfs://namenode:8020/runs", "file:///shared/runs"):
+        assert load_config(DEMO, [f"output_dir={uri}"]).output_dir == uri
+    with pytest.raises(ConfigError, match=r"output_dir: 'nosuch://b/runs' is not a filesystem URI .*scheme 'nosuch'"):
+        load_config(DEMO, ["output_dir=nosuch://b/runs"])
+    with pytest.raises(ConfigError, match=r"output_dir: '://x' is not a filesystem URI .*no scheme.*file:///shared"):
+        load_config(DEMO, ["output_dir=://x"])
+    with pytest.raises(ConfigError, match=r"'file://runs': a file:// URI needs an absolute path .*file:///shared"):
+        load_config(DEMO, ["output_dir=file://runs"])
+    with pytest.raises(ConfigError, match=r"'s3:///runs' names no bucket or host"):
+        load_config(DEMO, ["output_dir=s3:///runs"])
+
+
+def test_bad_uri_scheme_on_the_command_line_is_one_line_exit_2(capsys):
+    from cmd_dist import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", DEMO, "output_dir=nosuch://bucket/runs"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("cmd-dist: error: output_dir: 'nosuch://bucket/runs' is not a filesystem URI")
+    assert "s3://bucket/runs" in err  # the fix
+
+
+def test_a_uri_that_cannot_be_opened_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"output_dir: cannot open 'hdfs://nn:8020/runs' \(.*\); check the URI"):
+        storage.open_filesystem("hdfs://nn:8020/runs")  # no Hadoop client here: refused in one line
+
+
+def test_submit_accepts_a_uri_output_dir_and_still_refuses_a_relative_folder():
+    from cmd_dist.submit import check_job_config
+
+    check_job_config(load_config(DEMO, ["output_dir=s3://bucket/runs"]))
+    with pytest.raises(
+        ConfigError, match=r"output_dir: 'runs' is relative; .* or a URI \(output_dir=s3://bucket/runs\)"
+    ):
+        check_job_config(load_config(DEMO, ["output_dir=runs"]))
+
+
+def test_tune_refuses_a_uri_output_dir():
+    from tune.search import prepare
+
+    args = type("A", (), dict(resume=None, config=DEMO, overrides=["output_dir=s3://b/runs"], address=None))()
+    with pytest.raises(ConfigError, match=r"output_dir: 's3://b/runs': cmd-dist tune writes its search folder"):
+        prepare(args)
+
+
+# ----------------------------------------------------------------------------- the store on the mock filesystem
+
+
+def test_select_pruned_never_deletes_the_newest_complete_or_the_one_being_written():
+    # (folder, epoch, complete)
+    folders = [("c1", 1, True), ("c2", 2, True), ("c3", 3, False), ("c4", 4, True), ("c5", 5, False)]
+    assert select_pruned(folders, 1) == ["c3", "c2", "c1"]  # c5 (being written) and c4 (newest complete) stay
+    assert select_pruned(folders, 2) == ["c3", "c1"]
+    assert select_pruned([("c1", 1, False), ("c2", 2, False)], 1) == []  # nothing complete: nothing deleted
+
+
+def test_checkpoint_uploads_put_the_marker_last_and_prune_on_the_uri():
+    store = _mock_store()
+    try:
+        metrics, rep = run_local(_cfg(["ray.keep_checkpoints=2"]), store)
+    finally:
+        store.close()
+    log = store.remote.log
+    ups = [rel for op, rel in log if op == "upload"]
+    for epoch in (1, 2, 3):
+        name = f"checkpoint_{epoch:06d}"
+        mine = [i for i, rel in enumerate(ups) if rel.startswith(name + "/")]
+        assert ups[mine[-1]] == f"{name}/epoch.txt"  # the marker is the folder's last upload
+        assert {ups[i] for i in mine} == {
+            f"{name}/{f}" for f in ("peer0.pt", "peer0.sha256", "peer1.pt", "peer1.sha256", "metrics.json", "epoch.txt")
+        }
+    best = [i for i, rel in enumerate(ups) if rel.startswith("best_checkpoint/")]
+    assert ups[best[-1]] == "best_checkpoint/epoch.txt"
+    # Retention on the URI: epoch 1 deleted once epoch 3 was complete (keep 2).
+    assert ("delete", "checkpoint_000001") in log
+    assert log.index(("delete", "checkpoint_000001")) > log.index(("upload", "checkpoint_000003/epoch.txt"))
+    remote = store.remote
+    assert remote.checkpoint_names() == ["checkpoint_000003", "checkpoint_000002"]
+    assert remote.newest_checkpoint_epoch(2) == 3
+    rows = [json.loads(x) for x in remote.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert [(r["epoch"], r["peer"]) for r in rows] == [(e, p) for e in (1, 2, 3) for p in ("peer0", "peer1")]
+    assert any(f.startswith("tb/peer0/events.out.tfevents") for f in remote.files())
+    assert json.loads(remote.read_bytes("workers/rank0.json"))["resumed_after_epoch"] == 0
+    assert not store.dir.exists()  # staging removed
+
+
+def test_logs_are_on_the_uri_after_every_epoch():
+    """metrics.jsonl reaches the URI when each epoch ends, not only at the end of the run."""
+    store = _mock_store()
+    seen = []
+
+    def hook(rank, epoch):
+        data = store.remote.read_bytes("metrics.jsonl")
+        seen.append(len(data.decode().splitlines()) if data else 0)
+
+    try:
+        run_local(_cfg(["train.checkpoint_every=10"]), store, fault_hook=hook)
+    finally:
+        store.close()
+    assert seen == [0, 2, 4]  # two peers' rows per finished epoch, before any checkpoint but the last
+
+
+def test_prune_on_the_uri_keeps_the_newest_complete_and_the_one_being_written(tmp_path):
+    fs = pyarrow.fs._MockFileSystem()
+    remote = Remote(fs, "b/run", "mock://b/run")
+
+    def folder(epoch, marker=True, peers=2):
+        name = f"checkpoint_{epoch:06d}"
+        for k in range(peers):
+            remote.write_bytes(f"{name}/peer{k}.pt", b"x")
+            remote.write_bytes(f"{name}/peer{k}.sha256", b"y")
+        if marker:
+            remote.write_bytes(f"{name}/epoch.txt", str(epoch).encode())
+
+    folder(1)
+    folder(2)
+    folder(3, peers=1)  # a worker's files missing: not complete
+    folder(4, marker=False)  # being written
+    store = RunStore("mock://b/run", remote)
+    try:
+        removed = store.prune(1, 2, set())
+    finally:
+        store.close()
+    assert removed == ["mock://b/run/checkpoint_000001"]  # 3 is older than nothing complete: kept, as is 4
+    assert remote.checkpoint_names() == ["checkpoint_000004", "checkpoint_000003", "checkpoint_000002"]
+    folder(5)
+    assert RunStore("mock://b/run", remote).prune(1, 2, set()) == [
+        f"mock://b/run/checkpoint_00000{e}" for e in (4, 3, 2)
+    ]
+
+
+def test_resume_from_the_uri_skips_incomplete_and_corrupt_checkpoints(capsys):
+    fs = pyarrow.fs._MockFileSystem()
+    store = _mock_store(fs)
+    cfg = _cfg(["ray.keep_checkpoints=3"])
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg, store, fault_hook=_stop_before(3))
+    assert not store.dir.exists()  # staging removed on the way out too
+    remote = store.remote
+    assert remote.checkpoint_names() == ["checkpoint_000002", "checkpoint_000001"]
+    # A newer folder whose marker never arrived, and epoch 2 corrupted after its marker was written.
+    for f in ("peer0.pt", "peer0.sha256", "peer1.pt", "peer1.sha256", "metrics.json"):
+        remote.write_bytes(f"checkpoint_000003/{f}", remote.read_bytes(f"checkpoint_000002/{f}"))
+    data = remote.read_bytes("checkpoint_000002/peer1.pt")
+    remote.write_bytes("checkpoint_000002/peer1.pt", data[:-7])
+    again = _mock_store(fs)
+    try:
+        metrics, rep = run_local(cfg, again)
+    finally:
+        again.close()
+    out = capsys.readouterr().out
+    assert "skipping checkpoint mock://bucket/runs/r/checkpoint_000003: incomplete (no epoch.txt" in out
+    assert "skipping checkpoint mock://bucket/runs/r/checkpoint_000002: checkpoint file" in out
+    assert "truncated or corrupted" in out
+    assert "resuming from mock://bucket/runs/r/checkpoint_000001 (epoch 1 done)" in out
+    assert [r["epoch"] for r in rep.reports] == [2, 3]
+    assert json.loads(remote.read_bytes("workers/rank0.json"))["resumed_after_epoch"] == 1
+    # The stale folders past the resume point were cleared before training; each epoch's folder is this run's.
+    assert remote.marker_epoch("checkpoint_000003") == 3 and remote.newest_checkpoint_epoch(2) == 3
+    rows = [json.loads(x) for x in remote.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 1, 2, 2, 3, 3]  # truncated to the resumed epoch, no duplicates
+
+
+def test_staging_folders_are_private_and_dead_ones_are_cleaned(tmp_path, monkeypatch):
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path))
+    fs = pyarrow.fs._MockFileSystem()
+    a = RunStore("mock://b/runs/x", Remote(fs, "b/runs/x", "mock://b/runs/x"))
+    b = RunStore("mock://b/runs/x", Remote(fs, "b/runs/x", "mock://b/runs/x"))
+    c = RunStore("mock://b/other/x", Remote(fs, "b/other/x", "mock://b/other/x"))
+    assert len({a.dir, b.dir, c.dir}) == 3 and all(s.dir.parent == tmp_path / "cmd-dist-staging" for s in (a, b, c))
+    # Another output_dir with the same run name never shares a prefix: no orphan cleanup across runs.
+    assert a.dir.name.split("-p")[0] != c.dir.name.split("-p")[0]
+    dead = a.dir.parent / (a.dir.name.split("-p")[0] + "-p999999999-zz")  # a pid that cannot exist
+    (dead / "checkpoint_000001").mkdir(parents=True)
+    d = RunStore("mock://b/runs/x", Remote(fs, "b/runs/x", "mock://b/runs/x"))
+    assert not dead.exists() and a.dir.exists() and b.dir.exists()  # live processes' folders are left alone
+    for s in (a, b, c, d):
+        s.close()
+        assert not s.dir.exists()
+
+
+def test_uri_run_lock_is_best_effort_with_a_heartbeat(monkeypatch):
+    monkeypatch.setattr(UriRunLock, "SETTLE_S", 0.0)
+    fs = pyarrow.fs._MockFileSystem()
+    remote = Remote(fs, "b/run", "mock://b/run")
+    first = UriRunLock("mock://b/run", remote).acquire()
+    with pytest.raises(ConfigError, match=r"run folder mock://b/run is in use by another cmd-dist run \(pid \d+ on"):
+        UriRunLock("mock://b/run", remote).acquire()
+    first.release()
+    assert remote.read_bytes(".lock") is None
+    # A lock whose run died (no heartbeat for STALE_S) is taken over.
+    stale = {"pid": 1, "host": "gone", "since": "then", "token": "old", "heartbeat": 0}
+    remote.write_bytes(".lock", json.dumps(stale).encode())
+    second = UriRunLock("mock://b/run", remote).acquire()
+    assert json.loads(remote.read_bytes(".lock"))["token"] == second.token
+    second.release()
+
+
+# ----------------------------------------------------------------------------- real runs through file://
+
+
+def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, capsys):
+    """In-process, end to end: interrupted after epoch 2, resumed from the URI, equal to a plain folder run."""
+    from cmd_dist import cli, launcher
+
+    cfg = _cfg()
+    ref, _ = run_local(cfg, tmp_path / "plain")
+    uri = f"file://{tmp_path}/shared/runs"
+    cfg = _cfg([f"output_dir={uri}", "run_name=r"])
+    run_dir = launcher.resolve_run_dir(cfg)
+    assert run_dir == f"{uri}/r"
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg, run_dir, fault_hook=_stop_before(3))
+    assert "epochs 1-2 are checkpointed" in cli.interrupted_message(run_dir, 2)
+    metrics, rep = run_local(cfg, run_dir)
+    assert [r["epoch"] for r in rep.reports] == [3]
+    for key in ("peer0/test_acc", "peer1/test_acc", "peer0/train_loss", "peer1/train_loss"):
+        assert metrics[key] == pytest.approx(ref[key], abs=1e-5)
+    folder = tmp_path / "shared" / "runs" / "r"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert {"config.yaml", "git_rev.txt", "metrics.jsonl", "workers/rank0.json", ".lock"} <= set(files)
+    assert sorted({f.split("/")[0] for f in files if f.startswith("checkpoint_")}) == [
+        "checkpoint_000002",
+        "checkpoint_000003",
+    ]
+    assert {f"best_checkpoint/{f}" for f in ("epoch.txt", "metrics.json", "peer0.pt", "peer1.pt")} <= set(files)
+    assert [f for f in files if ".tmp" in f] == []  # file:// writes go to a temporary name, then renamed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder / "tb" / "peer0"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
+    # Reading the run back from the URI: summary, report, the resume command line.
+    launcher.summarize(cfg, metrics, run_dir, 1.0)
+    assert "resuming from " + run_dir + "/checkpoint_000002 (epoch 2 done)" in capsys.readouterr().out
+    assert json.loads((folder / "summary.json").read_text())["run_dir"] == run_dir
+    assert cli.main(["report", run_dir]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {run_dir}/report/report.md"
+    assert "peer0" in (folder / "report" / "report.md").read_text()
+    back, again = cli._resume_config(run_dir + "/", ["train.epochs=4"])
+    assert back == run_dir and again.output_dir == uri and again.run_name == "r" and again.train.epochs == 4
+    assert "epochs: 4" in (folder / "config.yaml").read_text()
+
+
+def test_report_and_resume_of_a_missing_uri_folder_name_the_uri(tmp_path, capsys):
+    from cmd_dist import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", f"file://{tmp_path}/nothing"])
+    assert e.value.code == 2
+    assert f"file://{tmp_path}/nothing: no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", f"file://{tmp_path}/nothing"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == f"cmd-dist: error: --resume file://{tmp_path}/nothing: no config.yaml there; pass a run folder "
+        "written by cmd-dist train"
+    )
+
+
+@pytest.mark.ray
+def test_ray_run_resumes_from_a_file_uri(tmp_path, ray_cluster, capsys):
+    """Epochs 1-2 written to a file:// URI (in-process, stopped before epoch 3); ``cmd-dist train --resume URI``
+    on Ray: both workers download their peers from the URI, train epoch 3 and upload; nothing staged is left."""
+    from cmd_dist import cli, launcher
+
+    uri = f"file://{tmp_path}/shared"
+    cfg = load_config(DEMO, FAST + [f"output_dir={uri}", "run_name=ray-uri"])
+    run_dir = launcher.resolve_run_dir(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run_local(cfg, run_dir, fault_hook=_stop_before(3))
+    capsys.readouterr()
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["train", "--resume", run_dir]) == 0
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    out = capsys.readouterr().out
+    assert f"run folder {run_dir}" in out and f"summary: {run_dir}/summary.json" in out
+    assert "epoch 3/3" in out and "epoch 2/3" not in out
+    folder = tmp_path / "shared" / "ray-uri"
+    workers = [json.loads((folder / "workers" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [w["resumed_after_epoch"] for w in workers] == [2, 2] and workers[0]["pid"] != workers[1]["pid"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["epochs_run"] == 3 and summary["run_dir"] == run_dir
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 1, 2, 2, 3, 3]
+    assert sorted(p.name for p in folder.glob("checkpoint_*")) == ["checkpoint_000002", "checkpoint_000003"]
+    state = torch.load(folder / "checkpoint_000003" / "peer1.pt", weights_only=True)
+    assert state["epoch"] == 3
+    assert list(storage.staging_root().glob("*-ray-uri-p*")) == []  # every worker removed its staging folder
