@@ -145,7 +145,7 @@ def wrap_replicas(peers: list[Peer], exchange: Exchange, cfg: Config, device: to
             p.model = nn.SyncBatchNorm.convert_sync_batchnorm(p.model, process_group=exchange.peer_group)
         p.net = DistributedDataParallel(
             p.model,
-            device_ids=[device.index] if device.type == "cuda" else None,
+            device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
             process_group=exchange.peer_group,
         )
 

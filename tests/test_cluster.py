@@ -233,9 +233,13 @@ def test_tune_runs_trials_concurrently_across_nodes(cluster, tmp_path):
     assert len(trials) == 4
     spans, nodes = [], []
     for t in trials:
-        rank0 = json.loads((t / "workers" / "rank0.json").read_text())
         results = [json.loads(x) for x in (t / "result.json").read_text().splitlines() if x.strip()]
-        spans.append((rank0["started_at"], float(results[-1]["timestamp"])))  # Tune's timestamp: whole seconds
+        # A trial's span in Tune's own record (whole seconds): from its first step() call (its first result
+        # less that step's wait, which includes the Train run's start-up) to its last result. Its workers'
+        # own start (workers/rank0.json) comes seconds later and a 2-epoch trial lasts ~2 s after it, so
+        # those spans can miss each other under load although Tune ran the trials side by side.
+        first, last = results[0], results[-1]
+        spans.append((float(first["timestamp"]) - float(first["time_this_iter_s"]), float(last["timestamp"])))
         nodes.append({json.loads(p.read_text())["node_id"] for p in (t / "workers").glob("rank*.json")})
     # Concurrency from the start times: at each trial's start, how many trials were running.
     running = [sum(1 for s, e in spans if s <= start < e) for start, _ in spans]
