@@ -497,3 +497,65 @@ def test_a_search_completes_with_the_test_file_unreadable(ray_cluster, tmp_path,
     rows = list(csv.DictReader((tmp_path / "blind" / "results.csv").open()))
     assert [(r["status"], r["splits_read"]) for r in rows] == [(COMPLETED, "train")], rows
     assert (tmp_path / "blind" / "best.yaml").is_file()
+
+
+@pytest.mark.ray
+def test_a_search_to_a_file_uri_writes_everything_there_resumes_and_reports(ray_cluster, tmp_path, capsys):
+    """``output_dir`` a URI (``file://``, through pyarrow like ``s3://``): 2 grid trials (the slow one stopped by
+    ASHA after epoch 1, its Train run aborted) and the retrain write every file on the URI and leave no staging
+    folder; ``--resume URI`` of the finished search reuses it all; ``cmd-dist report URI`` reads it back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cmd_dist import storage
+    from cmd_dist.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"space": {"train.lr": {"distribution": "choice", "values": [0.05, 0.0001]}}}))
+    uri = f"file://{tmp_path}/bucket/runs"
+    search_uri = f"{uri}/search"
+    argv = ["train.epochs=2", "train.batch_size=32", "train.log_every=0", f"output_dir={uri}", "run_name=search"]
+    flags = ["--space", str(space), "--algo", "grid", "--max-concurrent", "1", "--grace-period", "1"]
+    rc = main(["tune", DEMO, *argv, *flags, "--reduction-factor", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"cmd-dist: search folder {search_uri}" in out and f"table: {search_uri}/results.csv" in out
+    search = tmp_path / "bucket" / "runs" / "search"  # where file:// put it: read back as plain files
+    rows = list(csv.DictReader((search / "results.csv").open()))
+    by_lr = {float(r["train.lr"]): r for r in rows}
+    assert (by_lr[0.05]["status"], by_lr[0.05]["epochs"]) == (COMPLETED, "2")
+    assert (by_lr[0.0001]["status"], by_lr[0.0001]["epochs"]) == (EARLY_STOPPED, "1")
+    for r in rows:
+        assert r["run_dir"].startswith(f"{search_uri}/trials/trial_"), r["run_dir"]
+        trial = search / r["run_dir"][len(search_uri) + 1 :]
+        cfg = yaml.safe_load((trial / "config.yaml").read_text())
+        assert cfg["data"]["protocol"] == "search" and cfg["output_dir"] == f"{search_uri}/trials"
+        metrics = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
+        # (the stopped trial may have finished another epoch before its run was aborted: a prefix)
+        assert sorted({m["epoch"] for m in metrics})[: int(r["epochs"])] == list(range(1, int(r["epochs"]) + 1))
+        assert (trial / "checkpoint_000001" / "epoch.txt").read_text().strip() == "1"
+        assert (trial / "result.json").is_file(), "Tune's own results were not uploaded beside the run"
+        acc = EventAccumulator(str(trial / "tb" / "peerA"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("val/acc")][: int(r["epochs"])] == list(range(1, int(r["epochs"]) + 1))
+    assert not (search / ".lock").exists()  # the search's lock is released
+    assert not list(search.glob("trials/trial_*/.lock"))  # trials take none: the search's lock covers them
+    best = load_config(search / "best.yaml")
+    assert best.data.protocol == "final" and best.train.lr == 0.05 and best.output_dir == search_uri
+    final = json.loads((search / "final" / "summary.json").read_text())
+    assert final["eval_split"] == "test" and final["epochs_run"] == 2 and final["run_dir"] == f"{search_uri}/final"
+    assert json.loads((search / "summary.json").read_text())["final"]["mean_test_acc"] == final["mean_test_acc"]
+    assert (search / "final" / "checkpoint_000002" / "epoch.txt").is_file() and (search / "search.yaml").is_file()
+    # No staging folder is left: not the workers' (the aborted trial's included), the driver's, the retrain's.
+    runs = [search_uri, f"{search_uri}/final", *(r["run_dir"] for r in rows)]
+    left = [p for u in runs for p in storage.staging_root().glob(f"{storage._staging_prefix(u)}*")]
+    assert left == []
+
+    # --resume of the finished search: Tune restores it from the URI (nothing to run), the retrain is reused.
+    assert main(["tune", "--resume", search_uri]) == 0
+    out = capsys.readouterr().out
+    assert f"cmd-dist: continuing the search in {search_uri}/trials" in out
+    assert "final retrain already done" in out and len(list(csv.DictReader((search / "results.csv").open()))) == 2
+
+    assert main(["report", search_uri]) == 0
+    assert f"report: {search_uri}/report/report.md" in capsys.readouterr().out
+    assert "## Search search" in (search / "report" / "report.md").read_text()
