@@ -242,6 +242,63 @@ def test_an_existing_search_folder_needs_resume(tmp_path):
         prepare(build_parser().parse_args(["tune", "--resume", str(tmp_path / "s")]))
 
 
+def test_a_search_behind_a_uri_needs_resume_resumes_from_it_and_is_locked(tmp_path, monkeypatch):
+    """search.yaml on the URI (file://, through pyarrow) is what ``--resume URI`` continues; the URI's search
+    lock refuses a second search of the same folder in one line and is gone once released."""
+    from cmd_dist.cli import build_parser
+    from cmd_dist.storage import UriRunLock
+    from tune.search import lock_search, save_state
+
+    uri = f"file://{tmp_path}/runs"
+    job = prepare(build_parser().parse_args(["tune", DEMO, f"output_dir={uri}", "run_name=s", "--trials", "3"]))
+    save_state(job)
+    assert (tmp_path / "runs" / "s" / "search.yaml").is_file()
+    with pytest.raises(ConfigError, match=re.escape(f"continue it with --resume {uri}/s,")):
+        prepare(build_parser().parse_args(["tune", DEMO, f"output_dir={uri}", "run_name=s"]))
+    again = prepare(build_parser().parse_args(["tune", "--resume", f"{uri}/s/"]))
+    assert again.resume and again.search_dir == f"{uri}/s" and again.base == job.base
+    assert again.options == job.options and again.space.params == job.space.params
+    with pytest.raises(ConfigError, match=re.escape(f"--resume {uri}/t: no search.yaml there")):
+        prepare(build_parser().parse_args(["tune", "--resume", f"{uri}/t"]))
+    (tmp_path / "runs" / "s" / "search.yaml").write_text("config: [")
+    with pytest.raises(ConfigError, match=re.escape(f"{uri}/s/search.yaml is incomplete or damaged")):
+        prepare(build_parser().parse_args(["tune", "--resume", f"{uri}/s"]))
+
+    monkeypatch.setattr(UriRunLock, "SETTLE_S", 0.0)
+    lock = lock_search(f"{uri}/s")
+    with pytest.raises(ConfigError, match=re.escape(f"run folder {uri}/s is in use by another cmd-dist run")):
+        lock_search(f"{uri}/s")
+    lock.release()
+    assert not (tmp_path / "runs" / "s" / ".lock").exists()
+    lock_search(f"{uri}/s").release()
+
+
+def test_trial_rows_and_a_finished_retrain_behind_a_uri(base, tmp_path, capsys):
+    """A trial's run_dir is its folder on the URI (Tune's result.path has no scheme); a finished retrain on the
+    URI is reused by a resumed search, not repeated."""
+    from types import SimpleNamespace
+
+    from tune import driver
+    from tune.search import SearchJob
+
+    uri = f"file://{tmp_path}/runs/s"
+    job = SearchJob(uri, base, load_space(None, base), SearchOptions(trials=2))
+    result = SimpleNamespace(
+        metrics={"epoch": 20, "val_acc": 50.0, "peerA/val_acc": 40.0, "peerB/val_acc": 60.0},
+        path=f"{tmp_path}/runs/s/trials/trial_ab12_00001",
+        config={"method.b1": 3.0, "method.b2": 1.0, "method.eta": 2.0},
+        error=None,
+    )
+    row = driver._row(result, job, base)
+    assert row.run_dir == f"{uri}/trials/trial_ab12_00001" and row.trial == "ab12_00001" and row.status == COMPLETED
+    cfg = final_config(base, {"method.b1": 3.0})
+    done = {"epochs_run": cfg.train.epochs, "eval_split": "test", "mean_test_acc": 61.5, "peers": []}
+    (tmp_path / "runs" / "s" / "final").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / "final" / "summary.json").write_text(json.dumps(done))
+    assert driver.final_retrain(cfg, f"{uri}/final") == done  # no Ray: nothing is run again
+    assert f"final retrain already done: {uri}/final/summary.json" in capsys.readouterr().out
+
+
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     code = (
         "import sys; from cmd_dist.cli import main\n"
@@ -261,6 +318,8 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         (["tune", DEMO, "method.nope=1"], ["method.nope"]),
         (["tune", DEMO, "--space", "SPACE"], ["method.b2", "inverted"]),
         (["tune"], ["CONFIG"]),
+        (["tune", DEMO, "output_dir=nosuch://b/runs"], ["'nosuch://b/runs' is not a filesystem URI", "s3://"]),
+        (["tune", "--resume", "file:///nonexistent/s"], ["--resume file:///nonexistent/s: no search.yaml there"]),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_before_ray(tmp_path, argv, words):
