@@ -298,8 +298,8 @@ def _staging_prefix(uri: str) -> str:
 
 
 def remove_dead_staging(uri: str) -> int:
-    """Remove this host's staging folders of run ``uri`` left by processes that died (a killed worker, a Train
-    run aborted when ASHA stopped its trial); returns how many. Folders of live processes stay."""
+    """Remove this host's staging folders of run ``uri`` left by processes that died (a killed worker); returns
+    how many. Folders of live processes stay (``cmd-dist tune`` runs this on every node for its trials)."""
     root = staging_root()
     prefix = _staging_prefix(uri)
     removed = 0

@@ -268,7 +268,7 @@ def test_staging_folders_are_private_and_dead_ones_are_cleaned(tmp_path, monkeyp
 
 
 def test_dead_staging_of_a_run_is_swept_and_live_ones_stay(tmp_path, monkeypatch):
-    """What ``cmd-dist tune`` runs on every node for its trials (a Train run aborted by ASHA cannot clean up)."""
+    """What ``cmd-dist tune`` runs on every node for its trials when the search ends (for killed workers)."""
     monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path))
     uri = "s3://b/runs/s/trials/trial_1"
     root = tmp_path / "cmd-dist-staging"

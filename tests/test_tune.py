@@ -566,7 +566,8 @@ def test_a_search_to_a_file_uri_writes_everything_there_resumes_and_reports(ray_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from cmd_dist import storage
-    from cmd_dist.cli import main
+    from cmd_dist.cli import build_parser, main
+    from tune import driver
 
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"space": {"train.lr": {"distribution": "choice", "values": [0.05, 0.0001]}}}))
@@ -608,6 +609,11 @@ def test_a_search_to_a_file_uri_writes_everything_there_resumes_and_reports(ray_
     runs = [search_uri, f"{search_uri}/final", *(r["run_dir"] for r in rows)]
     left = [p for u in runs for p in storage.staging_root().glob(f"{storage._staging_prefix(u)}*")]
     assert left == []
+    # The sweep the search ran on every node at its end: a killed worker's folder (a dead pid) goes.
+    dead = storage.staging_root() / f"{storage._staging_prefix(rows[0]['run_dir'])}999999999-x"
+    (dead / "checkpoint_000001").mkdir(parents=True)
+    assert driver.sweep_staging(prepare(build_parser().parse_args(["tune", "--resume", search_uri]))) == 1
+    assert not dead.exists()
 
     # --resume of the finished search: Tune restores it from the URI (nothing to run), the retrain is reused.
     assert main(["tune", "--resume", search_uri]) == 0

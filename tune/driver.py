@@ -399,11 +399,9 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
         )
     # In a helper thread: Tune's own SIGINT handler (a slow "graceful" stop) stays out of the way, and
     # Ctrl-C / SIGTERM reach the caller at once (it stops Ray and prints the --resume command).
-    try:
-        grid = launcher.run_interruptibly(tuner.fit)
-    finally:
-        if job.is_uri:
-            sweep_staging(job)
+    grid = launcher.run_interruptibly(tuner.fit)
+    if job.is_uri:  # (not after Ctrl-C: the resumed search, or the trial's next run on that node, sweeps)
+        sweep_staging(job)
     wall = time.time() - start
     rows = [_row(result, job, trial_base) for result in grid]
     finished = grid.num_terminated + grid.num_errors
@@ -411,10 +409,11 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
 
 
 def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
-    """Remove the staging folders the search's trials left on every node: a Train run aborted when ASHA stops
-    its trial (or a killed worker) cannot clean up after itself. One zero-CPU task per alive node removes the
-    folders of the trials' runs whose process is gone; returns how many (best effort: a node that does not
-    answer within ``timeout`` keeps its folders until a later run of the same trial starts there)."""
+    """Remove the staging folders the search's trials left on every node. A worker removes its own when it ends
+    (also when ASHA's abort ends its run), but a killed one (a crash, a lost worker the trial restarted
+    elsewhere) cannot, and a finished trial never runs again on that node to clean up after it. One zero-CPU
+    task per alive node removes the folders of the trials' runs whose process is gone; returns how many (best
+    effort: a node that does not answer within ``timeout`` keeps them)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     try:
