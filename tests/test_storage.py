@@ -134,6 +134,17 @@ def test_tune_takes_a_uri_output_dir_and_refuses_bad_ones_in_one_line(tmp_path):
 # ----------------------------------------------------------------------------- the store on the mock filesystem
 
 
+def test_a_config_file_behind_a_uri_loads_and_a_missing_one_is_one_line(tmp_path):
+    """``cmd-dist train s3://.../tune-x/best.yaml``: a config is read through pyarrow like the run's files."""
+    (tmp_path / "best.yaml").write_text("train: {epochs: 3}\noutput_dir: s3://b/runs/tune-x\n")
+    cfg = load_config(f"file://{tmp_path}/best.yaml", ["seed=4"])
+    assert (cfg.train.epochs, cfg.output_dir, cfg.seed) == (3, "s3://b/runs/tune-x", 4)
+    with pytest.raises(ConfigError, match=rf"^config file 'file://{tmp_path}/nope.yaml' not found$"):
+        load_config(f"file://{tmp_path}/nope.yaml")
+    with pytest.raises(ConfigError, match=r"^config file 'nosuch://b/c.yaml': 'nosuch://b' is not a filesystem URI"):
+        load_config("nosuch://b/c.yaml")
+
+
 def test_select_pruned_never_deletes_the_newest_complete_or_the_one_being_written():
     # (folder, epoch, complete)
     folders = [("c1", 1, True), ("c2", 2, True), ("c3", 3, False), ("c4", 4, True), ("c5", 5, False)]

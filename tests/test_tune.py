@@ -399,7 +399,10 @@ def test_rows_statuses_and_the_best_trial(tmp_path):
 def test_best_yaml_is_a_train_config(base, tmp_path):
     row = make_row("t2", {"method.eta": 4.0, "method.b2": -6.0}, _metrics(4, 70, 72), ["peerA", "peerB"], "val_acc", 4)
     path = write_best_yaml(final_config(base, row.params), row, "val_acc", tmp_path)
-    assert path.read_text().startswith("# Best of the search")
+    assert path.read_text().startswith(f"# Best of the search in {tmp_path}: trial t2")
+    assert f"cmd-dist train {tmp_path}/best.yaml\n" in path.read_text()
+    staged = write_best_yaml(final_config(base, row.params), row, "val_acc", tmp_path, shown="s3://b/runs/s")
+    assert "cmd-dist train s3://b/runs/s/best.yaml\n" in staged.read_text() and str(tmp_path) not in staged.read_text()
     cfg = load_config(path)
     assert cfg.data.protocol == "final" and cfg.method.eta == 4.0 and cfg.method.b2 == -6.0
 
@@ -601,6 +604,8 @@ def test_a_search_to_a_file_uri_writes_everything_there_resumes_and_reports(ray_
     assert not list(search.glob("trials/trial_*/.lock"))  # trials take none: the search's lock covers them
     best = load_config(search / "best.yaml")
     assert best.data.protocol == "final" and best.train.lr == 0.05 and best.output_dir == search_uri
+    assert f"cmd-dist train {search_uri}/best.yaml\n" in (search / "best.yaml").read_text()  # not the staging's
+    assert load_config(f"{search_uri}/best.yaml") == best  # cmd-dist train URI/best.yaml reads it from the URI
     final = json.loads((search / "final" / "summary.json").read_text())
     assert final["eval_split"] == "test" and final["epochs_run"] == 2 and final["run_dir"] == f"{search_uri}/final"
     assert json.loads((search / "summary.json").read_text())["final"]["mean_test_acc"] == final["mean_test_acc"]

@@ -345,7 +345,7 @@ def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStor
         return 1
     final_cfg = final_config(outcome.trial_base, best.params)
     final_cfg.output_dir, final_cfg.run_name = str(job.search_dir), ""
-    best_path = write_best_yaml(final_cfg, best, job.score_key, store.dir)
+    best_path = write_best_yaml(final_cfg, best, job.score_key, store.dir, shown=store.shown())
     store.upload(best_path.name)
     print(
         f"best trial {best.trial}: {job.score_key} {best.score:.2f}% with "
