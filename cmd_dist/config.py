@@ -328,19 +328,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults < YAML file < overrides, then validation. Raises ConfigError on any mistake."""
     tree = Config().to_dict()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
+        shown, text = _config_text(path)
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {yaml_problem(e)}") from None
+            raise ConfigError(f"config file {shown!r} is not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys")
+            raise ConfigError(f"config file {shown!r} must hold a mapping of keys")
         tree = _merge(tree, loaded)
     for key, value in parse_overrides(overrides or []):
         _set_path(tree, key, value)
     return from_dict(tree)
+
+
+def _config_text(path: str | Path) -> tuple[str, str]:
+    """(the name to show, the text) of a config file: a local file, or a filesystem URI (e.g. a search's
+    ``s3://bucket/runs/tune-.../best.yaml``, read through pyarrow)."""
+    if "://" in str(path):
+        from cmd_dist.storage import Remote, open_filesystem, split_location
+
+        uri = str(path)
+        parent, name = split_location(uri)
+        fs, root = open_filesystem(parent, key=f"config file {uri!r}")
+        try:
+            data = Remote(fs, root, parent).read_bytes(name)
+        except OSError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"config file {uri!r}: cannot read it ({first})") from None
+        if data is None:
+            raise ConfigError(f"config file {uri!r} not found")
+        return uri, data.decode(errors="replace")
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    return str(p), p.read_text()
 
 
 def from_dict(tree: dict[str, Any]) -> Config:

@@ -113,10 +113,12 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def resolve_run_dir(cfg: Config) -> Path | str:
+def resolve_run_dir(cfg: Config, lock: bool = True) -> Path | str:
     """Absolute paths (Ray workers run elsewhere) and a run name; locks the folder, writes config.yaml and git_rev.
 
     Returns the run folder: a Path, or a str when ``output_dir`` is a filesystem URI (``s3://``, ``file://``, ...).
+    ``lock=False`` leaves a URI's best-effort lock out: a tune trial's folder, covered by its search's lock (a
+    trial killed with its search would otherwise leave a lock that refuses ``--resume`` for a while).
     """
     if is_uri(cfg.output_dir):
         cfg.output_dir = cfg.output_dir.rstrip("/")
@@ -132,7 +134,7 @@ def resolve_run_dir(cfg: Config) -> Path | str:
     if not cfg.run_name:
         cfg.run_name = time.strftime("cmd-%Y%m%d-%H%M%S")
     if is_uri(cfg.output_dir):
-        return _resolve_uri_run_dir(cfg)
+        return _resolve_uri_run_dir(cfg, lock)
     run_dir = Path(cfg.output_dir) / cfg.run_name
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,12 +155,13 @@ def resolve_run_dir(cfg: Config) -> Path | str:
     return run_dir
 
 
-def _resolve_uri_run_dir(cfg: Config) -> str:
+def _resolve_uri_run_dir(cfg: Config, lock: bool = True) -> str:
     """:func:`resolve_run_dir` for a URI: the same checks and files, through pyarrow."""
     run_dir = str(join(cfg.output_dir, cfg.run_name))
     open_filesystem(run_dir)  # an unknown scheme, missing credentials: one line now
     try:
-        lock_run_dir(run_dir)
+        if lock:
+            lock_run_dir(run_dir)
         existing = read_run_file(run_dir, "config.yaml")
         if existing is not None and existing.decode() != dump_yaml(cfg):
             raise ConfigError(

@@ -292,15 +292,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def make_staging(uri: str) -> Path:
-    """A fresh staging folder for this process and this run (``<hash of the URI>-<run>-p<pid>-<random>``).
-
-    Staging folders of the same run left by processes that died on this host (a killed worker) are removed.
-    """
-    root = staging_root()
-    root.mkdir(parents=True, exist_ok=True)
+def _staging_prefix(uri: str) -> str:
     run_name = split_location(uri)[1] or "run"
-    prefix = f"{hashlib.sha1(uri.rstrip('/').encode()).hexdigest()[:10]}-{run_name[:40]}-p"
+    return f"{hashlib.sha1(uri.rstrip('/').encode()).hexdigest()[:10]}-{run_name[:40]}-p"
+
+
+def remove_dead_staging(uri: str) -> int:
+    """Remove this host's staging folders of run ``uri`` left by processes that died (a killed worker); returns
+    how many. Folders of live processes stay (``cmd-dist tune`` runs this on every node for its trials)."""
+    root = staging_root()
+    prefix = _staging_prefix(uri)
+    removed = 0
     for old in root.glob(f"{glob.escape(prefix)}*"):
         try:
             pid = int(old.name[len(prefix) :].split("-", 1)[0])
@@ -308,7 +310,19 @@ def make_staging(uri: str) -> Path:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root))
+            removed += 1
+    return removed
+
+
+def make_staging(uri: str) -> Path:
+    """A fresh staging folder for this process and this run (``<hash of the URI>-<run>-p<pid>-<random>``).
+
+    Staging folders of the same run left by processes that died on this host (a killed worker) are removed.
+    """
+    root = staging_root()
+    root.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(uri)
+    return Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(uri)}{os.getpid()}-", dir=root))
 
 
 class RunStore:

@@ -109,15 +109,40 @@ def test_submit_accepts_a_uri_output_dir_and_still_refuses_a_relative_folder():
         check_job_config(load_config(DEMO, ["output_dir=runs"]))
 
 
-def test_tune_refuses_a_uri_output_dir():
+def test_tune_takes_a_uri_output_dir_and_refuses_bad_ones_in_one_line(tmp_path):
+    """The search folder is ``output_dir/run_name`` on the URI (a str, never resolved as a local path); a bad
+    scheme is the same one line as for ``train`` (exit 2, before Ray)."""
+    from cmd_dist.cli import build_parser
     from tune.search import prepare
 
-    args = type("A", (), dict(resume=None, config=DEMO, overrides=["output_dir=s3://b/runs"], address=None))()
-    with pytest.raises(ConfigError, match=r"output_dir: 's3://b/runs': cmd-dist tune writes its search folder"):
-        prepare(args)
+    def args(*over):
+        return build_parser().parse_args(["tune", DEMO, *over, "--trials", "2"])
+
+    job = prepare(args(f"output_dir=file://{tmp_path}/runs/", "run_name=s"))
+    assert job.search_dir == f"file://{tmp_path}/runs/s" and job.is_uri
+    assert (
+        job.experiment_dir == f"file://{tmp_path}/runs/s/trials" and job.base["output_dir"] == f"file://{tmp_path}/runs"
+    )
+    assert not (tmp_path / "runs").exists()  # nothing written while checking
+    with pytest.raises(ConfigError, match=r"^output_dir: 'nosuch://b/runs' is not a filesystem URI") as err:
+        prepare(args("output_dir=nosuch://b/runs"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"a file:// URI needs an absolute path"):
+        prepare(args("output_dir=file://runs"))
 
 
 # ----------------------------------------------------------------------------- the store on the mock filesystem
+
+
+def test_a_config_file_behind_a_uri_loads_and_a_missing_one_is_one_line(tmp_path):
+    """``cmd-dist train s3://.../tune-x/best.yaml``: a config is read through pyarrow like the run's files."""
+    (tmp_path / "best.yaml").write_text("train: {epochs: 3}\noutput_dir: s3://b/runs/tune-x\n")
+    cfg = load_config(f"file://{tmp_path}/best.yaml", ["seed=4"])
+    assert (cfg.train.epochs, cfg.output_dir, cfg.seed) == (3, "s3://b/runs/tune-x", 4)
+    with pytest.raises(ConfigError, match=rf"^config file 'file://{tmp_path}/nope.yaml' not found$"):
+        load_config(f"file://{tmp_path}/nope.yaml")
+    with pytest.raises(ConfigError, match=r"^config file 'nosuch://b/c.yaml': 'nosuch://b' is not a filesystem URI"):
+        load_config("nosuch://b/c.yaml")
 
 
 def test_select_pruned_never_deletes_the_newest_complete_or_the_one_being_written():
@@ -251,6 +276,20 @@ def test_staging_folders_are_private_and_dead_ones_are_cleaned(tmp_path, monkeyp
     for s in (a, b, c, d):
         s.close()
         assert not s.dir.exists()
+
+
+def test_dead_staging_of_a_run_is_swept_and_live_ones_stay(tmp_path, monkeypatch):
+    """What ``cmd-dist tune`` runs on every node for its trials when the search ends (for killed workers)."""
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path))
+    uri = "s3://b/runs/s/trials/trial_1"
+    root = tmp_path / "cmd-dist-staging"
+    prefix = storage._staging_prefix(uri)
+    dead, live, mine = (root / f"{prefix}{pid}-x" for pid in (999999999, os.getppid(), os.getpid()))
+    other = root / f"{storage._staging_prefix('s3://b/runs/s/trials/trial_2')}999999999-x"
+    for folder in (dead, live, mine, other):
+        (folder / "checkpoint_000001").mkdir(parents=True)
+    assert storage.remove_dead_staging(uri) == 1
+    assert not dead.exists() and live.exists() and mine.exists() and other.exists()
 
 
 def test_uri_run_lock_is_best_effort_with_a_heartbeat(monkeypatch):

@@ -242,6 +242,63 @@ def test_an_existing_search_folder_needs_resume(tmp_path):
         prepare(build_parser().parse_args(["tune", "--resume", str(tmp_path / "s")]))
 
 
+def test_a_search_behind_a_uri_needs_resume_resumes_from_it_and_is_locked(tmp_path, monkeypatch):
+    """search.yaml on the URI (file://, through pyarrow) is what ``--resume URI`` continues; the URI's search
+    lock refuses a second search of the same folder in one line and is gone once released."""
+    from cmd_dist.cli import build_parser
+    from cmd_dist.storage import UriRunLock
+    from tune.search import lock_search, save_state
+
+    uri = f"file://{tmp_path}/runs"
+    job = prepare(build_parser().parse_args(["tune", DEMO, f"output_dir={uri}", "run_name=s", "--trials", "3"]))
+    save_state(job)
+    assert (tmp_path / "runs" / "s" / "search.yaml").is_file()
+    with pytest.raises(ConfigError, match=re.escape(f"continue it with --resume {uri}/s,")):
+        prepare(build_parser().parse_args(["tune", DEMO, f"output_dir={uri}", "run_name=s"]))
+    again = prepare(build_parser().parse_args(["tune", "--resume", f"{uri}/s/"]))
+    assert again.resume and again.search_dir == f"{uri}/s" and again.base == job.base
+    assert again.options == job.options and again.space.params == job.space.params
+    with pytest.raises(ConfigError, match=re.escape(f"--resume {uri}/t: no search.yaml there")):
+        prepare(build_parser().parse_args(["tune", "--resume", f"{uri}/t"]))
+    (tmp_path / "runs" / "s" / "search.yaml").write_text("config: [")
+    with pytest.raises(ConfigError, match=re.escape(f"{uri}/s/search.yaml is incomplete or damaged")):
+        prepare(build_parser().parse_args(["tune", "--resume", f"{uri}/s"]))
+
+    monkeypatch.setattr(UriRunLock, "SETTLE_S", 0.0)
+    lock = lock_search(f"{uri}/s")
+    with pytest.raises(ConfigError, match=re.escape(f"run folder {uri}/s is in use by another cmd-dist run")):
+        lock_search(f"{uri}/s")
+    lock.release()
+    assert not (tmp_path / "runs" / "s" / ".lock").exists()
+    lock_search(f"{uri}/s").release()
+
+
+def test_trial_rows_and_a_finished_retrain_behind_a_uri(base, tmp_path, capsys):
+    """A trial's run_dir is its folder on the URI (Tune's result.path has no scheme); a finished retrain on the
+    URI is reused by a resumed search, not repeated."""
+    from types import SimpleNamespace
+
+    from tune import driver
+    from tune.search import SearchJob
+
+    uri = f"file://{tmp_path}/runs/s"
+    job = SearchJob(uri, base, load_space(None, base), SearchOptions(trials=2))
+    result = SimpleNamespace(
+        metrics={"epoch": 20, "val_acc": 50.0, "peerA/val_acc": 40.0, "peerB/val_acc": 60.0},
+        path=f"{tmp_path}/runs/s/trials/trial_ab12_00001",
+        config={"method.b1": 3.0, "method.b2": 1.0, "method.eta": 2.0},
+        error=None,
+    )
+    row = driver._row(result, job, base)
+    assert row.run_dir == f"{uri}/trials/trial_ab12_00001" and row.trial == "ab12_00001" and row.status == COMPLETED
+    cfg = final_config(base, {"method.b1": 3.0})
+    done = {"epochs_run": cfg.train.epochs, "eval_split": "test", "mean_test_acc": 61.5, "peers": []}
+    (tmp_path / "runs" / "s" / "final").mkdir(parents=True)
+    (tmp_path / "runs" / "s" / "final" / "summary.json").write_text(json.dumps(done))
+    assert driver.final_retrain(cfg, f"{uri}/final") == done  # no Ray: nothing is run again
+    assert f"final retrain already done: {uri}/final/summary.json" in capsys.readouterr().out
+
+
 def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     code = (
         "import sys; from cmd_dist.cli import main\n"
@@ -261,6 +318,8 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
         (["tune", DEMO, "method.nope=1"], ["method.nope"]),
         (["tune", DEMO, "--space", "SPACE"], ["method.b2", "inverted"]),
         (["tune"], ["CONFIG"]),
+        (["tune", DEMO, "output_dir=nosuch://b/runs"], ["'nosuch://b/runs' is not a filesystem URI", "s3://"]),
+        (["tune", "--resume", "file:///nonexistent/s"], ["--resume file:///nonexistent/s: no search.yaml there"]),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line_before_ray(tmp_path, argv, words):
@@ -340,7 +399,10 @@ def test_rows_statuses_and_the_best_trial(tmp_path):
 def test_best_yaml_is_a_train_config(base, tmp_path):
     row = make_row("t2", {"method.eta": 4.0, "method.b2": -6.0}, _metrics(4, 70, 72), ["peerA", "peerB"], "val_acc", 4)
     path = write_best_yaml(final_config(base, row.params), row, "val_acc", tmp_path)
-    assert path.read_text().startswith("# Best of the search")
+    assert path.read_text().startswith(f"# Best of the search in {tmp_path}: trial t2")
+    assert f"cmd-dist train {tmp_path}/best.yaml\n" in path.read_text()
+    staged = write_best_yaml(final_config(base, row.params), row, "val_acc", tmp_path, shown="s3://b/runs/s")
+    assert "cmd-dist train s3://b/runs/s/best.yaml\n" in staged.read_text() and str(tmp_path) not in staged.read_text()
     cfg = load_config(path)
     assert cfg.data.protocol == "final" and cfg.method.eta == 4.0 and cfg.method.b2 == -6.0
 
@@ -497,3 +559,73 @@ def test_a_search_completes_with_the_test_file_unreadable(ray_cluster, tmp_path,
     rows = list(csv.DictReader((tmp_path / "blind" / "results.csv").open()))
     assert [(r["status"], r["splits_read"]) for r in rows] == [(COMPLETED, "train")], rows
     assert (tmp_path / "blind" / "best.yaml").is_file()
+
+
+@pytest.mark.ray
+def test_a_search_to_a_file_uri_writes_everything_there_resumes_and_reports(ray_cluster, tmp_path, capsys):
+    """``output_dir`` a URI (``file://``, through pyarrow like ``s3://``): 2 grid trials (the slow one stopped by
+    ASHA after epoch 1, its Train run aborted) and the retrain write every file on the URI and leave no staging
+    folder; ``--resume URI`` of the finished search reuses it all; ``cmd-dist report URI`` reads it back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cmd_dist import storage
+    from cmd_dist.cli import build_parser, main
+    from tune import driver
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"space": {"train.lr": {"distribution": "choice", "values": [0.05, 0.0001]}}}))
+    uri = f"file://{tmp_path}/bucket/runs"
+    search_uri = f"{uri}/search"
+    argv = ["train.epochs=2", "train.batch_size=32", "train.log_every=0", f"output_dir={uri}", "run_name=search"]
+    flags = ["--space", str(space), "--algo", "grid", "--max-concurrent", "1", "--grace-period", "1"]
+    rc = main(["tune", DEMO, *argv, *flags, "--reduction-factor", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"cmd-dist: search folder {search_uri}" in out and f"table: {search_uri}/results.csv" in out
+    search = tmp_path / "bucket" / "runs" / "search"  # where file:// put it: read back as plain files
+    rows = list(csv.DictReader((search / "results.csv").open()))
+    by_lr = {float(r["train.lr"]): r for r in rows}
+    assert (by_lr[0.05]["status"], by_lr[0.05]["epochs"]) == (COMPLETED, "2")
+    assert (by_lr[0.0001]["status"], by_lr[0.0001]["epochs"]) == (EARLY_STOPPED, "1")
+    for r in rows:
+        assert r["run_dir"].startswith(f"{search_uri}/trials/trial_"), r["run_dir"]
+        trial = search / r["run_dir"][len(search_uri) + 1 :]
+        cfg = yaml.safe_load((trial / "config.yaml").read_text())
+        assert cfg["data"]["protocol"] == "search" and cfg["output_dir"] == f"{search_uri}/trials"
+        metrics = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
+        # (the stopped trial may have finished another epoch before its run was aborted: a prefix)
+        assert sorted({m["epoch"] for m in metrics})[: int(r["epochs"])] == list(range(1, int(r["epochs"]) + 1))
+        assert (trial / "checkpoint_000001" / "epoch.txt").read_text().strip() == "1"
+        assert (trial / "result.json").is_file(), "Tune's own results were not uploaded beside the run"
+        acc = EventAccumulator(str(trial / "tb" / "peerA"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("val/acc")][: int(r["epochs"])] == list(range(1, int(r["epochs"]) + 1))
+    assert not (search / ".lock").exists()  # the search's lock is released
+    assert not list(search.glob("trials/trial_*/.lock"))  # trials take none: the search's lock covers them
+    best = load_config(search / "best.yaml")
+    assert best.data.protocol == "final" and best.train.lr == 0.05 and best.output_dir == search_uri
+    assert f"cmd-dist train {search_uri}/best.yaml\n" in (search / "best.yaml").read_text()  # not the staging's
+    assert load_config(f"{search_uri}/best.yaml") == best  # cmd-dist train URI/best.yaml reads it from the URI
+    final = json.loads((search / "final" / "summary.json").read_text())
+    assert final["eval_split"] == "test" and final["epochs_run"] == 2 and final["run_dir"] == f"{search_uri}/final"
+    assert json.loads((search / "summary.json").read_text())["final"]["mean_test_acc"] == final["mean_test_acc"]
+    assert (search / "final" / "checkpoint_000002" / "epoch.txt").is_file() and (search / "search.yaml").is_file()
+    # No staging folder is left: not the workers' (the aborted trial's included), the driver's, the retrain's.
+    runs = [search_uri, f"{search_uri}/final", *(r["run_dir"] for r in rows)]
+    left = [p for u in runs for p in storage.staging_root().glob(f"{storage._staging_prefix(u)}*")]
+    assert left == []
+    # The sweep the search ran on every node at its end: a killed worker's folder (a dead pid) goes.
+    dead = storage.staging_root() / f"{storage._staging_prefix(rows[0]['run_dir'])}999999999-x"
+    (dead / "checkpoint_000001").mkdir(parents=True)
+    assert driver.sweep_staging(prepare(build_parser().parse_args(["tune", "--resume", search_uri]))) == 1
+    assert not dead.exists()
+
+    # --resume of the finished search: Tune restores it from the URI (nothing to run), the retrain is reused.
+    assert main(["tune", "--resume", search_uri]) == 0
+    out = capsys.readouterr().out
+    assert f"cmd-dist: continuing the search in {search_uri}/trials" in out
+    assert "final retrain already done" in out and len(list(csv.DictReader((search / "results.csv").open()))) == 2
+
+    assert main(["report", search_uri]) == 0
+    assert f"report: {search_uri}/report/report.md" in capsys.readouterr().out
+    assert "## Search search" in (search / "report" / "report.md").read_text()

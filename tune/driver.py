@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
@@ -29,6 +29,7 @@ from ray.util.queue import Empty, Queue
 
 from cmd_dist import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.config import Config, ConfigError, from_dict
+from cmd_dist.storage import is_uri, join, open_filesystem, read_run_file, remove_dead_staging
 from tune.resources import plan_resources
 from tune.results import TrialRow, make_row
 from tune.search import TUNE_EXPERIMENT, SearchJob
@@ -72,7 +73,9 @@ class CMDTrial(ray_tune.Trainable):
     Each trial's Train run has its own placement group, so on a cluster trials run side by side on any nodes.
 
     The trial's cmd-dist run folder is its Tune trial folder: tb/, metrics.jsonl and config.yaml sit
-    beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there.
+    beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there. Behind a
+    URI the trial is a URI run (its workers stage and upload, see :mod:`cmd_dist.storage`) and Tune uploads its
+    own files beside them; the search's lock covers the trial's folder, so the trial takes no lock of its own.
     """
 
     def setup(self, config: dict[str, Any], base: dict[str, Any], experiment_dir: str, verbose: bool = False) -> None:
@@ -85,12 +88,12 @@ class CMDTrial(ray_tune.Trainable):
         self._error: BaseException | None = None
         self._last: dict[str, Any] = {}
         self._done = threading.Event()
-        run_dir = launcher.resolve_run_dir(cfg)
+        run_dir = launcher.resolve_run_dir(cfg, lock=not is_uri(experiment_dir))
         self._hparams = trial_hparams(cfg, config)
         self._thread = threading.Thread(target=self._fit, args=(cfg, run_dir), name="cmd-fit", daemon=True)
         self._thread.start()
 
-    def _fit(self, cfg: Config, run_dir: Path) -> None:
+    def _fit(self, cfg: Config, run_dir: Path | str) -> None:
         try:
             # The same failure handling as `cmd-dist train`: a lost worker restarts the trial's peer
             # group from its newest checkpoint; an error of the training code fails the trial at once.
@@ -332,6 +335,10 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
         flush=True,
     )
 
+    # Tune's experiment (its state, each trial's result.json and events) in the search folder: a local folder,
+    # or the URI's filesystem (pyarrow), where Tune uploads what it stages in the Ray session folder.
+    storage_fs, storage_path = open_filesystem(str(job.search_dir)) if job.is_uri else (None, str(job.search_dir))
+    experiment_path = str(PurePosixPath(storage_path, TUNE_EXPERIMENT)) if job.is_uri else str(job.experiment_dir)
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir), verbose=verbose),
         {"CPU": 0, "memory": 1},
@@ -344,10 +351,14 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
         # Ray Tune's newer console output prints its boxed settings and paths even at verbose=0.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     start = time.time()
-    if job.resume and ray_tune.Tuner.can_restore(str(job.experiment_dir)):
+    if job.resume and ray_tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
         print(f"cmd-dist: continuing the search in {job.experiment_dir}", flush=True)
         tuner = ray_tune.Tuner.restore(
-            str(job.experiment_dir), trainable=trainable, param_space=param_space, resume_unfinished=True
+            experiment_path,
+            trainable=trainable,
+            param_space=param_space,
+            resume_unfinished=True,
+            storage_filesystem=storage_fs,
         )
         # A restored Tuner keeps its saved RunConfig; the console settings are this session's.
         local = getattr(tuner, "_local_tuner", None)  # Ray 2.60's Tuner; other versions keep their saved console
@@ -377,7 +388,8 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
             ),
             run_config=ray_tune.RunConfig(
                 name=TUNE_EXPERIMENT,
-                storage_path=str(job.search_dir),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 # Worker failures are retried inside a trial (ray.max_failures); a failed trial stays failed.
                 failure_config=ray_tune.FailureConfig(max_failures=0),
                 checkpoint_config=ray_tune.CheckpointConfig(checkpoint_at_end=False),
@@ -388,16 +400,61 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
     # In a helper thread: Tune's own SIGINT handler (a slow "graceful" stop) stays out of the way, and
     # Ctrl-C / SIGTERM reach the caller at once (it stops Ray and prints the --resume command).
     grid = launcher.run_interruptibly(tuner.fit)
+    if job.is_uri:  # (not after Ctrl-C: the resumed search, or the trial's next run on that node, sweeps)
+        sweep_staging(job)
     wall = time.time() - start
     rows = [_row(result, job, trial_base) for result in grid]
     finished = grid.num_terminated + grid.num_errors
     return SearchOutcome(rows, trial_base, wall, unfinished=finished < len(grid) or len(grid) < job.options.trials)
 
 
+def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
+    """Remove the staging folders the search's trials left on every node. A worker removes its own when it ends
+    (also when ASHA's abort ends its run), but a killed one (a crash, a lost worker the trial restarted
+    elsewhere) cannot, and a finished trial never runs again on that node to clean up after it. One zero-CPU
+    task per alive node removes the folders of the trials' runs whose process is gone; returns how many (best
+    effort: a node that does not answer within ``timeout`` keeps them)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    try:
+        trials = [str(join(job.experiment_dir, d)) for d in _trial_dirnames(job)]
+    except OSError:
+        return 0
+    if not trials:
+        return 0
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def sweep(uris: list[str]) -> int:
+        return sum(remove_dead_staging(u) for u in uris)
+
+    refs = [
+        sweep.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(trials)
+        for n in launcher.alive_nodes()
+    ]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    removed = 0
+    for ref in ready:
+        try:
+            removed += int(ray.get(ref, timeout=1))
+        except Exception:  # noqa: BLE001 - best effort: a node that fails keeps its folders
+            continue
+    return removed
+
+
+def _trial_dirnames(job: SearchJob) -> list[str]:
+    """The trials' folder names in the experiment (``trial_<id>``), from the URI's listing."""
+    from cmd_dist.storage import Remote
+
+    remote = Remote.open(str(job.experiment_dir))
+    return [d for d in remote.dirs() if d.startswith("trial_")]
+
+
 def _row(result: Any, job: SearchJob, trial_base: dict[str, Any]) -> TrialRow:
     metrics = dict(result.metrics or {})
-    trial_dir = Path(result.path)
-    trial_id = metrics.get("trial_id") or trial_dir.name.removeprefix("trial_")
+    # result.path is a path inside the storage filesystem (no scheme for a URI): the trial's folder as the
+    # user reaches it is the experiment's, joined with the trial's folder name.
+    trial_dir = join(job.experiment_dir, PurePosixPath(result.path).name)
+    trial_id = metrics.get("trial_id") or PurePosixPath(result.path).name.removeprefix("trial_")
     config = result.config or {}  # None for a trial that never started (e.g. an interrupted search)
     params = {k: plain_value(config.get(k)) for k in job.space.keys}
     try:
@@ -416,16 +473,20 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
-def final_retrain(cfg: Config, run_dir: Path, verbose: bool = False) -> dict[str, Any]:
+def final_retrain(cfg: Config, run_dir: Path | str, verbose: bool = False) -> dict[str, Any]:
     """The best config with the final protocol (all training data, test): ``cmd-dist train``'s own code path.
 
     A retrain that already finished (a resumed search) is not repeated; an interrupted one continues.
+    ``run_dir`` is a folder or a URI.
     """
-    done = run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
+    done = read_run_file(run_dir, "summary.json")
+    if done is not None:
+        try:
+            summary = json.loads(done)
+        except ValueError:
+            summary = {}
         if summary.get("epochs_run") == cfg.train.epochs and summary.get("eval_split") == "test":
-            print(f"cmd-dist: final retrain already done: {done}", flush=True)
+            print(f"cmd-dist: final retrain already done: {join(run_dir, 'summary.json')}", flush=True)
             return summary
     print(f"\ncmd-dist: retraining the best config on all training data, testing: {run_dir}", flush=True)
     run_dir = launcher.resolve_run_dir(cfg)

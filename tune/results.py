@@ -135,14 +135,17 @@ def markdown_table(header: list[str], body: list[list[Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_best_yaml(cfg: Config, row: TrialRow, metric: str, search_dir: Path) -> Path:
-    """The best config, final protocol, loadable by ``cmd-dist train`` (a header says where it came from)."""
+def write_best_yaml(cfg: Config, row: TrialRow, metric: str, search_dir: Path, shown: str | None = None) -> Path:
+    """The best config, final protocol, loadable by ``cmd-dist train`` (a header says where it came from).
+
+    ``shown``: the search folder as the user names it, when ``search_dir`` is a staging folder (a URI search)."""
     path = search_dir / "best.yaml"
+    where = shown.rstrip("/") if shown else str(search_dir)
     values = ", ".join(f"{k}={_fmt(v)}" for k, v in row.params.items())
     header = (
-        f"# Best of the search in {search_dir}: trial {row.trial}, validation accuracy {_fmt(row.score)}% "
+        f"# Best of the search in {where}: trial {row.trial}, validation accuracy {_fmt(row.score)}% "
         f"({metric}) after {row.epochs} epochs,\n# with {values}.\n"
-        f"# Retrain on all training data and test: cmd-dist train {path}\n"
+        f"# Retrain on all training data and test: cmd-dist train {where}/best.yaml\n"
     )
     path.write_text(header + dump_yaml(cfg))
     return path

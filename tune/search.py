@@ -8,6 +8,11 @@ checked here, before Ray starts (one line, exit 2); the Ray Tune side lives in :
 A search folder holds ``search.yaml`` (what is being searched: enough to ``--resume``), ``trials/``
 (Ray Tune's experiment: one folder per trial with Tune's logs and that trial's cmd-dist run, tb/
 included), ``results.csv`` / ``results.md``, ``best.yaml``, ``final/`` (the retrain) and ``summary.json``.
+
+The search folder may be behind a filesystem URI (``output_dir=s3://bucket/runs``, see
+:mod:`cmd_dist.storage`): Tune keeps its experiment there through pyarrow, every trial is a cmd-dist run on
+the URI (its workers stage and upload as ``cmd-dist train`` does), and the driver writes the search's own files
+in a staging folder of its own and uploads them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +29,7 @@ from typing import Any
 import yaml
 
 from cmd_dist.config import Config, ConfigError, from_dict, load_config
+from cmd_dist.storage import Remote, RunStore, UriRunLock, is_uri, join, open_filesystem, read_run_file, write_run_file
 from tune.results import TrialRow, best_row, ranked, write_best_yaml, write_tables
 from tune.space import SearchSpace, final_config, load_space, parse_space, trial_config
 
@@ -52,7 +57,8 @@ class SearchOptions:
 
 @dataclass
 class SearchJob:
-    search_dir: Path
+    #: A folder, or a URI (a str: ``s3://bucket/runs/tune-...``).
+    search_dir: Path | str
     #: The user's config (overrides applied, paths absolute) as a plain dict; trials vary it.
     base: dict[str, Any]
     space: SearchSpace
@@ -72,8 +78,12 @@ class SearchJob:
         return metric_key(self.options.metric)
 
     @property
-    def experiment_dir(self) -> Path:
-        return self.search_dir / TUNE_EXPERIMENT
+    def experiment_dir(self) -> Path | str:
+        return join(self.search_dir, TUNE_EXPERIMENT)
+
+    @property
+    def is_uri(self) -> bool:
+        return is_uri(self.search_dir)
 
 
 def metric_key(metric: str) -> str:
@@ -148,8 +158,12 @@ def apply_gpus_per_trial(cfg: Config, gpus: float | None) -> None:
 
 
 def _absolute_paths(cfg: Config) -> None:
-    """Ray workers do not run in the caller's directory: make output_dir and data.root absolute."""
-    cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    """Ray workers do not run in the caller's directory: make output_dir (a folder) and data.root absolute."""
+    if is_uri(cfg.output_dir):
+        cfg.output_dir = cfg.output_dir.rstrip("/")
+        open_filesystem(cfg.output_dir)  # an unknown scheme, a URI pyarrow cannot open: one line, before Ray
+    else:
+        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
 
@@ -163,29 +177,51 @@ def prepare(args: argparse.Namespace) -> SearchJob:
     cfg = load_config(args.config, args.overrides)
     if args.address:
         cfg.ray.address = args.address
-    if "://" in cfg.output_dir:
-        raise ConfigError(
-            f"output_dir: {cfg.output_dir!r}: cmd-dist tune writes its search folder (Tune's experiment, every "
-            f"trial's run folder) to a folder, on a cluster one every node mounts at the same path; filesystem "
-            f"URIs are for cmd-dist train and submit"
-        )
     apply_gpus_per_trial(cfg, getattr(args, "gpus_per_trial", None))
     _absolute_paths(cfg)
     base = cfg.to_dict()
     space = load_space(args.space, base)
     options = check_options(args, cfg, space)
-    search_dir = Path(cfg.output_dir) / (cfg.run_name or time.strftime("tune-%Y%m%d-%H%M%S"))
-    if (search_dir / STATE_FILE).exists() or (search_dir / TUNE_EXPERIMENT).exists():
+    search_dir = join(cfg.output_dir, cfg.run_name or time.strftime("tune-%Y%m%d-%H%M%S"))
+    if holds_search(search_dir):
         raise ConfigError(
             f"{search_dir} already holds a search; continue it with --resume {search_dir}, or set another run_name"
         )
     return SearchJob(search_dir, base, space, options)
 
 
+def holds_search(search_dir: Path | str) -> bool:
+    """A search was started there (its state file or Tune's experiment exists), a folder or a URI."""
+    if is_uri(search_dir):
+        try:
+            remote = Remote.open(str(search_dir))
+            return remote.is_file(STATE_FILE) or remote.is_dir(TUNE_EXPERIMENT)
+        except OSError as e:
+            raise ConfigError(
+                f"output_dir: cannot read {search_dir} ({_first_line(e)}); check the URI and this "
+                f"machine's credentials for it"
+            ) from None
+    return (Path(search_dir) / STATE_FILE).exists() or (Path(search_dir) / TUNE_EXPERIMENT).exists()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _prepare_resume(args: argparse.Namespace) -> SearchJob:
-    search_dir = Path(args.resume).expanduser().resolve()
-    state_path = search_dir / STATE_FILE
-    if not state_path.is_file():
+    if is_uri(args.resume):
+        search_dir: Path | str = str(args.resume).rstrip("/")
+        open_filesystem(search_dir, key="--resume")
+        try:
+            state_text = read_run_file(search_dir, STATE_FILE)
+        except OSError as e:
+            raise ConfigError(f"--resume {args.resume}: cannot read it ({_first_line(e)})") from None
+    else:
+        search_dir = Path(args.resume).expanduser().resolve()
+        state_text = read_run_file(search_dir, STATE_FILE)
+    state_path = join(search_dir, STATE_FILE)
+    if state_text is None:
         raise ConfigError(f"--resume {args.resume}: no {STATE_FILE} there; pass a folder written by cmd-dist tune")
     if args.config is not None or args.overrides:
         raise ConfigError("--resume continues a saved search with its own config; drop CONFIG and key=value")
@@ -201,14 +237,16 @@ def _prepare_resume(args: argparse.Namespace) -> SearchJob:
     ]
     if changed:
         raise ConfigError(f"--resume continues a saved search with its saved space and options; drop {changed[0]}")
-    state = yaml.safe_load(state_path.read_text())
     try:
+        state = yaml.safe_load(state_text)
+        if not isinstance(state, dict):
+            raise TypeError("not a mapping")
         cfg = from_dict(state["config"])
         base = cfg.to_dict()
         space = parse_space(state["space"], base, where=f"{state_path} space")
         options = SearchOptions(**state["options"])
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"--resume {args.resume}: {state_path} is incomplete or damaged ({e})") from None
+    except (KeyError, TypeError, yaml.YAMLError) as e:
+        raise ConfigError(f"--resume {args.resume}: {state_path} is incomplete or damaged ({_first_line(e)})") from None
     if args.address:
         base["ray"]["address"] = args.address
     if getattr(args, "gpus_per_trial", None) is not None:
@@ -217,11 +255,26 @@ def _prepare_resume(args: argparse.Namespace) -> SearchJob:
 
 
 def save_state(job: SearchJob) -> None:
-    job.search_dir.mkdir(parents=True, exist_ok=True)
+    """search.yaml, written atomically (a folder) or as one object (a URI)."""
     state = {"config": job.base, "space": job.space.to_dict(), "options": asdict(job.options)}
-    tmp = job.search_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(state, sort_keys=False))
-    os.replace(tmp, job.search_dir / STATE_FILE)
+    write_run_file(job.search_dir, STATE_FILE, yaml.safe_dump(state, sort_keys=False).encode())
+
+
+def lock_search(search_dir: Path | str) -> Any:
+    """The search folder's lock, held until :func:`cmd_tune` ends: a folder's ``flock``, or a URI's best-effort
+    heartbeat lock (:class:`~cmd_dist.storage.UriRunLock`; the trials' run folders on the URI are covered by it)."""
+    from cmd_dist.checkpoint import RunFolderBusy, RunLock
+
+    try:
+        if is_uri(search_dir):
+            return UriRunLock(str(search_dir)).acquire()
+        Path(search_dir).mkdir(parents=True, exist_ok=True)
+        return RunLock(Path(search_dir)).acquire()
+    except RunFolderBusy as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        why = getattr(e, "strerror", None) or _first_line(e)
+        raise ConfigError(f"output_dir: cannot write the search folder {search_dir} ({why})") from None
 
 
 # ----------------------------------------------------------------------------- command
@@ -229,18 +282,24 @@ def save_state(job: SearchJob) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Check, search (Ray Tune), write the table and best.yaml, retrain the best on all data and test it."""
-    from cmd_dist.checkpoint import RunFolderBusy, RunLock
-    from cmd_dist.cli import _sigterm_as_interrupt, _stop_ray, preflight
+    from cmd_dist.cli import preflight
 
     job = prepare(args)
     # The trials' data: the search protocol reads the training file only, never the test file.
     preflight(trial_config(job.base, {}))
+    lock = lock_search(job.search_dir)
+    # The driver's own files (tables, best.yaml, summary): written here, then uploaded when behind a URI.
+    store = RunStore.open(job.search_dir)
     try:
-        lock = RunLock(job.search_dir).acquire()  # held until this process exits
-    except RunFolderBusy as e:
-        raise ConfigError(str(e)) from None
-    except OSError as e:
-        raise ConfigError(f"output_dir: cannot write the search folder {job.search_dir} ({e.strerror or e})") from None
+        return _search_and_retrain(args, job, store)
+    finally:
+        store.close()
+        lock.release()  # a URI's lock is an object: left behind, it would refuse --resume for a while
+
+
+def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStore) -> int:
+    from cmd_dist.cli import _sigterm_as_interrupt, _stop_ray, preflight
+
     save_state(job)
     opts = job.options
     print(f"cmd-dist: search folder {job.search_dir}", flush=True)
@@ -267,7 +326,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _interrupted(job)
 
     rows = outcome.rows
-    csv_path, md_path = write_tables(rows, job.space.keys, job.peers, job.search_dir)
+    csv_path, md_path = write_tables(rows, job.space.keys, job.peers, store.dir)
+    store.upload(csv_path.name, md_path.name)
     counts = {s: sum(r.status == s for r in rows) for s in dict.fromkeys(r.status for r in rows)}
     print(
         f"\nsearch done in {outcome.wall_s:.0f} s: {len(rows)} trials ("
@@ -278,25 +338,27 @@ def cmd_tune(args: argparse.Namespace) -> int:
     best = best_row(rows)
     if best is None:
         print(
-            f"cmd-dist: error: no trial reported a validation accuracy; see the error column of {csv_path}",
+            f"cmd-dist: error: no trial reported a validation accuracy; see the error column of "
+            f"{store.shown(csv_path.name)}",
             file=sys.stderr,
         )
         return 1
     final_cfg = final_config(outcome.trial_base, best.params)
     final_cfg.output_dir, final_cfg.run_name = str(job.search_dir), ""
-    best_path = write_best_yaml(final_cfg, best, job.score_key, job.search_dir)
+    best_path = write_best_yaml(final_cfg, best, job.score_key, store.dir, shown=store.shown())
+    store.upload(best_path.name)
     print(
         f"best trial {best.trial}: {job.score_key} {best.score:.2f}% with "
         + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     )
-    print(f"best config: {best_path}   table: {csv_path}")
+    print(f"best config: {store.shown(best_path.name)}   table: {store.shown(csv_path.name)}")
 
     final = None
     if not args.no_final:
         final_cfg.run_name = "final"
         preflight(final_cfg)  # the search is over: now, and only now, the test split is read
         try:
-            final = driver.final_retrain(final_cfg, job.search_dir / "final", verbose=args.verbose)
+            final = driver.final_retrain(final_cfg, join(job.search_dir, "final"), verbose=args.verbose)
         except KeyboardInterrupt:
             _stop_ray()
             return _interrupted(job)
@@ -310,7 +372,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _write_summary(job, rows, best, final)
     print(comparison(best, final, job.peers, job.config.data.val_fraction))
     print(f"tensorboard --logdir {job.search_dir} --host 127.0.0.1")
-    lock.release()
     return 1 if final and final.get("stopped") else 0
 
 
@@ -343,7 +404,7 @@ def _write_summary(job: SearchJob, rows: list[TrialRow], best: TrialRow, final: 
         "best": asdict(best),
         "final": final,
     }
-    (job.search_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_run_file(job.search_dir, "summary.json", json.dumps(summary, indent=2).encode())
 
 
 def _interrupted(job: SearchJob) -> int:
