@@ -38,3 +38,23 @@ def test_in_process_rows_time_the_same_epochs(tmp_path):
         assert r["images_per_s_per_peer"] > 0
     assert rows["a"]["ratio_to_a"] == 1.0
     assert "| (c) | cmd-dist, CMD-P + Mconf" in info["table"] and "CMD overhead, (c) vs (b)" in info["table"]
+
+
+def test_replicas_benchmark_times_both_rows_in_the_same_processes(tmp_path):
+    """benchmarks/replicas.py, tiny: 2 peers x 2 replicas (4 gloo processes), one timed epoch of each row."""
+    import subprocess
+
+    out = tmp_path / "replicas.json"
+    run = subprocess.run(
+        [sys.executable, str(Path(REPO) / "benchmarks" / "replicas.py"), "--epochs", "1", "--warmup", "0"]
+        + ["--batch-size", "256", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["images"] == 1438 and sorted(res["times"]) == ["cmd", "plain"]
+    assert all(len(ts) == 1 and ts[0] > 0 for ts in res["times"].values())
+    assert res["ratio"] == res["rate"]["cmd"] / res["rate"]["plain"] > 0
+    assert "| (b) cmd-dist CMD-P + Mconf, replicas_per_peer=2 |" in run.stdout
