@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = rate["cmd"] / rate["plain"]
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.device}, "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: 2 peers x {args.replicas} replicas ({world} ranks), {args.arch} on "
-        f"{args.dataset}, global batch {args.batch_size}, median of {args.epochs} epochs"
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: 2 peers x {args.replicas} replicas ({world} ranks), "
+        f"{args.arch} on {args.dataset}, global batch {args.batch_size}, median of {args.epochs} epochs"
     )
     print("| row | images/s per peer | ratio to (a) |\n| --- | --- | --- |")
     print(f"| (a) plain PyTorch DDP, cross-entropy | {rate['plain']:,.0f} | 1.00 |")
