@@ -254,12 +254,7 @@ class Trainer:
             (p.net if p.net is not None else p.model).train()
         bar = progress(steps, f"epoch {epoch + 1}/{t.epochs}") if progress else None
         start = time.perf_counter()
-        local = [p.index for p in self.peers]
-        batches = (
-            data.epoch_batches(epoch, local, t.batch_size, cfg.seed)
-            if self.shard is WHOLE
-            else data.epoch_batches(epoch, local, t.batch_size, cfg.seed, shard=self.shard)
-        )
+        batches = data.epoch_batches(epoch, [p.index for p in self.peers], t.batch_size, cfg.seed, shard=self.shard)
         for step, batch in enumerate(batches):
             global_step = epoch * steps + step
             # ProSelfLC's t/Gamma (Eq. 5): iterations (the authors' experiments) or epochs.
@@ -359,15 +354,17 @@ def evaluate(
         return _evaluate_sharded(peer, data, batch_size, exchange, which)
     correct, total = None, 0
     for x, y in data.eval_batches(batch_size, **which):
-        if peer.fast:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                logits = peer.model(x.contiguous(memory_format=torch.channels_last))
-        else:
-            logits = peer.model(x)
-        hits = (logits.argmax(1) == y).sum()
+        hits = (_eval_logits(peer, x).argmax(1) == y).sum()
         correct = hits if correct is None else correct + hits
         total += int(y.shape[0])
     return 100.0 * float(correct) / total if total else 0.0
+
+
+def _eval_logits(peer: Peer, x: torch.Tensor) -> torch.Tensor:
+    if peer.fast:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return peer.model(x.contiguous(memory_format=torch.channels_last))
+    return peer.model(x)
 
 
 def _evaluate_sharded(peer: Peer, data: PeerData, batch_size: int, exchange: Exchange, which: dict) -> float:
@@ -378,12 +375,7 @@ def _evaluate_sharded(peer: Peer, data: PeerData, batch_size: int, exchange: Exc
     device = next(peer.model.parameters()).device
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in data.eval_batches(batch_size, shard=Shard(exchange.replica, exchange.replicas), **which):
-        if peer.fast:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16):
-                logits = peer.model(x.contiguous(memory_format=torch.channels_last))
-        else:
-            logits = peer.model(x)
-        counts[0] += (logits.argmax(1) == y).sum()
+        counts[0] += (_eval_logits(peer, x).argmax(1) == y).sum()
         counts[1] += y.shape[0]
     exchange.sum_over_replicas(counts)
     correct, total = counts.tolist()
