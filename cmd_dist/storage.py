@@ -228,25 +228,21 @@ class Remote:
         """Every file under ``rel``, relative to this folder, sorted."""
         import pyarrow.fs
 
-        sel = pyarrow.fs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
-        root = PurePosixPath(self.root)
-        return sorted(
-            str(PurePosixPath(i.path).relative_to(root))
-            for i in self.fs.get_file_info(sel)
-            if i.type == pyarrow.fs.FileType.File
-        )
+        return self._entries(rel, recursive, pyarrow.fs.FileType.File)
 
     def dirs(self, rel: str = "") -> list[str]:
         """The folders directly under ``rel``, relative to this folder, sorted."""
         import pyarrow.fs
 
-        sel = pyarrow.fs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
+        return self._entries(rel, False, pyarrow.fs.FileType.Directory)
+
+    def _entries(self, rel: str, recursive: bool, kind: Any) -> list[str]:
+        import pyarrow.fs
+
+        sel = pyarrow.fs.FileSelector(self.path(rel), recursive=recursive, allow_not_found=True)
         root = PurePosixPath(self.root)
-        return sorted(
-            str(PurePosixPath(i.path).relative_to(root))
-            for i in self.fs.get_file_info(sel)
-            if i.type == pyarrow.fs.FileType.Directory
-        )
+        infos = self.fs.get_file_info(sel)
+        return sorted(str(PurePosixPath(i.path).relative_to(root)) for i in infos if i.type == kind)
 
     # -------------------------------------------------------------- checkpoints on the remote, from listings
 

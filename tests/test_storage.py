@@ -21,15 +21,8 @@ from cmd_dist.config import ConfigError, load_config
 from cmd_dist.local import run_local
 from cmd_dist.storage import Remote, RunStore, UriRunLock
 from tests.conftest import REPO
+from tests.test_checkpoint import FAST  # 3 quick epochs on 512 digits, knowledge flowing from epoch 1
 
-FAST = [
-    "train.epochs=3",
-    "train.milestones=[2]",
-    "method.eta=1.0",
-    "method.b2=-1.0",
-    "train.log_every=0",
-    "data.train_subset=512",
-]
 DEMO = os.path.join(REPO, "configs", "demo.yaml")
 
 
