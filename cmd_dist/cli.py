@@ -36,6 +36,12 @@ def preflight(cfg: Config, echo: bool = True) -> None:
             f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images; "
             f"use at most {n_train}"
         )
+    last, replicas = n_train % cfg.train.batch_size, cfg.ray.replicas_per_peer
+    if 0 < last < replicas:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} leaves a last batch of {last} of the {n_train} training images, "
+            f"fewer than ray.replicas_per_peer={replicas} can split; choose another train.batch_size"
+        )
     from cmd_dist.models import check_peer_weights
 
     check_peer_weights(cfg)

@@ -181,6 +181,13 @@ def test_placement_line_and_worker_count_with_replicas():
 def test_a_last_batch_smaller_than_the_replicas_is_refused(tmp_path: Path):
     # 1438 training images, batch 1436: the last batch has 2 images for 3 replicas.
     cfg = load_config(DEMO, [*BASE, "train.batch_size=1436", "ray.replicas_per_peer=3"])
+    from cmd_dist.cli import preflight
+
+    with pytest.raises(ConfigError) as e:  # before Ray starts: one line, exit 2
+        preflight(cfg, echo=False)
+    assert "train.batch_size: 1436 leaves a last batch of 2" in str(e.value) and "\n" not in str(e.value)
+    preflight(load_config(DEMO, [*BASE, "train.batch_size=1436", "ray.replicas_per_peer=2"]), echo=False)
+    # and the worker itself refuses it too (an embedding caller without the preflight)
     with pytest.raises(ValueError, match="last batch has 2 of the 1438"):
         run_local(cfg, tmp_path / "r")
 
