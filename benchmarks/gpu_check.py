@@ -7,7 +7,7 @@ In order:
       eager and as one whole-step CUDA graph (CUDA only), then two cmd-dist peers in one process
       (CMD-P + Mconf, the engine's real step) with and without the whole-step graph; img/s per peer
       and ratios to the plain loops, measured in the same run;
-  (b) every placement for one short run through Ray (cmd_dist.launcher, the product path): all
+  (b) every placement for one short run through Ray (cmd_dist.launch.launcher, the product path): all
       peers in one worker (``together``) and one worker per peer sharing the GPU (``separate``,
       0.5 GPU each, gloo); with one GPU, ``separate`` with a GPU each (NCCL) cannot run and is
       listed as such;
@@ -43,10 +43,13 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 from cmd_dist.config import load_config  # noqa: E402
-from cmd_dist.data import SPECS, augment, load_split, normalize, prepare_data  # noqa: E402
-from cmd_dist.engine import Trainer, build_peer  # noqa: E402
-from cmd_dist.exchange import Exchange  # noqa: E402
+from cmd_dist.data.augment import augment, normalize  # noqa: E402
+from cmd_dist.data.prepare import prepare_data  # noqa: E402
+from cmd_dist.data.resident import load_split  # noqa: E402
+from cmd_dist.data.types import SPECS  # noqa: E402
 from cmd_dist.models import build_model  # noqa: E402
+from cmd_dist.train.engine import Trainer, build_peer  # noqa: E402
+from cmd_dist.train.exchange import Exchange  # noqa: E402
 
 CMD_P_MCONF = ["method.objective=cmd", "method.knowledge=cmd-p", "method.self_kd=mconf"]
 
@@ -209,7 +212,7 @@ def cmd_row(args: argparse.Namespace, device: torch.device, graph: bool) -> dict
 
 def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) -> list[dict]:
     try:
-        from cmd_dist import launcher
+        from cmd_dist.launch import launcher
     except ImportError as e:  # no Ray on this machine
         return [{"setup": "placements through Ray", "error": f"skipped: {e}"}]
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -273,7 +276,7 @@ def _rate_from_jsonl(run_dir: Path) -> float:
 
 
 _LOCAL_CELL = (
-    "import sys, torch; from cmd_dist.config import load_config; from cmd_dist.local import run_local; "
+    "import sys, torch; from cmd_dist.config import load_config; from cmd_dist.train.local import run_local; "
     "cfg = load_config(sys.argv[1], sys.argv[3:]); "
     "run_local(cfg, cfg.output_dir + '/' + cfg.run_name, device=sys.argv[2], echo=True)"
 )
@@ -282,7 +285,7 @@ _LOCAL_CELL = (
 def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl.
 
-    ``--cell-local``: the same training loop in one plain process (cmd_dist.local.run_local), no Ray.
+    ``--cell-local``: the same training loop in one plain process (cmd_dist.train.local.run_local), no Ray.
     """
     run_root = args.run_root / "cell"
     overrides = [f"data.root={args.data_root}", f"output_dir={run_root}", "run_name=cell", *args.cell_overrides]

@@ -6,7 +6,7 @@ Rows (same architecture, batch size, data and device):
       per-batch augment + normalize, SGD with momentum and weight decay, softmax cross-entropy;
   (b) cmd-dist, N independent peers (knowledge=zero, self_kd=ce) hosted in this process;
   (c) cmd-dist, CMD-P + Mconf, N peers hosted in this process;
-  (d) cmd-dist, CMD-P + Mconf, one Ray Train worker per peer (cmd_dist.launcher): steady-state
+  (d) cmd-dist, CMD-P + Mconf, one Ray Train worker per peer (cmd_dist.launch.launcher): steady-state
       images/s from the ``images_per_s`` each worker reports (its own train-epoch time) for the
       epochs after the first, and the wall time of the whole fit including Ray start-up.
 
@@ -41,10 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from cmd_dist.config import Config, load_config
-from cmd_dist.data import SPECS, augment, load_split, normalize, prepare_data
-from cmd_dist.engine import build_peer, train_one_epoch
-from cmd_dist.exchange import Exchange
+from cmd_dist.data.augment import augment, normalize
+from cmd_dist.data.prepare import prepare_data
+from cmd_dist.data.resident import load_split
+from cmd_dist.data.types import SPECS
 from cmd_dist.models import build_model
+from cmd_dist.train.engine import build_peer, train_one_epoch
+from cmd_dist.train.exchange import Exchange
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -137,7 +140,7 @@ def cmd_config(args: argparse.Namespace, method: list[str], epochs: int, extra: 
 
 
 def cmd_setup(cfg: Config, device: torch.device) -> tuple[Callable[[], float], int]:
-    """Rows (b), (c): every peer in this process through cmd_dist.engine.train_one_epoch (1-process exchange)."""
+    """Rows (b), (c): every peer in this process through cmd_dist.train.engine.train_one_epoch (1-process exchange)."""
     data = prepare_data(cfg.data, cfg.noise, device)
     exchange = Exchange(len(cfg.peers))
     peers = [build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device) for k in exchange.local_peers]
@@ -192,10 +195,10 @@ def run_in_process(args: argparse.Namespace, device: torch.device) -> list[Row]:
 
 
 def start_ray(cfg: Config, verbose: bool) -> bool:
-    """Start or join Ray as cmd_dist.launcher.init_ray does; unless verbose, without streaming worker logs."""
+    """Start or join Ray as cmd_dist.launch.launcher.init_ray does; unless verbose, without streaming worker logs."""
     import ray
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     if ray.is_initialized():
         return False
@@ -228,11 +231,11 @@ def report_log(path: str) -> Any:
 
 
 def run_ray(args: argparse.Namespace, device: torch.device, workdir: Path) -> tuple[Row, list[dict]]:
-    """Row (d): a real cmd_dist.launcher fit (placement=separate); every worker's images_per_s is recorded."""
+    """Row (d): a real cmd_dist.launch.launcher fit (placement=separate); every worker's images_per_s is recorded."""
     t0 = time.perf_counter()
     import ray
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     first_timed = max(1, args.warmup) + 1  # epoch 1 (and any further warm-up) is not steady state
     epochs = first_timed - 1 + args.ray_epochs

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from cmd_dist.config import Config, ConfigError, load_config
-from cmd_dist.data import DataError, check_data
-from cmd_dist.storage import is_uri, join
+from cmd_dist.data.prepare import check_data
+from cmd_dist.errors import DataError
+from cmd_dist.runs.storage import is_uri, join
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -114,7 +115,7 @@ def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Confi
     import tempfile
 
     from cmd_dist.config import dump_yaml
-    from cmd_dist.storage import read_run_file, split_location, write_run_file
+    from cmd_dist.runs.storage import read_run_file, split_location, write_run_file
 
     run_dir: Path | str = resume.rstrip("/") if is_uri(resume) else Path(resume).expanduser().resolve()
     text = read_run_file(run_dir, "config.yaml")
@@ -131,7 +132,7 @@ def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Confi
 
 def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
     """What an interrupted run kept, and the command that continues it."""
-    from cmd_dist.storage import newest_checkpoint_epoch
+    from cmd_dist.runs.storage import newest_checkpoint_epoch
 
     try:
         newest = newest_checkpoint_epoch(run_dir, num_peers)
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: FOLDER/report)")
     r.set_defaults(func=cmd_report)
-    from cmd_dist.submit import add_parser as add_submit_parser
+    from cmd_dist.launch.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
     return parser
@@ -236,7 +237,7 @@ def _report_from_uris(args: argparse.Namespace, write_report, report_error) -> i
     import shutil
     import tempfile
 
-    from cmd_dist.storage import mirror_for_report, upload_folder
+    from cmd_dist.runs.storage import mirror_for_report, upload_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="cmd-dist-report-"))
     try:

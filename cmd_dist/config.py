@@ -17,19 +17,15 @@ from typing import Any
 
 import yaml
 
-from cmd_dist.noise import LABEL_NOISE_KINDS
-from cmd_dist.noisy_labels import LABEL_SETS
-from cmd_dist.objectives import OBJECTIVES
-from cmd_dist.selection import KNOWLEDGE_MODES
-from cmd_dist.selfkd import SELF_KD_METHODS
-
-
-class ConfigError(ValueError):
-    """A user mistake in a config file or override (exit code 2, no traceback)."""
-
+from cmd_dist.data.human_labels import LABEL_SETS
+from cmd_dist.data.noise import LABEL_NOISE_KINDS
+from cmd_dist.errors import ConfigError
+from cmd_dist.method.objectives import OBJECTIVES
+from cmd_dist.method.selection import KNOWLEDGE_MODES
+from cmd_dist.method.selfkd import SELF_KD_METHODS
 
 DATASETS = ("cifar100", "cifar10", "digits", "webvision", "food101n", "imagefolder")
-#: Streamed from disk (cmd_dist.streaming); the others are loaded into device memory.
+#: Streamed from disk (cmd_dist.data.streamed); the others are loaded into device memory.
 STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
 #: Datasets whose labels carry real noise: no synthetic noise on top.
 REAL_NOISE_DATASETS = ("webvision", "food101n")
@@ -345,7 +341,7 @@ def _config_text(path: str | Path) -> tuple[str, str]:
     """(the name to show, the text) of a config file: a local file, or a filesystem URI (e.g. a search's
     ``s3://bucket/runs/tune-.../best.yaml``, read through pyarrow)."""
     if "://" in str(path):
-        from cmd_dist.storage import Remote, open_filesystem, split_location
+        from cmd_dist.runs.storage import Remote, open_filesystem, split_location
 
         uri = str(path)
         parent, name = split_location(uri)
@@ -489,7 +485,7 @@ def validate(cfg: Config) -> None:
     if (paper.value is not None or paper.peers) and not paper.table.strip():
         raise ConfigError("paper.table: name where the paper reports these numbers, e.g. 'Table 1'")
     if "://" in cfg.output_dir:
-        from cmd_dist.storage import check_uri  # its form only; opening it (credentials) is the launcher's
+        from cmd_dist.runs.storage import check_uri  # its form only; opening it (credentials) is the launcher's
 
         check_uri(cfg.output_dir, "output_dir")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):

@@ -192,7 +192,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "weights") -> st
 def check_peer_weights(cfg) -> None:
     """Preflight: every ``peers[k].weights`` file loads into its architecture (ConfigError otherwise)."""
     from cmd_dist.config import ConfigError
-    from cmd_dist.data import STREAMED, dataset_spec
+    from cmd_dist.data.labels import dataset_spec
+    from cmd_dist.data.types import STREAMED
 
     for k, peer in enumerate(cfg.peers):
         if not peer.weights:
@@ -203,7 +204,7 @@ def check_peer_weights(cfg) -> None:
             spec = dataset_spec(cfg.data, cfg.noise)
             num_classes, channels, size = spec.num_classes, spec.channels, spec.size
         if not num_classes:
-            from cmd_dist.streaming import build_streamed
+            from cmd_dist.data.streamed import build_streamed
 
             num_classes = build_streamed(cfg.data, cfg.noise, workers=0).spec.num_classes
         try:

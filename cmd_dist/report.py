@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from cmd_dist.config import Config, ConfigError, from_dict
-from cmd_dist.monitor import ENTROPY_QUANTILE_KEYS
+from cmd_dist.train.monitor import ENTROPY_QUANTILE_KEYS
 
 
 class ReportError(ConfigError):

@@ -9,9 +9,9 @@ import pickle
 import pytest
 import torch
 
-from cmd_dist.checkpoint import CheckpointError, load_peer_state, save_peer_state
 from cmd_dist.config import load_config
-from cmd_dist.local import run_local
+from cmd_dist.runs.checkpoint import CheckpointError, load_peer_state, save_peer_state
+from cmd_dist.train.local import run_local
 
 FAST = [
     "train.epochs=3",

@@ -23,8 +23,8 @@ import pytest
 import torch
 import yaml
 
-from cmd_dist.checkpoint import load_peer_state
 from cmd_dist.config import ConfigError, load_config
+from cmd_dist.runs.checkpoint import load_peer_state
 from tests.conftest import REPO, wait_for
 from tests.multinode import MultiNodeCluster, free_port
 
@@ -161,7 +161,7 @@ def test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node(clu
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == epochs
 
-    from cmd_dist.local import run_local
+    from cmd_dist.train.local import run_local
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a 0.5-CPU Ray worker
@@ -262,7 +262,7 @@ def test_unreachable_address_is_one_line_error_fast(tmp_path):
 
 
 def test_cluster_without_the_resources_is_refused():
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     two = [{"CPU": 1.0}, {"CPU": 1.0}]
     ok = load_config(DEMO, ["ray.spread=true", "ray.use_gpu=false"])
@@ -292,7 +292,7 @@ def test_lost_node_is_told_from_a_code_error(monkeypatch, tmp_path):
     records and the node table make it a lost worker (restart). A code error, or no dead node, stays an error."""
     from ray.train import WorkerGroupError
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     (tmp_path / "workers").mkdir()
     for rank, node in ((0, "a" * 56), (1, "b" * 56)):
@@ -343,7 +343,7 @@ def test_gpus_per_trial_splits_over_workers_and_sets_concurrency():
 def test_submit_checks_before_submitting(tmp_path):
     import argparse
 
-    from cmd_dist.submit import build_job, check_dashboard
+    from cmd_dist.launch.submit import build_job, check_dashboard
 
     def args(**kw):
         base = dict(config=DEMO, overrides=[], working_dir=None, runtime_env=None)

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from cmd_dist.config import ConfigError, dump_yaml, load_config, parse_overrides
-from cmd_dist.data import DataError, check_data, safe_unpickle
+from cmd_dist.data.prepare import check_data
+from cmd_dist.data.resident import safe_unpickle
+from cmd_dist.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "configs" / "demo.yaml"
@@ -392,7 +394,7 @@ def main_without_ray(monkeypatch, tmp_path):
     from cmd_dist import cli
 
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.setitem(sys.modules, "cmd_dist.launcher", None)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launch.launcher", None)
     monkeypatch.delattr(cmd_dist, "launcher", raising=False)
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "runs"

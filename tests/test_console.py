@@ -131,7 +131,7 @@ def test_tune_prints_one_line_per_trial_then_the_table_and_records_hparams(ray_c
 
 def test_forwarded_tracebacks_collapse_to_their_exception_line():
     """Ray's internal actors' tracebacks (forwarded to the console) shrink to the exception; exits vanish."""
-    from cmd_dist.launcher import _CollapseTracebacks
+    from cmd_dist.launch.launcher import _CollapseTracebacks
 
     printed: list[str] = []
     show = _CollapseTracebacks(lambda data: printed.extend(data["lines"]))

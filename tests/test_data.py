@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from cmd_dist.config import load_config
-from cmd_dist.data import DataError, load_cifar, prepare_data
+from cmd_dist.data.prepare import prepare_data
+from cmd_dist.data.resident import load_cifar
+from cmd_dist.errors import DataError
 
 
 def _write(path, obj):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cmd_dist.config import load_config
-from cmd_dist.data import augment
-from cmd_dist.local import run_local
+from cmd_dist.data.augment import augment
+from cmd_dist.train.local import run_local
 
 SMALL = [
     "train.epochs=2",
@@ -53,11 +53,11 @@ def test_asyncmkd_steps_one_peer_per_iteration(tmp_path):
             "train.weight_decay=0",
         ],
     )
-    from cmd_dist.engine import build_peer
+    from cmd_dist.train.engine import build_peer
 
     init = [build_peer(cfg, k, 10, 1, torch.device("cpu")).model.state_dict() for k in range(2)]
     run_local(cfg, tmp_path)
-    from cmd_dist.checkpoint import load_peer_state
+    from cmd_dist.runs.checkpoint import load_peer_state
 
     after = [load_peer_state(tmp_path / "checkpoint_000001", k)["model"] for k in range(2)]
     changed = [any(not torch.equal(init[k][n], after[k][n]) for n in init[k] if "weight" in n) for k in range(2)]
@@ -152,7 +152,7 @@ def test_selection_explains_itself_entropy_quantiles_histogram_and_trusts(tmp_pa
     TensorBoard histogram of the epoch's entropies; read back from metrics.jsonl and the event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cmd_dist.selfkd import uniform_entropy
+    from cmd_dist.method.selfkd import uniform_entropy
 
     run_local(load_config(None, SMALL + ["train.epochs=2"]), tmp_path)
     rows = _rows(tmp_path)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmd_dist.checkpoint import (
+from cmd_dist.config import ConfigError, load_config
+from cmd_dist.runs.checkpoint import (
     RunFolderBusy,
     RunLock,
     atomic_write_bytes,
@@ -31,8 +32,7 @@ from cmd_dist.checkpoint import (
     newest_complete_checkpoint,
     prune_checkpoints,
 )
-from cmd_dist.config import ConfigError, load_config
-from cmd_dist.local import run_local
+from cmd_dist.train.local import run_local
 from tests.conftest import REPO, wait_for
 
 DEMO = os.path.join(REPO, "configs", "demo.yaml")
@@ -62,7 +62,7 @@ def _env(**extra) -> dict:
 
 
 def _place(nodes, overrides=()):
-    from cmd_dist.launcher import plan_placement
+    from cmd_dist.launch.launcher import plan_placement
 
     return plan_placement(load_config(DEMO, list(overrides)), nodes)
 
@@ -87,7 +87,7 @@ def test_separate_on_fewer_gpus_shares_them():
     "peers, gpus, workers", [(2, 0, 2), (2, 1, 1), (2, 2, 2), (3, 2, 1), (4, 2, 2), (4, 3, 2), (6, 4, 3), (3, 8, 3)]
 )
 def test_auto_workers_divide_the_peers_over_the_gpus(peers, gpus, workers):
-    from cmd_dist.launcher import auto_workers
+    from cmd_dist.launch.launcher import auto_workers
 
     assert auto_workers(peers, gpus, "auto") == workers
     assert auto_workers(peers, gpus, "false") == peers  # CPU: a worker per peer
@@ -175,7 +175,7 @@ def test_lost_worker_classification_matches_ray():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-    from cmd_dist.launcher import TrainingCodeError, code_error, lost_workers
+    from cmd_dist.launch.launcher import TrainingCodeError, code_error, lost_workers
 
     died = WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())
     partner = TrainingCodeError(0, "RuntimeError", "gloo: Connection reset by peer", "tb")
@@ -190,7 +190,7 @@ def test_lost_worker_classification_matches_ray():
 @pytest.mark.ray
 def test_an_exception_in_the_training_code_fails_at_once(ray_cluster, tmp_path, monkeypatch):
     """Rank 1 raises before epoch 2: no retry, the worker's traceback, the run folder as it was."""
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     monkeypatch.setenv("CMD_DIST_TEST_FAULT", "raise:1:2")
     cfg = load_config(DEMO, [*FAST, "train.epochs=3", f"output_dir={tmp_path}", "run_name=bug"])
@@ -329,7 +329,7 @@ def test_atomic_write_on_a_full_disk_leaves_no_temporary_file(tmp_path):
         "import resource, signal, sys\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))\n"
-        "from cmd_dist.checkpoint import atomic_write_bytes\n"
+        "from cmd_dist.runs.checkpoint import atomic_write_bytes\n"
         "try:\n    atomic_write_bytes(__import__('pathlib').Path(sys.argv[1]) / 'peer0.pt', b'x' * 5000)\n"
         "except OSError as e:\n    sys.exit(e.errno)\n"
     )
@@ -388,7 +388,7 @@ def test_read_only_output_dir_is_one_line_exit_2_before_ray(tmp_path):
 def test_a_run_folder_is_locked_by_its_run(tmp_path):
     run_dir = tmp_path / "run"
     held = RunLock(run_dir).acquire()
-    code = "import sys; from cmd_dist.checkpoint import RunLock\nRunLock(sys.argv[1]).acquire()"
+    code = "import sys; from cmd_dist.runs.checkpoint import RunLock\nRunLock(sys.argv[1]).acquire()"
     other = subprocess.run([sys.executable, "-c", code, str(run_dir)], env=_env(), capture_output=True, text=True)
     assert other.returncode != 0 and "RunFolderBusy" in other.stderr and f"pid {os.getpid()}" in other.stderr
     held.release()
@@ -402,7 +402,7 @@ def test_a_run_folder_is_locked_by_its_run(tmp_path):
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path):
     """The first run holds the lock (here: this process, as a running `cmd-dist train` does)."""
     cfg_args = [DEMO, "train.epochs=1", f"output_dir={tmp_path}", "run_name=twin"]
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     launcher.resolve_run_dir(load_config(DEMO, cfg_args[1:]))  # takes the lock, writes config.yaml
     try:
@@ -418,7 +418,7 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path)
 
 
 def test_the_same_run_name_with_a_different_config_is_refused(tmp_path):
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     launcher.resolve_run_dir(load_config(DEMO, ["train.epochs=2", f"output_dir={tmp_path}", "run_name=r"]))
     before = (tmp_path / "r" / "config.yaml").read_text()
@@ -434,7 +434,7 @@ def test_the_same_run_name_with_a_different_config_is_refused(tmp_path):
 
 def test_no_address_means_a_fresh_local_ray(monkeypatch):
     """Never address=None (which joins whatever ray_current_cluster names); 'local' starts a new one."""
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -448,7 +448,7 @@ def test_no_address_means_a_fresh_local_ray(monkeypatch):
 def test_an_address_nobody_answers_is_one_line_in_seconds():
     import socket
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

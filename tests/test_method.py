@@ -317,7 +317,7 @@ def test_gradient_wrt_logits_equals_authors_formulation(method, dtype):
     """Issue 9: d loss / d logits of the library path == autograd through H((1-eps) q + eps p, p), 1e-6."""
     from types import SimpleNamespace
 
-    from cmd_dist.step import SelfKD
+    from cmd_dist.train.step import SelfKD
 
     gen = torch.Generator().manual_seed(7)
     logits = (3.0 * torch.randn(16, 10, generator=gen, dtype=dtype)).requires_grad_()

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from cmd_dist.config import ConfigError, load_config
-from cmd_dist.data import DataError, check_data, prepare_data
-from cmd_dist.noise import noise_rate
-from cmd_dist.noisy_labels import LabelFileError, load_label_file
+from cmd_dist.data.human_labels import LabelFileError, load_label_file
+from cmd_dist.data.noise import noise_rate
+from cmd_dist.data.prepare import check_data, prepare_data
+from cmd_dist.errors import DataError
 from tests.conftest import SHARED_CIFAR
 from tests.image_fixtures import make_cifar10
 
@@ -172,8 +173,8 @@ def test_cifar100n_fine_and_coarse_on_the_real_images():
 @needs_cifar100
 def test_cifar100n_trains_end_to_end_and_reports_its_noise_rate(tmp_path, capsys):
     from cmd_dist.cli import preflight
-    from cmd_dist.launcher import summarize
-    from cmd_dist.local import run_local
+    from cmd_dist.launch.launcher import summarize
+    from cmd_dist.train.local import run_local
 
     cfg = load_config(
         None,

@@ -13,8 +13,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cmd_dist.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
 from cmd_dist.config import load_config
+from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
 from tests.conftest import REPO, SHARED_CIFAR, wait_for
 
 pytestmark = pytest.mark.ray
@@ -25,7 +25,7 @@ BASE = [f"train.epochs={EPOCHS}", "train.milestones=[2]", "method.eta=1.0", "met
 
 
 def _run(tmp: Path, name: str, extra: list[str]) -> tuple:
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     cfg = load_config(
         os.path.join(REPO, "configs", "demo.yaml"), BASE + [f"output_dir={tmp}", f"run_name={name}"] + extra
@@ -159,7 +159,7 @@ def test_zero_knowledge_distils_nothing(ray_cluster, tmp_path):
 )
 def test_real_cifar100_slice(ray_cluster, tmp_path):
     """A short run on real CIFAR-100 (a slice, a small model), one peer per Ray worker."""
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     cfg = load_config(
         None,
@@ -213,7 +213,7 @@ def _assert_same_run(a_dir: Path, b_dir: Path, epochs: int = EPOCHS) -> None:
 
 def _local_reference(cfg_path: str, overrides: list[str], run_dir: Path) -> dict:
     """The uninterrupted run in this process with one thread, like a 1-CPU Ray worker."""
-    from cmd_dist.local import run_local
+    from cmd_dist.train.local import run_local
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -232,7 +232,7 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     import signal
     import threading
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     epochs = 10
     demo = os.path.join(REPO, "configs", "demo.yaml")
@@ -312,7 +312,7 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(tmp_path):
 
 def test_same_run_name_resumes_instead_of_starting_over(separate, ray_cluster):
     """Launching a finished run's name again re-trains nothing and reports the same result."""
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     cfg, run_dir, summary = separate
     before = (run_dir / "metrics.jsonl").read_text()

@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cmd_dist.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
 from cmd_dist.config import ConfigError, from_dict, load_config
-from cmd_dist.data import Shard
-from cmd_dist.local import LocalReporter, run_local
+from cmd_dist.data.types import Shard
+from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
+from cmd_dist.train.local import LocalReporter, run_local
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, init_file: str, cfg_dict: dict, run_dir: str)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from cmd_dist.engine import run_worker
+        from cmd_dist.train.engine import run_worker
 
         metrics = run_worker(from_dict(cfg_dict), Path(run_dir), LocalReporter(Path(run_dir)), torch.device("cpu"))
         if rank == 0:
@@ -127,7 +127,7 @@ def test_without_equal_slices_the_mismatch_would_show(tmp_path: Path, reference)
 
 
 def test_shards_cover_each_batch_once_and_augment_like_the_whole_batch():
-    from cmd_dist.data import prepare_data
+    from cmd_dist.data.prepare import prepare_data
 
     cfg = load_config(DEMO, BASE)
     data = prepare_data(cfg.data, cfg.noise)
@@ -162,7 +162,7 @@ def test_bad_replica_settings_are_one_line(overrides, words):
 
 
 def test_placement_line_and_worker_count_with_replicas():
-    from cmd_dist.launcher import plan_placement
+    from cmd_dist.launch.launcher import plan_placement
 
     cpu = [{"CPU": 8.0}]
     p = plan_placement(load_config(DEMO, ["ray.replicas_per_peer=2", "ray.use_gpu=false"]), cpu)
@@ -194,7 +194,7 @@ def test_a_last_batch_smaller_than_the_replicas_is_refused(tmp_path: Path):
 
 @pytest.mark.skipif(os.environ.get("CMD_DIST_SKIP_SLOW") == "1", reason="slow")
 def test_sync_batchnorm_true_without_gpu_is_refused_in_the_worker(tmp_path: Path):
-    from cmd_dist.engine import sync_batchnorm_enabled
+    from cmd_dist.train.engine import sync_batchnorm_enabled
 
     cfg = load_config(DEMO, ["ray.sync_batchnorm=true"])
     with pytest.raises(ValueError, match="no GPU"):

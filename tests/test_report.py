@@ -23,8 +23,8 @@ EPOCHS = 2
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> Path:
-    from cmd_dist import launcher
-    from cmd_dist.local import run_local
+    from cmd_dist.launch import launcher
+    from cmd_dist.train.local import run_local
 
     cfg = load_config(
         DEMO,

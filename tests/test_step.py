@@ -1,6 +1,6 @@
 """The training step against a hand-written reference built from the library's functions (issue 9).
 
-One real step of :class:`cmd_dist.step.TrainStep` (losses and every parameter gradient) must equal a
+One real step of :class:`cmd_dist.train.step.TrainStep` (losses and every parameter gradient) must equal a
 reference that spells out Eq. (5)-(12) with ``refined_label``, ``confident_mask``, ``self_kd_loss`` and
 ``cross_entropy``, for N = 2 and N = 3 peers, with all peers in one process ("together") and with each
 peer in its own process exchanging through a real gloo process group ("separate"), with both
@@ -19,11 +19,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cmd_dist.config import load_config
-from cmd_dist.engine import LocalForward, build_peer
-from cmd_dist.exchange import Exchange
-from cmd_dist.selection import confident_mask
-from cmd_dist.selfkd import cross_entropy, entropy, mconf_trust, own_target_grad, refined_label, self_kd_loss
-from cmd_dist.step import ACC_COLUMNS, SelfKD, StepState, TrainStep, build_objective
+from cmd_dist.method.selection import confident_mask
+from cmd_dist.method.selfkd import cross_entropy, entropy, mconf_trust, own_target_grad, refined_label, self_kd_loss
+from cmd_dist.train.engine import LocalForward, build_peer
+from cmd_dist.train.exchange import Exchange
+from cmd_dist.train.step import ACC_COLUMNS, SelfKD, StepState, TrainStep, build_objective
 
 BATCH, CLASSES = 32, 10
 CERTAINTY = 0.9  # Mconf's r: g(r) ~ 1, so eps = l(p) is a real trust and refined labels differ from q

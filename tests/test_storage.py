@@ -15,11 +15,11 @@ import pyarrow.fs
 import pytest
 import torch
 
-from cmd_dist import storage
-from cmd_dist.checkpoint import select_pruned
 from cmd_dist.config import ConfigError, load_config
-from cmd_dist.local import run_local
-from cmd_dist.storage import Remote, RunStore, UriRunLock
+from cmd_dist.runs import storage
+from cmd_dist.runs.checkpoint import select_pruned
+from cmd_dist.runs.storage import Remote, RunStore, UriRunLock
+from cmd_dist.train.local import run_local
 from tests.conftest import REPO
 from tests.test_checkpoint import FAST  # 3 quick epochs on 512 digits, knowledge flowing from epoch 1
 
@@ -93,7 +93,7 @@ def test_a_uri_that_cannot_be_opened_is_a_config_error():
 
 
 def test_submit_accepts_a_uri_output_dir_and_still_refuses_a_relative_folder():
-    from cmd_dist.submit import check_job_config
+    from cmd_dist.launch.submit import check_job_config
 
     check_job_config(load_config(DEMO, ["output_dir=s3://bucket/runs"]))
     with pytest.raises(
@@ -307,7 +307,8 @@ def test_uri_run_lock_is_best_effort_with_a_heartbeat(monkeypatch):
 
 def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, capsys):
     """In-process, end to end: interrupted after epoch 2, resumed from the URI, equal to a plain folder run."""
-    from cmd_dist import cli, launcher
+    from cmd_dist import cli
+    from cmd_dist.launch import launcher
 
     cfg = _cfg()
     ref, _ = run_local(cfg, tmp_path / "plain")
@@ -369,7 +370,8 @@ def test_report_and_resume_of_a_missing_uri_folder_name_the_uri(tmp_path, capsys
 def test_ray_run_resumes_from_a_file_uri(tmp_path, ray_cluster, capsys):
     """Epochs 1-2 written to a file:// URI (in-process, stopped before epoch 3); ``cmd-dist train --resume URI``
     on Ray: both workers download their peers from the URI, train epoch 3 and upload; nothing staged is left."""
-    from cmd_dist import cli, launcher
+    from cmd_dist import cli
+    from cmd_dist.launch import launcher
 
     uri = f"file://{tmp_path}/shared"
     cfg = load_config(DEMO, FAST + [f"output_dir={uri}", "run_name=ray-uri"])

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from cmd_dist.config import load_config
-from cmd_dist.data import DataError, Shard, check_data, prepare_data
-from cmd_dist.streaming import StreamedData, build_streamed, random_resized_crop_box, sample_order
+from cmd_dist.data.prepare import check_data, prepare_data
+from cmd_dist.data.streamed import StreamedData, build_streamed, random_resized_crop_box, sample_order
+from cmd_dist.data.types import Shard
+from cmd_dist.errors import DataError
 from tests.image_fixtures import (
     corrupt_jpeg,
     make_food101n,
@@ -202,7 +204,7 @@ def test_order_and_pixels_are_a_function_of_seed_and_epoch(webvision_root):
 
 
 def test_sample_order_is_the_engines_epoch_order():
-    from cmd_dist.engine import epoch_order
+    from cmd_dist.train.engine import epoch_order
 
     for seed, epoch in [(0, 0), (3, 7)]:
         assert torch.equal(sample_order(seed, epoch, 100), epoch_order(seed, epoch, 100, torch.device("cpu")))
@@ -308,7 +310,7 @@ def test_cli_bad_list_is_one_line_exit_2_before_ray(tmp_path, capsys, monkeypatc
     root = make_webvision(tmp_path / "data", classes=2, per_class=2)
     (root / "webvision" / "info" / "val_filelist.txt").unlink()
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.setitem(sys.modules, "cmd_dist.launcher", None)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launch.launcher", None)
     monkeypatch.delattr(cmd_dist, "launcher", raising=False)
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:

@@ -31,8 +31,8 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("dataset", list(LAYOUTS))
 def test_two_peers_train_on_a_streamed_layout(ray_cluster, tmp_path, dataset):
-    from cmd_dist import launcher
     from cmd_dist.cli import preflight
+    from cmd_dist.launch import launcher
 
     make, extra, rate, skipped = LAYOUTS[dataset]
     root = make(tmp_path / "data")

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cmd_dist import data as data_module
 from cmd_dist.config import ConfigError, load_config
+from cmd_dist.data import resident as data_module
+from cmd_dist.data.prepare import prepare_data
 from tests.conftest import REPO
 from tune.resources import plan_resources
 from tune.results import COMPLETED, EARLY_STOPPED, ERROR, NONFINITE, best_row, make_row, write_best_yaml, write_tables
@@ -182,10 +183,10 @@ def test_a_trial_config_never_reads_the_test_split(base, monkeypatch):
         return real(dataset, root, split, *args, **kwargs)
 
     monkeypatch.setattr(data_module, "load_split", no_test)
-    trial = data_module.prepare_data(trial_config(base, {}).data, load_config(DEMO).noise)
+    trial = prepare_data(trial_config(base, {}).data, load_config(DEMO).noise)
     assert trial.eval_split == "val" and trial.splits_read == ["train"]
     with pytest.raises(AssertionError, match="test split"):  # the guard does catch a test read
-        data_module.prepare_data(final_config(base, {}).data, load_config(DEMO).noise)
+        prepare_data(final_config(base, {}).data, load_config(DEMO).noise)
 
 
 # ----------------------------------------------------------------------------- options
@@ -246,7 +247,7 @@ def test_a_search_behind_a_uri_needs_resume_resumes_from_it_and_is_locked(tmp_pa
     """search.yaml on the URI (file://, through pyarrow) is what ``--resume URI`` continues; the URI's search
     lock refuses a second search of the same folder in one line and is gone once released."""
     from cmd_dist.cli import build_parser
-    from cmd_dist.storage import UriRunLock
+    from cmd_dist.runs.storage import UriRunLock
     from tune.search import lock_search, save_state
 
     uri = f"file://{tmp_path}/runs"
@@ -568,8 +569,8 @@ def test_a_search_to_a_file_uri_writes_everything_there_resumes_and_reports(ray_
     folder; ``--resume URI`` of the finished search reuses it all; ``cmd-dist report URI`` reads it back."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cmd_dist import storage
     from cmd_dist.cli import build_parser, main
+    from cmd_dist.runs import storage
     from tune import driver
 
     space = tmp_path / "space.yaml"

@@ -1,7 +1,7 @@
 """The Ray Tune side of ``cmd-dist tune``: each trial hosts one Ray Train job, the same one ``cmd-dist train`` runs.
 
 Ray Train V2 trainers cannot be handed to ``Tuner``; a trial (:class:`CMDTrial`) builds the TorchTrainer
-with ``cmd_dist.launcher.build_trainer`` and fits it in a thread, and a Train callback forwards each
+with ``cmd_dist.launch.launcher.build_trainer`` and fits it in a thread, and a Train callback forwards each
 epoch's report to the trial, so Tune (and ASHA) sees every epoch. The trial process asks Ray for no
 CPU: its Train workers hold the CPUs and GPUs, and :func:`tune.resources.plan_resources` caps how many
 trials run at once (on a 2-CPU machine a trial that also held a CPU would wait forever for its workers).
@@ -29,7 +29,7 @@ from ray.util.queue import Empty, Queue
 
 from cmd_dist import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.config import Config, ConfigError, from_dict
-from cmd_dist.storage import is_uri, join, open_filesystem, read_run_file, remove_dead_staging
+from cmd_dist.runs.storage import is_uri, join, open_filesystem, read_run_file, remove_dead_staging
 from tune.resources import plan_resources
 from tune.results import TrialRow, make_row
 from tune.search import TUNE_EXPERIMENT, SearchJob
@@ -74,7 +74,7 @@ class CMDTrial(ray_tune.Trainable):
 
     The trial's cmd-dist run folder is its Tune trial folder: tb/, metrics.jsonl and config.yaml sit
     beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there. Behind a
-    URI the trial is a URI run (its workers stage and upload, see :mod:`cmd_dist.storage`) and Tune uploads its
+    URI the trial is a URI run (its workers stage and upload, see :mod:`cmd_dist.runs.storage`) and Tune uploads its
     own files beside them; the search's lock covers the trial's folder, so the trial takes no lock of its own.
     """
 
@@ -443,7 +443,7 @@ def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
 
 def _trial_dirnames(job: SearchJob) -> list[str]:
     """The trials' folder names in the experiment (``trial_<id>``), from the URI's listing."""
-    from cmd_dist.storage import Remote
+    from cmd_dist.runs.storage import Remote
 
     remote = Remote.open(str(job.experiment_dir))
     return [d for d in remote.dirs() if d.startswith("trial_")]

@@ -10,7 +10,7 @@ A search folder holds ``search.yaml`` (what is being searched: enough to ``--res
 included), ``results.csv`` / ``results.md``, ``best.yaml``, ``final/`` (the retrain) and ``summary.json``.
 
 The search folder may be behind a filesystem URI (``output_dir=s3://bucket/runs``, see
-:mod:`cmd_dist.storage`): Tune keeps its experiment there through pyarrow, every trial is a cmd-dist run on
+:mod:`cmd_dist.runs.storage`): Tune keeps its experiment there through pyarrow, every trial is a cmd-dist run on
 the URI (its workers stage and upload as ``cmd-dist train`` does), and the driver writes the search's own files
 in a staging folder of its own and uploads them.
 """
@@ -29,7 +29,16 @@ from typing import Any
 import yaml
 
 from cmd_dist.config import Config, ConfigError, from_dict, load_config
-from cmd_dist.storage import Remote, RunStore, UriRunLock, is_uri, join, open_filesystem, read_run_file, write_run_file
+from cmd_dist.runs.storage import (
+    Remote,
+    RunStore,
+    UriRunLock,
+    is_uri,
+    join,
+    open_filesystem,
+    read_run_file,
+    write_run_file,
+)
 from tune.results import TrialRow, best_row, ranked, write_best_yaml, write_tables
 from tune.space import SearchSpace, final_config, load_space, parse_space, trial_config
 
@@ -262,8 +271,9 @@ def save_state(job: SearchJob) -> None:
 
 def lock_search(search_dir: Path | str) -> Any:
     """The search folder's lock, held until :func:`cmd_tune` ends: a folder's ``flock``, or a URI's best-effort
-    heartbeat lock (:class:`~cmd_dist.storage.UriRunLock`; the trials' run folders on the URI are covered by it)."""
-    from cmd_dist.checkpoint import RunFolderBusy, RunLock
+    heartbeat lock (:class:`~cmd_dist.runs.storage.UriRunLock`;
+    the trials' run folders on the URI are covered by it)."""
+    from cmd_dist.runs.checkpoint import RunFolderBusy, RunLock
 
     try:
         if is_uri(search_dir):
@@ -309,7 +319,7 @@ def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStor
         flush=True,
     )
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
     from tune import driver  # imports Ray: only after everything above is known to be good
 
     verbose = bool(getattr(args, "verbose", False))

@@ -140,7 +140,7 @@ class Monitor:
 
 def _add_entropy_histogram(w: SummaryWriter, counts: list[float], cfg: Config, step: int) -> None:
     """``knowledge/entropy`` histogram: the epoch's per-sample H(p), binned on [0, H(u)]."""
-    from cmd_dist.selfkd import uniform_entropy
+    from cmd_dist.method.selfkd import uniform_entropy
 
     n = sum(counts)
     if n <= 0:
@@ -163,7 +163,7 @@ def _add_entropy_histogram(w: SummaryWriter, counts: list[float], cfg: Config, s
 
 
 def _num_classes(cfg: Config) -> int:
-    from cmd_dist.data import SPECS
+    from cmd_dist.data.types import SPECS
 
     return SPECS[cfg.data.dataset].num_classes if cfg.data.dataset in SPECS else 2
 

@@ -11,7 +11,7 @@ import torch
 #: Synthetic noise that :func:`corrupt_labels` draws.
 NOISE_KINDS = ("symmetric", "pairflip")
 #: Every ``noise.kind``: synthetic, ``none`` (labels as shipped, e.g. WebVision's real noise) and
-#: ``human`` (CIFAR-N's human annotations, :mod:`cmd_dist.noisy_labels`).
+#: ``human`` (CIFAR-N's human annotations, :mod:`cmd_dist.data.human_labels`).
 LABEL_NOISE_KINDS = (*NOISE_KINDS, "none", "human")
 
 

@@ -1,7 +1,7 @@
 """Run the training loop in this process, without Ray (one worker hosting every peer).
 
 Used by unit tests and by anyone embedding cmd-dist in their own tooling; ``cmd-dist train`` uses
-the Ray launcher, which runs the very same :func:`cmd_dist.engine.run_worker`.
+the Ray launcher, which runs the very same :func:`cmd_dist.train.engine.run_worker`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from cmd_dist.config import Config
-from cmd_dist.engine import run_worker
-from cmd_dist.monitor import Monitor
-from cmd_dist.storage import RunStore, is_uri
+from cmd_dist.runs.storage import RunStore, is_uri
+from cmd_dist.train.engine import run_worker
+from cmd_dist.train.monitor import Monitor
 
 
 class LocalReporter:

@@ -22,10 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cmd_dist.data import Batch
-from cmd_dist.exchange import Exchange
-from cmd_dist.objectives import cmd_peer_loss, kdcl_losses, sync_mkd_losses, tfkd_reg_loss
-from cmd_dist.selfkd import (
+from cmd_dist.data.types import Batch
+from cmd_dist.method.objectives import cmd_peer_loss, kdcl_losses, sync_mkd_losses, tfkd_reg_loss
+from cmd_dist.method.selfkd import (
     DEFAULT_FIXED_EPSILON,
     entropy,
     mconf_trust,
@@ -34,6 +33,7 @@ from cmd_dist.selfkd import (
     refined_label,
     self_kd_loss,
 )
+from cmd_dist.train.exchange import Exchange
 
 #: Columns of the per-peer accumulator (sums over the epoch's steps or samples).
 ACC_COLUMNS = ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean", "clean_known", "epsilon", "entropy")

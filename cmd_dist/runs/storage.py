@@ -11,7 +11,7 @@ with another process or run) and the store copies files between it and the URI w
   ``metrics.json`` and, last, the marker ``epoch.txt``, so a checkpoint on the URI is complete iff its marker
   is there (object stores write an object whole or not at all; a ``file://``/``hdfs://`` file is written
   under a temporary name and renamed);
-- rank 0 prunes on the URI with the rule of :func:`cmd_dist.checkpoint.select_pruned` (never the newest
+- rank 0 prunes on the URI with the rule of :func:`cmd_dist.runs.checkpoint.select_pruned` (never the newest
   complete checkpoint, never the one being written) and uploads ``metrics.jsonl`` and the TensorBoard event
   files after every epoch; the driver writes ``config.yaml``, ``git_rev.txt`` and ``summary.json`` there;
 - on start, rank 0 picks the newest complete checkpoint on the URI (downloaded and verified: checksums,
@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from cmd_dist.checkpoint import (
+from cmd_dist.runs.checkpoint import (
     CHECKPOINT_PREFIX,
     CheckpointError,
     atomic_write_bytes,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from cmd_dist.selfkd import LOG_EPS, check_probabilities, cross_entropy, entropy
+from cmd_dist.method.selfkd import LOG_EPS, check_probabilities, cross_entropy, entropy
 
 #: Objectives a run can use (``method.objective``): CMD (with any knowledge mode) or a baseline.
 OBJECTIVES = ("cmd", "syncmkd", "asyncmkd", "kdcl", "tfkd_reg")
@@ -74,7 +74,7 @@ def cmd_peer_loss(
 
     where ``self_loss`` is peer k's per-sample self-KD loss H(q~_k, p_k), ``refined_labels[j]`` is
     peer j's refined label q~_j and ``peer_masks[j]`` = 1[H(p_j) < chi] (see
-    :func:`cmd_dist.selection.confident_mask`). With N > 2 the confident peers are averaged with
+    :func:`cmd_dist.method.selection.confident_mask`). With N > 2 the confident peers are averaged with
     equal weight 1/(N-1), so the peer term keeps the scale of the two-peer case and adding peers
     does not drown a peer's own label; at N = 2 the weight is 1 and this is exactly Eq. (10)/(11).
     ``refined_labels[j]`` is used as given: with its graph it sends gradient into peer j too.

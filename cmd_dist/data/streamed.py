@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cmd_dist.data import WHOLE, Batch, DataError, DatasetSpec, Shard
-from cmd_dist.noise import corrupt_labels, noise_rate, split_train_val
+from cmd_dist.data.noise import corrupt_labels, noise_rate, split_train_val
+from cmd_dist.data.types import WHOLE, Batch, DatasetSpec, Shard
+from cmd_dist.errors import DataError
 
 STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cmd_dist.checkpoint import RunFolderBusy, RunLock, atomic_write_bytes
 from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
-from cmd_dist.storage import (
+from cmd_dist.runs.checkpoint import RunFolderBusy, RunLock, atomic_write_bytes
+from cmd_dist.runs.storage import (
     Remote,
     RunStore,
     UriRunLock,
@@ -87,7 +87,7 @@ _LOCKS: dict[Path | str, RunLock | UriRunLock] = {}
 def lock_run_dir(run_dir: Path | str) -> None:
     """Hold ``run_dir``'s lock until this process exits; ConfigError (exit 2) if another run holds it.
 
-    A folder: an exclusive ``flock``. A URI: the best-effort :class:`~cmd_dist.storage.UriRunLock`
+    A folder: an exclusive ``flock``. A URI: the best-effort :class:`~cmd_dist.runs.storage.UriRunLock`
     (heartbeat object; an object store has no atomic create-if-absent), released at exit.
     """
     key = str(run_dir).rstrip("/") if is_uri(run_dir) else Path(run_dir)
@@ -267,7 +267,7 @@ def init_ray(cfg: Config) -> None:
         if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: this node is 127.0.0.1 too
     if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-        # Inside a Ray Job (cmd-dist submit) the job's runtime env already carries these (cmd_dist/submit.py),
+        # Inside a Ray Job (cmd-dist submit) the job's runtime env already carries these (cmd_dist/launch/submit.py),
         # and a runtime_env given here would replace the job's, whose working_dir package the workers then
         # could not download.
         kwargs["runtime_env"] = {"env_vars": env_vars}
@@ -389,7 +389,7 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]], check_nodes: bool
     total_gpus = sum(node_gpus)
     replicas = r.replicas_per_peer
     # Workers that hold every peer once (W); with replicas each of them is R workers (replica-major ranks,
-    # cmd_dist.exchange.Exchange), so the GPUs one set of peer-workers may use are total / R.
+    # cmd_dist.train.exchange.Exchange), so the GPUs one set of peer-workers may use are total / R.
     groups = auto_workers(len(names), total_gpus // replicas, mode) if r.placement == "auto" and not r.spread else None
     if groups is None:  # ray.spread: a worker per peer, each on its own node
         groups = len(names) if r.placement != "together" else 1
@@ -434,7 +434,7 @@ def plan_placement(cfg: Config, nodes: list[dict[str, float]], check_nodes: bool
         check_spread(workers, resources, nodes)
     # NCCL across GPUs; gloo on CPU and when workers share a GPU ("Duplicate GPU detected" otherwise).
     backend = "nccl" if use_gpu and workers > 1 and share >= 1 else "gloo"
-    per = len(names) // groups  # contiguous, equal shares (cmd_dist.exchange.local_peer_indices)
+    per = len(names) // groups  # contiguous, equal shares (cmd_dist.train.exchange.local_peer_indices)
     hosted = [names[i * per : (i + 1) * per] for i in range(groups)]
     device = f"{cpu:g} CPU + {share:g} GPU" if use_gpu else f"{cpu:g} CPU"
     if replicas == 1:
@@ -694,8 +694,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from cmd_dist.engine import run_worker
-    from cmd_dist.monitor import Monitor
+    from cmd_dist.train.engine import run_worker
+    from cmd_dist.train.monitor import Monitor
 
     if not config.get("verbose", False):
         _quiet_report_log()

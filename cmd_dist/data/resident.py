@@ -3,8 +3,7 @@
 CIFAR pickles are parsed directly with a restricted unpickler (untrusted files: numpy arrays,
 lists, numbers, bytes and strings only). scikit-learn's digits ship offline for demos and tests.
 The training set is corrupted with synthetic noise (Sec. 5.1) or takes CIFAR-N's human labels
-(:mod:`cmd_dist.noisy_labels`), and is split as in appendix A.2. Datasets larger than memory
-(``webvision``, ``food101n``, ``imagefolder``) are streamed from disk by :mod:`cmd_dist.streaming`.
+(:mod:`cmd_dist.data.human_labels`), and is split as in appendix A.2.
 """
 
 from __future__ import annotations
@@ -13,41 +12,17 @@ import io
 import math
 import pickle
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from cmd_dist.noise import corrupt_labels, noise_rate, split_train_val
-
-
-class DataError(RuntimeError):
-    """A missing or unreadable dataset file (one-line message naming the file)."""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    num_classes: int
-    channels: int
-    size: int
-    pad: int
-    flip: bool
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-SPECS = {
-    # Appendix A.1: pad 4, random crop 32 (+ horizontal flip, the standard CIFAR recipe).
-    "cifar100": DatasetSpec(100, 3, 32, 4, True, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "cifar10": DatasetSpec(10, 3, 32, 4, True, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    # Digits are 8x8: a 1-pixel shift, no flip (a flipped 2 is not a 2).
-    "digits": DatasetSpec(10, 1, 8, 1, False, (0.3,), (0.35,)),
-}
-
-STREAMED = ("webvision", "food101n", "imagefolder")
-
+from cmd_dist.data.augment import apply_augment, augment_generator, augment_params, epoch_order, normalize
+from cmd_dist.data.labels import dataset_spec, training_labels, uses_coarse_labels
+from cmd_dist.data.noise import split_train_val
+from cmd_dist.data.types import WHOLE, Batch, DatasetSpec, Shard
+from cmd_dist.errors import DataError
 
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -148,83 +123,6 @@ def load_split(dataset: str, root: str | Path, split: str, coarse: bool = False)
     return load_cifar(dataset, root, split, coarse)
 
 
-def uses_coarse_labels(noise_cfg) -> bool:
-    """CIFAR-100N's ``noisy_coarse`` trains the 20-superclass task (clean labels: the pickle's coarse_labels)."""
-    from cmd_dist.noisy_labels import COARSE_SETS
-
-    return noise_cfg is not None and noise_cfg.kind == "human" and noise_cfg.label_set in COARSE_SETS
-
-
-def dataset_spec(data_cfg, noise_cfg=None) -> DatasetSpec:
-    spec = SPECS[data_cfg.dataset]
-    return replace(spec, num_classes=20) if uses_coarse_labels(noise_cfg) else spec
-
-
-def training_labels(data_cfg, noise_cfg, clean: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """The labels trained on, for the whole training set in file order: synthetic, human (CIFAR-N) or clean."""
-    if noise_cfg.kind == "none":
-        return clean.clone()
-    if noise_cfg.kind == "human":
-        from cmd_dist.noisy_labels import LabelFileError, human_labels, label_file_path
-
-        try:
-            path = label_file_path(data_cfg.dataset, data_cfg.root, noise_cfg.label_file)
-            return human_labels(data_cfg.dataset, noise_cfg.label_set, path, clean, num_classes)
-        except LabelFileError as e:
-            raise DataError(str(e)) from None
-    noisy, _ = corrupt_labels(clean, num_classes, noise_cfg.kind, noise_cfg.rate, noise_cfg.seed)
-    return noisy
-
-
-@dataclass
-class Batch:
-    """One training batch for this worker's peers: the same samples, each peer's own augmentation."""
-
-    xs: list[torch.Tensor]  # one normalised float input per local peer, on the device
-    y: torch.Tensor  # noisy (training) labels, int64
-    clean: torch.Tensor  # clean labels, int64 (-1 where unknown)
-    ids: torch.Tensor  # sample ids (positions in the training set), int64
-    #: This worker's fraction of the global batch (its replica's slice; 1.0 without replicas).
-    share: float = 1.0
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Replica ``index`` of ``count`` of a peer: it trains on its slice of every global batch.
-
-    Slices are contiguous and as equal as possible (``torch.tensor_split``'s rule: the first
-    ``n % count`` slices hold one sample more), so the replicas of one peer together cover the
-    global batch exactly once, and replica j of every peer holds the same samples.
-    """
-
-    index: int = 0
-    count: int = 1
-
-    def bounds(self, n: int) -> tuple[int, int]:
-        """[start, stop) of this replica's slice of a global batch of ``n`` samples."""
-        base, extra = divmod(n, self.count)
-        start = self.index * base + min(self.index, extra)
-        return start, start + base + (1 if self.index < extra else 0)
-
-    def takes(self, batch_index: int) -> bool:
-        """Evaluation is split by whole batches: replica j scores batches j, j + count, ..."""
-        return batch_index % self.count == self.index
-
-
-WHOLE = Shard()
-
-
-def epoch_order(seed: int, epoch: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The sample order of an epoch: the same for every peer and every worker, a function of (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen).to(device)
-
-
-def augment_generator(seed: int, peer: int, epoch: int, device: torch.device | str) -> torch.Generator:
-    """Peer k's augmentation randomness for an epoch (peers see the same samples, cropped differently)."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch * 1009 + peer)
-
-
 @dataclass
 class PeerData:
     """Everything a training worker needs, resident on its device.
@@ -244,6 +142,7 @@ class PeerData:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     augment: bool = True
+    skipped: dict[str, str] = field(default_factory=dict)  # never filled: in-memory data has no unreadable images
 
     @property
     def num_train(self) -> int:
@@ -285,8 +184,12 @@ class PeerData:
                     xs.append(normalize(xb, self.mean, self.std))
             yield Batch(xs, self.train_labels[idx], self.train_clean[idx], idx, (hi - lo) / int(gidx.shape[0]))
 
-    def eval_batches(self, batch_size: int, shard: Shard = WHOLE) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(
+        self, batch_size: int, split: str | None = None, shard: Shard = WHOLE
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised images, labels) of the eval split (validation or test), in order (a replica: its batches)."""
+        if split not in (None, self.eval_split):
+            raise ValueError(f"in-memory data has one eval set ({self.eval_split!r}), not {split!r}")
         for b, i in enumerate(range(0, self.eval_x.shape[0], batch_size)):
             if shard.takes(b):
                 yield normalize(self.eval_x[i : i + batch_size], self.mean, self.std), self.eval_y[i : i + batch_size]
@@ -296,16 +199,13 @@ class PeerData:
         """Unreadable images skipped: none for in-memory data (streamed datasets count theirs)."""
         return 0
 
+    @property
+    def eval_sets(self) -> list[str]:
+        return [self.eval_split]
 
-def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu"):
-    """Load, corrupt (whole training set, seeded) and split; the search protocol never reads test.
 
-    Streamed datasets return a :class:`cmd_dist.streaming.StreamedData` (file lists only).
-    """
-    if data_cfg.dataset in STREAMED:
-        from cmd_dist.streaming import build_streamed
-
-        return build_streamed(data_cfg, noise_cfg, device=device)
+def prepare_resident(data_cfg, noise_cfg, device: torch.device | str = "cpu") -> PeerData:
+    """An in-memory dataset on ``device``: labels corrupted on the whole training set (seeded), then split."""
     spec = dataset_spec(data_cfg, noise_cfg)
     coarse = uses_coarse_labels(noise_cfg)
     x, clean = load_split(data_cfg.dataset, data_cfg.root, "train", coarse)
@@ -339,101 +239,3 @@ def prepare_data(data_cfg, noise_cfg, device: torch.device | str = "cpu"):
         std=torch.tensor(spec.std, device=dev).view(shape),
         augment=data_cfg.augment,
     )
-
-
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x_uint8.float() / 255.0 - mean) / std
-
-
-def augment_params(
-    b: int, pad: int, flip: bool, generator: torch.Generator, device: torch.device | str
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The random draws of :func:`augment` for a batch of ``b`` (crop offsets y, x; flip), in its order."""
-    oy = ox = f = None
-    if pad:
-        oy = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
-        ox = torch.randint(0, 2 * pad + 1, (b,), device=device, generator=generator)
-    if flip:
-        f = torch.rand(b, device=device, generator=generator) < 0.5
-    return oy, ox, f
-
-
-def apply_augment(
-    x: torch.Tensor, pad: int, oy: torch.Tensor | None, ox: torch.Tensor | None, f: torch.Tensor | None
-) -> torch.Tensor:
-    """Crop after zero padding at offsets (oy, ox) and flip where ``f``, with one gather for the batch."""
-    b, _, h, w = x.shape
-    dev = x.device
-    if pad:
-        xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-        rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]  # [B,1,H,1]
-        cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]  # [B,1,1,W]
-        bidx = torch.arange(b, device=dev)[:, None, None, None]
-        cidx = torch.arange(x.shape[1], device=dev)[None, :, None, None]
-        x = xp[bidx, cidx, rows, cols]
-    if f is not None:
-        x = torch.where(f[:, None, None, None], x.flip(3), x)
-    return x
-
-
-def augment(x: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop after zero padding (and horizontal flip), batched on x's device.
-
-    No per-image Python: offsets are drawn for the whole batch and applied with one gather.
-    """
-    return apply_augment(x, pad, *augment_params(x.shape[0], pad, flip, generator, x.device))
-
-
-@dataclass
-class DataCheck:
-    """What the preflight learnt about the data: training-set size and realised noise rate."""
-
-    num_train: int
-    noise_rate: float
-    labels: str  # e.g. "symmetric noise 40%", "CIFAR-10N worst (human)"
-
-    def line(self) -> str:
-        rate = "unknown (no clean labels)" if math.isnan(self.noise_rate) else f"{100 * self.noise_rate:.2f}%"
-        return f"training labels: {self.labels}; realised noise rate {rate} of {self.num_train:,} training images"
-
-
-def describe_labels(data_cfg, noise_cfg) -> str:
-    if noise_cfg is None:
-        return "as shipped"
-    if noise_cfg.kind == "human":
-        name = {"cifar10": "CIFAR-10N", "cifar100": "CIFAR-100N"}.get(data_cfg.dataset, data_cfg.dataset)
-        return f"{name} {noise_cfg.label_set} (human annotations)"
-    if noise_cfg.kind == "none":
-        return "as shipped" + (" (real web noise)" if data_cfg.dataset in ("webvision", "food101n") else "")
-    return f"{noise_cfg.kind} noise at rate {noise_cfg.rate:g}"
-
-
-def check_data(data_cfg, noise_cfg=None) -> DataCheck:
-    """Before Ray starts: read the files a run needs (DataError names a bad one).
-
-    In-memory datasets are parsed and their labels built exactly as the workers will (so a missing or
-    mismatched CIFAR-N file stops the run here); streamed datasets read their file lists and check
-    the class folders, without opening an image.
-    """
-    if data_cfg.dataset in STREAMED:
-        from cmd_dist.streaming import build_streamed
-
-        noise = noise_cfg or SimpleNamespace(kind="none", rate=0.0, seed=0, label_set="", label_file=None)
-        d = build_streamed(data_cfg, noise, workers=0)
-        return DataCheck(d.num_train, d.noise_rate, describe_labels(data_cfg, noise_cfg))
-    coarse = uses_coarse_labels(noise_cfg)
-    _, clean = load_split(data_cfg.dataset, data_cfg.root, "train", coarse)
-    noisy = (
-        training_labels(data_cfg, noise_cfg, clean, dataset_spec(data_cfg, noise_cfg).num_classes)
-        if noise_cfg
-        else clean
-    )
-    if data_cfg.train_subset:
-        noisy, clean = noisy[: data_cfg.train_subset], clean[: data_cfg.train_subset]
-    n = clean.shape[0]
-    if data_cfg.protocol == "final":
-        load_split(data_cfg.dataset, data_cfg.root, "test", coarse)
-    else:
-        train_idx, _ = split_train_val(n, data_cfg.val_fraction, seed=noise_cfg.seed if noise_cfg else 0)
-        noisy, clean, n = noisy[train_idx], clean[train_idx], int(train_idx.numel())
-    return DataCheck(n, noise_rate(noisy, clean), describe_labels(data_cfg, noise_cfg))

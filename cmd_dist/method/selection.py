@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cmd_dist.selfkd import entropy, logistic, uniform_entropy
+from cmd_dist.method.selfkd import entropy, logistic, uniform_entropy
 
 #: Knowledge modes (Sec. 4.2): zero knowledge, all knowledge, static (CMD-S), progressive (CMD-P).
 KNOWLEDGE_MODES = ("zero", "all", "cmd-s", "cmd-p")

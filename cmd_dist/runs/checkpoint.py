@@ -24,9 +24,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that is missing, truncated or altered."""
+from cmd_dist.errors import CheckpointError, RunFolderBusy
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -152,7 +150,7 @@ def select_pruned(folders: list[tuple[Any, int, bool]], keep: int) -> list[Any]:
     Keeps the ``keep`` newest complete ones; never deletes the newest complete one (there is always one
     to resume from), and deletes an incomplete or corrupt folder only when a newer complete one exists,
     so a checkpoint being written right now (always the newest) is never touched. The same rule serves
-    a run folder (:func:`prune_checkpoints`) and a run folder behind a URI (``cmd_dist.storage``).
+    a run folder (:func:`prune_checkpoints`) and a run folder behind a URI (``cmd_dist.runs.storage``).
     """
     good = 0
     doomed = []
@@ -195,10 +193,6 @@ def write_epoch_marker(folder: Path, epoch: int) -> None:
 
 
 # ----------------------------------------------------------------------------- run-folder lock
-
-
-class RunFolderBusy(RuntimeError):
-    """Another live process holds this run folder."""
 
 
 class RunLock:

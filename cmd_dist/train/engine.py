@@ -22,7 +22,16 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from cmd_dist.checkpoint import (
+from cmd_dist.config import Config
+from cmd_dist.data.augment import augment_generator, epoch_order  # noqa: F401
+from cmd_dist.data.prepare import prepare_data
+from cmd_dist.data.resident import PeerData
+from cmd_dist.data.types import WHOLE, Shard
+from cmd_dist.method.objectives import async_mkd_active_peer
+from cmd_dist.method.selection import threshold_for_mode
+from cmd_dist.method.selfkd import ModelCertainty, uniform_entropy
+from cmd_dist.models import build_model, load_weights
+from cmd_dist.runs.checkpoint import (
     atomic_write_bytes,
     checkpoint_epoch,
     checkpoint_folder,
@@ -32,14 +41,9 @@ from cmd_dist.checkpoint import (
     save_peer_state,
     write_epoch_marker,
 )
-from cmd_dist.config import Config
-from cmd_dist.data import WHOLE, PeerData, Shard, augment_generator, epoch_order, prepare_data  # noqa: F401
-from cmd_dist.exchange import Exchange
-from cmd_dist.models import build_model, load_weights
-from cmd_dist.objectives import async_mkd_active_peer
-from cmd_dist.selection import threshold_for_mode
-from cmd_dist.selfkd import ModelCertainty, uniform_entropy
-from cmd_dist.step import (
+from cmd_dist.runs.storage import RunStore
+from cmd_dist.train.exchange import Exchange
+from cmd_dist.train.step import (
     ACC_COLUMNS,
     GraphedStep,
     SelfKD,
@@ -49,7 +53,6 @@ from cmd_dist.step import (
     entropy_quantiles,
     nonfinite_first_step,
 )
-from cmd_dist.storage import RunStore
 
 #: Entropy quantiles recorded per peer and epoch (``<peer>/entropy_q10`` ...), next to chi.
 ENTROPY_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -426,7 +429,7 @@ def run_worker(
     peers' files into ``run_dir/checkpoint_<epoch>``; after a barrier rank 0 writes the marker, prunes
     old checkpoints (never the newest complete one) and reports. ``fault_hook(rank, epoch)`` runs
     before each epoch (tests inject faults with it). ``run_dir`` may be a filesystem URI (or a
-    :class:`~cmd_dist.storage.RunStore`): the run is then written in a local staging folder and copied
+    :class:`~cmd_dist.runs.storage.RunStore`): the run is then written in a local staging folder and copied
     there (checkpoint files by each worker, the marker last by rank 0, the logs every epoch).
     """
     store = RunStore.open(run_dir)
@@ -509,7 +512,7 @@ def run_worker(
             row["best_eval_acc"], row["best_epoch"] = p.best_eval_acc, p.best_epoch
             p.scheduler.step()
         # Unreadable images met by any worker (replicas each decode their own slices, so they meet different ones).
-        gathered = exchange.gather_objects((res.rows, res.hists, sorted(getattr(data, "skipped", {}))))
+        gathered = exchange.gather_objects((res.rows, res.hists, sorted(data.skipped)))
         rows = {k: v for part, _, _ in gathered for k, v in part.items()}
         res.hists = {k: v for _, part, _ in gathered for k, v in part.items()}
         res.skipped = len({path for _, _, paths in gathered for path in paths})
@@ -672,7 +675,7 @@ def _write_worker_info(run_dir: Path, exchange: Exchange, start_epoch: int, repo
 
 def extra_eval_sets(data: Any) -> list[str]:
     """Evaluation sets scored every epoch besides ``eval_split`` (streamed data may have some; never selects)."""
-    return [s for s in getattr(data, "eval_sets", [])[1:] if s != data.eval_split]
+    return [s for s in data.eval_sets[1:] if s != data.eval_split]
 
 
 def flatten_metrics(
@@ -690,8 +693,8 @@ def flatten_metrics(
         f"{split}_acc": sum(r["eval_acc"] for r in rows.values()) / len(rows),
         f"best_{split}_acc": sum(r["best_eval_acc"] for r in rows.values()) / len(rows),
         "extra_eval_sets": ",".join(extra_eval_sets(data)),
-        "noise_rate": float(getattr(data, "noise_rate", math.nan)),
-        "skipped_images": max(res.skipped, int(getattr(data, "skipped_images", 0))),
+        "noise_rate": float(data.noise_rate),
+        "skipped_images": max(res.skipped, int(data.skipped_images)),
     }
     for name in extra_eval_sets(data):
         out[f"{name}_acc"] = sum(r[f"{name}_acc"] for r in rows.values()) / len(rows)
