@@ -191,9 +191,9 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "weights") -> st
 
 def check_peer_weights(cfg) -> None:
     """Preflight: every ``peers[k].weights`` file loads into its architecture (ConfigError otherwise)."""
-    from cmd_dist.config import ConfigError
     from cmd_dist.data.labels import dataset_spec
     from cmd_dist.data.types import STREAMED
+    from cmd_dist.errors import ConfigError
 
     for k, peer in enumerate(cfg.peers):
         if not peer.weights:
