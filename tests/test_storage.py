@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from cmd_dist.config import ConfigError, load_config
+from cmd_dist.runs import fs as runs_fs
 from cmd_dist.runs import storage
-from cmd_dist.runs.checkpoint import select_pruned
-from cmd_dist.runs.storage import Remote, RunStore, UriRunLock
+from cmd_dist.runs.checkpoint import checkpoint_names, marker_epoch, newest_epoch, select_pruned
+from cmd_dist.runs.fs import Remote
+from cmd_dist.runs.lock import UriRunLock
+from cmd_dist.runs.storage import RunStore
 from cmd_dist.train.local import run_local
 from tests.conftest import REPO
 from tests.test_checkpoint import FAST  # 3 quick epochs on 512 digits, knowledge flowing from epoch 1
@@ -89,7 +92,7 @@ def test_bad_uri_scheme_on_the_command_line_is_one_line_exit_2(capsys):
 
 def test_a_uri_that_cannot_be_opened_is_a_config_error():
     with pytest.raises(ConfigError, match=r"output_dir: cannot open 'hdfs://nn:8020/runs' \(.*\); check the URI"):
-        storage.open_filesystem("hdfs://nn:8020/runs")  # no Hadoop client here: refused in one line
+        runs_fs.open_filesystem("hdfs://nn:8020/runs")  # no Hadoop client here: refused in one line
 
 
 def test_submit_accepts_a_uri_output_dir_and_still_refuses_a_relative_folder():
@@ -152,7 +155,7 @@ def test_checkpoint_uploads_put_the_marker_last_and_prune_on_the_uri():
         metrics, rep = run_local(_cfg(["ray.keep_checkpoints=2"]), store)
     finally:
         store.close()
-    log = store.remote.log
+    log = store.folder.log
     ups = [rel for op, rel in log if op == "upload"]
     for epoch in (1, 2, 3):
         name = f"checkpoint_{epoch:06d}"
@@ -166,9 +169,9 @@ def test_checkpoint_uploads_put_the_marker_last_and_prune_on_the_uri():
     # Retention on the URI: epoch 1 deleted once epoch 3 was complete (keep 2).
     assert ("delete", "checkpoint_000001") in log
     assert log.index(("delete", "checkpoint_000001")) > log.index(("upload", "checkpoint_000003/epoch.txt"))
-    remote = store.remote
-    assert remote.checkpoint_names() == ["checkpoint_000003", "checkpoint_000002"]
-    assert remote.newest_checkpoint_epoch(2) == 3
+    remote = store.folder
+    assert checkpoint_names(remote) == ["checkpoint_000003", "checkpoint_000002"]
+    assert newest_epoch(remote, 2) == 3
     rows = [json.loads(x) for x in remote.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [(r["epoch"], r["peer"]) for r in rows] == [(e, p) for e in (1, 2, 3) for p in ("peer0", "peer1")]
     assert any(f.startswith("tb/peer0/events.out.tfevents") for f in remote.files())
@@ -182,7 +185,7 @@ def test_logs_are_on_the_uri_after_every_epoch():
     seen = []
 
     def hook(rank, epoch):
-        data = store.remote.read_bytes("metrics.jsonl")
+        data = store.folder.read_bytes("metrics.jsonl")
         seen.append(len(data.decode().splitlines()) if data else 0)
 
     try:
@@ -214,7 +217,7 @@ def test_prune_on_the_uri_keeps_the_newest_complete_and_the_one_being_written(tm
     finally:
         store.close()
     assert removed == ["mock://b/run/checkpoint_000001"]  # 3 is older than nothing complete: kept, as is 4
-    assert remote.checkpoint_names() == ["checkpoint_000004", "checkpoint_000003", "checkpoint_000002"]
+    assert checkpoint_names(remote) == ["checkpoint_000004", "checkpoint_000003", "checkpoint_000002"]
     folder(5)
     assert RunStore("mock://b/run", remote).prune(1, 2, set()) == [
         f"mock://b/run/checkpoint_00000{e}" for e in (4, 3, 2)
@@ -228,8 +231,8 @@ def test_resume_from_the_uri_skips_incomplete_and_corrupt_checkpoints(capsys):
     with pytest.raises(KeyboardInterrupt):
         run_local(cfg, store, fault_hook=_stop_before(3))
     assert not store.dir.exists()  # staging removed on the way out too
-    remote = store.remote
-    assert remote.checkpoint_names() == ["checkpoint_000002", "checkpoint_000001"]
+    remote = store.folder
+    assert checkpoint_names(remote) == ["checkpoint_000002", "checkpoint_000001"]
     # A newer folder whose marker never arrived, and epoch 2 corrupted after its marker was written.
     for f in ("peer0.pt", "peer0.sha256", "peer1.pt", "peer1.sha256", "metrics.json"):
         remote.write_bytes(f"checkpoint_000003/{f}", remote.read_bytes(f"checkpoint_000002/{f}"))
@@ -248,7 +251,7 @@ def test_resume_from_the_uri_skips_incomplete_and_corrupt_checkpoints(capsys):
     assert [r["epoch"] for r in rep.reports] == [2, 3]
     assert json.loads(remote.read_bytes("workers/rank0.json"))["resumed_after_epoch"] == 1
     # The stale folders past the resume point were cleared before training; each epoch's folder is this run's.
-    assert remote.marker_epoch("checkpoint_000003") == 3 and remote.newest_checkpoint_epoch(2) == 3
+    assert marker_epoch(remote, "checkpoint_000003") == 3 and newest_epoch(remote, 2) == 3
     rows = [json.loads(x) for x in remote.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 1, 2, 2, 3, 3]  # truncated to the resumed epoch, no duplicates
 
