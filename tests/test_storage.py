@@ -355,6 +355,9 @@ def test_a_folder_and_a_uri_answer_the_same_interface_alike(kind, tmp_path):
     assert folder.files() == [] and folder.dirs() == []
     assert (folder.local is None) == (kind == "uri")
     assert isinstance(open_folder(tmp_path), LocalFolder) and isinstance(open_folder(f"file://{tmp_path}/"), Remote)
+    assert runs_fs.arrow_storage(tmp_path) == (None, str(tmp_path))
+    arrow, path = runs_fs.arrow_storage(f"file://{tmp_path}/x/")
+    assert arrow.type_name == "local" and path == f"{tmp_path}/x"
 
 
 def _checkpoint(folder, tmp_path, epoch, peers=(0, 1), marker=True, corrupt=False):
