@@ -27,8 +27,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
-from cmd_dist import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.config import Config, ConfigError, from_dict
+from cmd_dist.launch import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.runs.fs import is_uri, join, open_filesystem
 from cmd_dist.runs.run_folder import read_run_file
 from cmd_dist.runs.storage import remove_dead_staging
