@@ -35,7 +35,7 @@ from cmd_dist.runs.checkpoint import (
 )
 from cmd_dist.runs.fs import LocalFolder, Remote, open_folder
 from cmd_dist.runs.lock import RunLock, UriRunLock, lock_run
-from cmd_dist.runs.run_folder import open_run_folder, read_run_file
+from cmd_dist.runs.run_folder import mirror_for_report, open_run_folder, read_run_file
 from cmd_dist.runs.storage import RunStore
 from cmd_dist.train.local import run_local
 from tests.conftest import REPO
@@ -356,6 +356,7 @@ def test_a_folder_and_a_uri_answer_the_same_interface_alike(kind, tmp_path):
     assert (folder.local is None) == (kind == "uri")
     assert isinstance(open_folder(tmp_path), LocalFolder) and isinstance(open_folder(f"file://{tmp_path}/"), Remote)
     assert runs_fs.arrow_storage(tmp_path) == (None, str(tmp_path))
+    assert mirror_for_report(tmp_path, tmp_path / "copy") == tmp_path and not (tmp_path / "copy").exists()
     arrow, path = runs_fs.arrow_storage(f"file://{tmp_path}/x/")
     assert arrow.type_name == "local" and path == f"{tmp_path}/x"
 
