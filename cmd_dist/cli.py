@@ -14,7 +14,7 @@ from pathlib import Path
 from cmd_dist.config import Config, ConfigError, load_config
 from cmd_dist.data.prepare import check_data
 from cmd_dist.errors import DataError
-from cmd_dist.runs.storage import is_uri, join
+from cmd_dist.runs.fs import is_uri, join
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = None
     preflight(cfg)
 
-    from cmd_dist import launcher  # imports Ray: only after the config is known to be good
+    from cmd_dist.launch import launcher  # imports Ray: only after the config is known to be good
 
     launcher.set_console(verbose=args.verbose)
     launcher.check_placement(cfg)  # a local Ray's resources are known before it starts
@@ -115,7 +115,8 @@ def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Confi
     import tempfile
 
     from cmd_dist.config import dump_yaml
-    from cmd_dist.runs.storage import read_run_file, split_location, write_run_file
+    from cmd_dist.runs.fs import split_location
+    from cmd_dist.runs.run_folder import read_run_file, write_run_file
 
     run_dir: Path | str = resume.rstrip("/") if is_uri(resume) else Path(resume).expanduser().resolve()
     text = read_run_file(run_dir, "config.yaml")
@@ -132,7 +133,7 @@ def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Confi
 
 def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
     """What an interrupted run kept, and the command that continues it."""
-    from cmd_dist.runs.storage import newest_checkpoint_epoch
+    from cmd_dist.runs.run_folder import newest_checkpoint_epoch
 
     try:
         newest = newest_checkpoint_epoch(run_dir, num_peers)
@@ -237,7 +238,7 @@ def _report_from_uris(args: argparse.Namespace, write_report, report_error) -> i
     import shutil
     import tempfile
 
-    from cmd_dist.runs.storage import mirror_for_report, upload_folder
+    from cmd_dist.runs.run_folder import mirror_for_report, upload_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="cmd-dist-report-"))
     try:

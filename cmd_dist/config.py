@@ -341,7 +341,7 @@ def _config_text(path: str | Path) -> tuple[str, str]:
     """(the name to show, the text) of a config file: a local file, or a filesystem URI (e.g. a search's
     ``s3://bucket/runs/tune-.../best.yaml``, read through pyarrow)."""
     if "://" in str(path):
-        from cmd_dist.runs.storage import Remote, open_filesystem, split_location
+        from cmd_dist.runs.fs import Remote, open_filesystem, split_location
 
         uri = str(path)
         parent, name = split_location(uri)
@@ -485,7 +485,7 @@ def validate(cfg: Config) -> None:
     if (paper.value is not None or paper.peers) and not paper.table.strip():
         raise ConfigError("paper.table: name where the paper reports these numbers, e.g. 'Table 1'")
     if "://" in cfg.output_dir:
-        from cmd_dist.runs.storage import check_uri  # its form only; opening it (credentials) is the launcher's
+        from cmd_dist.runs.fs import check_uri  # its form only; opening it (credentials) is the launcher's
 
         check_uri(cfg.output_dir, "output_dir")
     if "/" in cfg.run_name or cfg.run_name in (".", ".."):

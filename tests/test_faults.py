@@ -23,15 +23,10 @@ import pytest
 import torch
 
 from cmd_dist.config import ConfigError, load_config
-from cmd_dist.runs.checkpoint import (
-    RunFolderBusy,
-    RunLock,
-    atomic_write_bytes,
-    checkpoint_epoch,
-    load_peer_state,
-    newest_complete_checkpoint,
-    prune_checkpoints,
-)
+from cmd_dist.errors import RunFolderBusy
+from cmd_dist.runs.checkpoint import atomic_write_bytes, checkpoint_epoch, load_peer_state
+from cmd_dist.runs.lock import RunLock
+from cmd_dist.runs.storage import newest_complete_checkpoint, prune_checkpoints
 from cmd_dist.train.local import run_local
 from tests.conftest import REPO, wait_for
 
@@ -388,7 +383,7 @@ def test_read_only_output_dir_is_one_line_exit_2_before_ray(tmp_path):
 def test_a_run_folder_is_locked_by_its_run(tmp_path):
     run_dir = tmp_path / "run"
     held = RunLock(run_dir).acquire()
-    code = "import sys; from cmd_dist.runs.checkpoint import RunLock\nRunLock(sys.argv[1]).acquire()"
+    code = "import sys; from cmd_dist.runs.lock import RunLock\nRunLock(sys.argv[1]).acquire()"
     other = subprocess.run([sys.executable, "-c", code, str(run_dir)], env=_env(), capture_output=True, text=True)
     assert other.returncode != 0 and "RunFolderBusy" in other.stderr and f"pid {os.getpid()}" in other.stderr
     held.release()

@@ -14,7 +14,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cmd_dist.config import load_config
-from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
+from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state
+from cmd_dist.runs.storage import newest_complete_checkpoint
 from tests.conftest import REPO, SHARED_CIFAR, wait_for
 
 pytestmark = pytest.mark.ray

@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 
 from cmd_dist.config import ConfigError, from_dict, load_config
 from cmd_dist.data.types import Shard
-from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state, newest_complete_checkpoint
+from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state
+from cmd_dist.runs.storage import newest_complete_checkpoint
 from cmd_dist.train.local import LocalReporter, run_local
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,16 +9,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import pyarrow.fs
 import pytest
 import torch
 
 from cmd_dist.config import ConfigError, load_config
+from cmd_dist.errors import RunFolderBusy
+from cmd_dist.runs import fs as runs_fs
+from cmd_dist.runs import lock as runs_lock
 from cmd_dist.runs import storage
-from cmd_dist.runs.checkpoint import select_pruned
-from cmd_dist.runs.storage import Remote, RunStore, UriRunLock
+from cmd_dist.runs.checkpoint import (
+    checkpoint_names,
+    load_peer_state,
+    marker_epoch,
+    newest_epoch,
+    save_peer_state,
+    select_pruned,
+    stale,
+    write_epoch_marker,
+)
+from cmd_dist.runs.fs import LocalFolder, Remote, open_folder
+from cmd_dist.runs.lock import RunLock, UriRunLock, lock_run
+from cmd_dist.runs.run_folder import mirror_for_report, open_run_folder, read_run_file
+from cmd_dist.runs.storage import RunStore
 from cmd_dist.train.local import run_local
 from tests.conftest import REPO
 from tests.test_checkpoint import FAST  # 3 quick epochs on 512 digits, knowledge flowing from epoch 1
@@ -89,7 +107,7 @@ def test_bad_uri_scheme_on_the_command_line_is_one_line_exit_2(capsys):
 
 def test_a_uri_that_cannot_be_opened_is_a_config_error():
     with pytest.raises(ConfigError, match=r"output_dir: cannot open 'hdfs://nn:8020/runs' \(.*\); check the URI"):
-        storage.open_filesystem("hdfs://nn:8020/runs")  # no Hadoop client here: refused in one line
+        runs_fs.open_filesystem("hdfs://nn:8020/runs")  # no Hadoop client here: refused in one line
 
 
 def test_submit_accepts_a_uri_output_dir_and_still_refuses_a_relative_folder():
@@ -152,7 +170,7 @@ def test_checkpoint_uploads_put_the_marker_last_and_prune_on_the_uri():
         metrics, rep = run_local(_cfg(["ray.keep_checkpoints=2"]), store)
     finally:
         store.close()
-    log = store.remote.log
+    log = store.folder.log
     ups = [rel for op, rel in log if op == "upload"]
     for epoch in (1, 2, 3):
         name = f"checkpoint_{epoch:06d}"
@@ -166,9 +184,9 @@ def test_checkpoint_uploads_put_the_marker_last_and_prune_on_the_uri():
     # Retention on the URI: epoch 1 deleted once epoch 3 was complete (keep 2).
     assert ("delete", "checkpoint_000001") in log
     assert log.index(("delete", "checkpoint_000001")) > log.index(("upload", "checkpoint_000003/epoch.txt"))
-    remote = store.remote
-    assert remote.checkpoint_names() == ["checkpoint_000003", "checkpoint_000002"]
-    assert remote.newest_checkpoint_epoch(2) == 3
+    remote = store.folder
+    assert checkpoint_names(remote) == ["checkpoint_000003", "checkpoint_000002"]
+    assert newest_epoch(remote, 2) == 3
     rows = [json.loads(x) for x in remote.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [(r["epoch"], r["peer"]) for r in rows] == [(e, p) for e in (1, 2, 3) for p in ("peer0", "peer1")]
     assert any(f.startswith("tb/peer0/events.out.tfevents") for f in remote.files())
@@ -182,7 +200,7 @@ def test_logs_are_on_the_uri_after_every_epoch():
     seen = []
 
     def hook(rank, epoch):
-        data = store.remote.read_bytes("metrics.jsonl")
+        data = store.folder.read_bytes("metrics.jsonl")
         seen.append(len(data.decode().splitlines()) if data else 0)
 
     try:
@@ -214,7 +232,7 @@ def test_prune_on_the_uri_keeps_the_newest_complete_and_the_one_being_written(tm
     finally:
         store.close()
     assert removed == ["mock://b/run/checkpoint_000001"]  # 3 is older than nothing complete: kept, as is 4
-    assert remote.checkpoint_names() == ["checkpoint_000004", "checkpoint_000003", "checkpoint_000002"]
+    assert checkpoint_names(remote) == ["checkpoint_000004", "checkpoint_000003", "checkpoint_000002"]
     folder(5)
     assert RunStore("mock://b/run", remote).prune(1, 2, set()) == [
         f"mock://b/run/checkpoint_00000{e}" for e in (4, 3, 2)
@@ -228,8 +246,8 @@ def test_resume_from_the_uri_skips_incomplete_and_corrupt_checkpoints(capsys):
     with pytest.raises(KeyboardInterrupt):
         run_local(cfg, store, fault_hook=_stop_before(3))
     assert not store.dir.exists()  # staging removed on the way out too
-    remote = store.remote
-    assert remote.checkpoint_names() == ["checkpoint_000002", "checkpoint_000001"]
+    remote = store.folder
+    assert checkpoint_names(remote) == ["checkpoint_000002", "checkpoint_000001"]
     # A newer folder whose marker never arrived, and epoch 2 corrupted after its marker was written.
     for f in ("peer0.pt", "peer0.sha256", "peer1.pt", "peer1.sha256", "metrics.json"):
         remote.write_bytes(f"checkpoint_000003/{f}", remote.read_bytes(f"checkpoint_000002/{f}"))
@@ -248,7 +266,7 @@ def test_resume_from_the_uri_skips_incomplete_and_corrupt_checkpoints(capsys):
     assert [r["epoch"] for r in rep.reports] == [2, 3]
     assert json.loads(remote.read_bytes("workers/rank0.json"))["resumed_after_epoch"] == 1
     # The stale folders past the resume point were cleared before training; each epoch's folder is this run's.
-    assert remote.marker_epoch("checkpoint_000003") == 3 and remote.newest_checkpoint_epoch(2) == 3
+    assert marker_epoch(remote, "checkpoint_000003") == 3 and newest_epoch(remote, 2) == 3
     rows = [json.loads(x) for x in remote.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 1, 2, 2, 3, 3]  # truncated to the resumed epoch, no duplicates
 
@@ -300,6 +318,149 @@ def test_uri_run_lock_is_best_effort_with_a_heartbeat(monkeypatch):
     second = UriRunLock("mock://b/run", remote).acquire()
     assert json.loads(remote.read_bytes(".lock"))["token"] == second.token
     second.release()
+
+
+# ----------------------------------------------------------------------------- one interface, folders and URIs alike
+
+
+def _folder(kind, tmp_path):
+    """The same run folder as a folder of this machine or behind a URI (pyarrow's in-memory mock filesystem)."""
+    if kind == "folder":
+        return LocalFolder(tmp_path / "run")
+    return Remote(pyarrow.fs._MockFileSystem(), "b/run", "mock://b/run")
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_a_folder_and_a_uri_answer_the_same_interface_alike(kind, tmp_path):
+    folder = _folder(kind, tmp_path)
+    assert folder.read_bytes("a/b.txt") is None and not folder.is_file("a/b.txt") and not folder.is_dir("a")
+    assert folder.files() == [] and folder.dirs() == [] and folder.files("nothing") == []
+    folder.write_bytes("a/b.txt", b"one")
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"two" * 1000)
+    folder.upload(src, "c.bin")
+    assert folder.read_bytes("a/b.txt") == b"one" and folder.is_file("a/b.txt") and folder.is_dir("a")
+    assert folder.files() == ["a/b.txt", "c.bin"] and folder.files("a") == ["a/b.txt"] and folder.dirs() == ["a"]
+    assert folder.files("", recursive=False) == ["c.bin"]
+    assert folder.uri("a/b.txt") == f"{folder.shown}/a/b.txt" and folder.uri() == folder.shown
+    out = tmp_path / "out" / "c.bin"
+    assert folder.download("c.bin", out) and out.read_bytes() == src.read_bytes()
+    missing = tmp_path / "out" / "nope.bin"
+    assert not folder.download("nope.bin", missing) and not missing.exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.bin"]  # no temporary file left
+    folder.delete_file("c.bin")
+    folder.delete_file("c.bin")  # gone already: nothing
+    folder.delete_dir("a")
+    folder.delete_dir("a")
+    assert folder.files() == [] and folder.dirs() == []
+    assert (folder.local is None) == (kind == "uri")
+    assert isinstance(open_folder(tmp_path), LocalFolder) and isinstance(open_folder(f"file://{tmp_path}/"), Remote)
+    assert runs_fs.arrow_storage(tmp_path) == (None, str(tmp_path))
+    assert mirror_for_report(tmp_path, tmp_path / "copy") == tmp_path and not (tmp_path / "copy").exists()
+    arrow, path = runs_fs.arrow_storage(f"file://{tmp_path}/x/")
+    assert arrow.type_name == "local" and path == f"{tmp_path}/x"
+
+
+def _checkpoint(folder, tmp_path, epoch, peers=(0, 1), marker=True, corrupt=False):
+    """Checkpoint ``epoch`` written as a run writes it (real peer files), then put into ``folder``."""
+    name = f"checkpoint_{epoch:06d}"
+    local = tmp_path / "made" / name
+    local.mkdir(parents=True)
+    for k in peers:
+        save_peer_state(local, k, {"epoch": epoch, "w": torch.full((3,), float(k))})
+    if corrupt:
+        (local / "peer1.pt").write_bytes((local / "peer1.pt").read_bytes()[:-9])
+    if marker:
+        write_epoch_marker(local, epoch)
+    for path in sorted(local.iterdir()):
+        folder.upload(path, f"{name}/{path.name}")
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_the_checkpoint_policy_is_one_for_a_folder_and_a_uri(kind, tmp_path):
+    """Resume choice, its warnings, stale clearing and retention: the same answers for a folder and a URI."""
+    folder = _folder(kind, tmp_path)
+    _checkpoint(folder, tmp_path, 1)
+    _checkpoint(folder, tmp_path, 2)
+    _checkpoint(folder, tmp_path, 3, corrupt=True)  # listed whole, fails verification
+    _checkpoint(folder, tmp_path, 4, peers=(0,))  # marker written, a worker's files never arrived
+    _checkpoint(folder, tmp_path, 5, marker=False)  # being written
+    store = RunStore(folder.shown, folder)
+    try:
+        warnings = []
+        chosen = store.newest_complete_checkpoint(2, warn=warnings.append)
+        assert chosen == store.dir / "checkpoint_000002" and load_peer_state(chosen, 1)["epoch"] == 2
+        at = folder.shown
+        assert warnings == [
+            f"warning: skipping checkpoint {at}/checkpoint_000005: incomplete (no epoch.txt: the run stopped while "
+            "writing it)",
+            f"warning: skipping checkpoint {at}/checkpoint_000004: checkpoint file {at}/checkpoint_000004/peer1.pt "
+            "is missing",
+            f"warning: skipping checkpoint {at}/checkpoint_000003: checkpoint file {at}/checkpoint_000003/peer1.pt "
+            "is truncated or corrupted (checksum mismatch)",
+        ]
+        if kind == "uri":
+            assert not (store.dir / "checkpoint_000003").exists()  # a download that failed verification is dropped
+        assert stale(folder, "checkpoint_000002", 2) == [f"checkpoint_00000{e}" for e in (5, 4, 3)]
+        store.clear_stale(chosen, 2)
+        assert checkpoint_names(folder) == ["checkpoint_000002", "checkpoint_000001"]
+        assert newest_epoch(folder, 2) == 2
+        verified = set()
+        assert store.prune(1, 2, verified) == [f"{at}/checkpoint_000001"]
+        assert checkpoint_names(folder) == ["checkpoint_000002"] and verified == {store.dir / "checkpoint_000002"}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("kind", ["folder", "uri"])
+def test_a_run_folder_is_made_ready_alike_for_a_folder_and_a_uri(kind, tmp_path, monkeypatch):
+    monkeypatch.setattr(UriRunLock, "SETTLE_S", 0.0)
+    output_dir = str(tmp_path / "runs") if kind == "folder" else f"file://{tmp_path}/runs"
+    run_dir = open_run_folder(output_dir, "r", "a: 1\n", "abc")
+    try:
+        assert run_dir == (tmp_path / "runs" / "r" if kind == "folder" else f"{output_dir}/r")
+        on_disk = tmp_path / "runs" / "r"
+        assert (on_disk / "config.yaml").read_text() == "a: 1\n" and (on_disk / "git_rev.txt").read_text() == "abc\n"
+        assert (on_disk / ".lock").is_file()  # locked, until this process exits
+        assert read_run_file(run_dir, "config.yaml") == b"a: 1\n" and read_run_file(run_dir, "nope") is None
+        assert open_run_folder(output_dir, "r", "a: 1\n", "abc") == run_dir  # the same config: continues
+        with pytest.raises(
+            ConfigError,
+            match=re.escape(
+                f"run_name: 'r' already exists in {output_dir} with a different config; use 'cmd-dist train --resume "
+                f"{run_dir}' to continue it, or choose a new run_name"
+            ),
+        ):
+            open_run_folder(output_dir, "r", "a: 2\n", "abc")
+    finally:
+        runs_lock._HELD.pop(run_dir).release()
+
+
+def test_lock_run_takes_a_folder_or_a_uri(tmp_path, monkeypatch):
+    monkeypatch.setattr(UriRunLock, "SETTLE_S", 0.0)
+    held = lock_run(tmp_path / "a")
+    assert isinstance(held, RunLock)
+    with pytest.raises(RunFolderBusy, match="is in use by another cmd-dist run"):
+        lock_run(tmp_path / "a")
+    held.release()
+    held = lock_run(f"file://{tmp_path}/b/")
+    assert isinstance(held, UriRunLock) and held.location == f"file://{tmp_path}/b"
+    with pytest.raises(ConfigError, match="is in use by another cmd-dist run"):
+        lock_run(f"file://{tmp_path}/b")
+    held.release()
+    assert not (tmp_path / "b" / ".lock").exists()
+
+
+def test_the_runs_layer_imports_neither_ray_nor_the_layers_above():
+    code = (
+        "import sys\n"
+        "import cmd_dist.runs.fs, cmd_dist.runs.checkpoint, cmd_dist.runs.storage, cmd_dist.runs.lock\n"
+        "import cmd_dist.runs.run_folder\n"
+        "bad = ('ray', 'tune', 'cmd_dist.config', 'cmd_dist.train', 'cmd_dist.launch', 'cmd_dist.cli')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in bad or m.startswith(bad[2:])))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------- real runs through file://

@@ -247,7 +247,7 @@ def test_a_search_behind_a_uri_needs_resume_resumes_from_it_and_is_locked(tmp_pa
     """search.yaml on the URI (file://, through pyarrow) is what ``--resume URI`` continues; the URI's search
     lock refuses a second search of the same folder in one line and is gone once released."""
     from cmd_dist.cli import build_parser
-    from cmd_dist.runs.storage import UriRunLock
+    from cmd_dist.runs.lock import UriRunLock
     from tune.search import lock_search, save_state
 
     uri = f"file://{tmp_path}/runs"

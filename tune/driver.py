@@ -27,9 +27,11 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
-from cmd_dist import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.config import Config, ConfigError, from_dict
-from cmd_dist.runs.storage import is_uri, join, open_filesystem, read_run_file, remove_dead_staging
+from cmd_dist.launch import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
+from cmd_dist.runs.fs import is_uri, join, open_filesystem
+from cmd_dist.runs.run_folder import read_run_file
+from cmd_dist.runs.storage import remove_dead_staging
 from tune.resources import plan_resources
 from tune.results import TrialRow, make_row
 from tune.search import TUNE_EXPERIMENT, SearchJob
@@ -443,7 +445,7 @@ def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
 
 def _trial_dirnames(job: SearchJob) -> list[str]:
     """The trials' folder names in the experiment (``trial_<id>``), from the URI's listing."""
-    from cmd_dist.runs.storage import Remote
+    from cmd_dist.runs.fs import Remote
 
     remote = Remote.open(str(job.experiment_dir))
     return [d for d in remote.dirs() if d.startswith("trial_")]

@@ -29,16 +29,10 @@ from typing import Any
 import yaml
 
 from cmd_dist.config import Config, ConfigError, from_dict, load_config
-from cmd_dist.runs.storage import (
-    Remote,
-    RunStore,
-    UriRunLock,
-    is_uri,
-    join,
-    open_filesystem,
-    read_run_file,
-    write_run_file,
-)
+from cmd_dist.runs.fs import Remote, is_uri, join, open_filesystem
+from cmd_dist.runs.lock import UriRunLock
+from cmd_dist.runs.run_folder import read_run_file, write_run_file
+from cmd_dist.runs.storage import RunStore
 from tune.results import TrialRow, best_row, ranked, write_best_yaml, write_tables
 from tune.space import SearchSpace, final_config, load_space, parse_space, trial_config
 
@@ -273,7 +267,8 @@ def lock_search(search_dir: Path | str) -> Any:
     """The search folder's lock, held until :func:`cmd_tune` ends: a folder's ``flock``, or a URI's best-effort
     heartbeat lock (:class:`~cmd_dist.runs.storage.UriRunLock`;
     the trials' run folders on the URI are covered by it)."""
-    from cmd_dist.runs.checkpoint import RunFolderBusy, RunLock
+    from cmd_dist.errors import RunFolderBusy
+    from cmd_dist.runs.lock import RunLock
 
     try:
         if is_uri(search_dir):

@@ -31,20 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from cmd_dist.config import Config, ConfigError, dump_yaml, from_dict
-from cmd_dist.runs.checkpoint import RunFolderBusy, RunLock, atomic_write_bytes
-from cmd_dist.runs.storage import (
-    Remote,
-    RunStore,
-    UriRunLock,
-    is_uri,
-    join,
-    newest_checkpoint_epoch,
-    open_filesystem,
-    read_run_file,
-    split_location,
-    worker_records,
-    write_run_file,
-)
+from cmd_dist.errors import RunFolderBusy
+from cmd_dist.runs.fs import Remote, atomic_write_bytes, is_uri, join, open_filesystem, split_location
+from cmd_dist.runs.lock import RunLock, UriRunLock
+from cmd_dist.runs.run_folder import newest_checkpoint_epoch, read_run_file, worker_records, write_run_file
+from cmd_dist.runs.storage import RunStore
 
 # Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

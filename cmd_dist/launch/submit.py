@@ -133,7 +133,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         submission_id=args.job_id,
         metadata={"cmd_dist_run": cfg.run_name, "output_dir": cfg.output_dir},
     )
-    from cmd_dist.runs.storage import join
+    from cmd_dist.runs.fs import join
 
     run_dir = join(cfg.output_dir, cfg.run_name)
     print(f"cmd-dist: submitted job {job_id} to {url}")

@@ -1,48 +1,43 @@
-"""Per-epoch checkpoints: written atomically, verified on load, loaded with weights_only=True.
+"""Per-epoch checkpoints: the folder format (written atomically, verified on load, loaded with weights_only=True)
+and the policy that picks, keeps and clears them, once, for a folder and for a URI.
 
 A checkpoint folder ``run_dir/checkpoint_<epoch>`` holds one ``peer<k>.pt`` per peer (written by
-the worker hosting it, straight into the run folder, which every worker sees) and ``peer<k>.sha256``
-beside it; rank 0 writes ``metrics.json`` and, last, ``epoch.txt`` once every worker's files are
-there. A file is first written under a temporary name and then renamed, so a crash never leaves a
-half-written file under the final name (and a failed write, e.g. a full disk, leaves no temporary
-file); the checksum catches truncation or corruption afterwards.
+the worker hosting it) and ``peer<k>.sha256`` beside it; rank 0 writes ``metrics.json`` and, last,
+``epoch.txt`` once every worker's files are there. A file is first written under a temporary name and
+then renamed, so a crash never leaves a half-written file under the final name (and a failed write, e.g.
+a full disk, leaves no temporary file); the checksum catches truncation or corruption afterwards.
 
-Which checkpoint a run resumes from and which ones it keeps are decided here, from the files alone:
-the newest *complete* checkpoint (marker written, every peer file verified) is the one to resume
-from, and retention never deletes it (:func:`prune_checkpoints`).
+Which checkpoint a run resumes from and which ones it keeps are decided here, from the files alone, for any
+:class:`~cmd_dist.runs.fs.Folder`: the newest *complete* checkpoint (marker written, every peer's files there,
+verified) is the one to resume from (:func:`newest_complete`), and retention never deletes it
+(:func:`prune`). Where the files are on this machine they are verified whole (checksums, safe load); behind a
+URI retention and the restart message judge a checkpoint from its listing (markers and file names), and only
+the one a run resumes from is downloaded and verified.
+
+torch only to (de)serialize a peer's state.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
-import shutil
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
-from cmd_dist.errors import CheckpointError, RunFolderBusy
+from cmd_dist.errors import CheckpointError
+from cmd_dist.runs.fs import Folder, atomic_write_bytes
+
+CHECKPOINT_PREFIX = "checkpoint_"
+#: The files of one peer in a checkpoint folder.
+PEER_FILES = (".pt", ".sha256")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename; on any failure (full disk, ...) the temporary file is removed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
+def peer_files(name: str, peers: Any) -> list[str]:
+    """The files of these peers in checkpoint folder ``name`` (relative to the run folder)."""
+    return [f"{name}/peer{k}{ext}" for k in peers for ext in PEER_FILES]
 
 
 def save_peer_state(folder: Path, peer: int, state: dict[str, Any]) -> Path:
@@ -70,14 +65,6 @@ def load_peer_state(folder: Path, peer: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
 
 
-def verify_checkpoint(folder: Path, num_peers: int) -> None:
-    for k in range(num_peers):
-        load_peer_state(folder, k)
-
-
-CHECKPOINT_PREFIX = "checkpoint_"
-
-
 def checkpoint_folder(run_dir: Path, epoch: int) -> Path:
     """Where epoch ``epoch``'s checkpoint lives (1-based: the state after that many epochs)."""
     return Path(run_dir) / f"{CHECKPOINT_PREFIX}{epoch:06d}"
@@ -91,10 +78,10 @@ def checkpoint_epoch(folder: Path) -> int:
         return -1
 
 
-def folder_epoch(folder: Path) -> int:
-    """The epoch a checkpoint folder is named for (known before its marker is written), or -1."""
+def folder_epoch(folder: Path | str) -> int:
+    """The epoch a checkpoint folder (or its name) is named for (known before its marker is written), or -1."""
     try:
-        return int(Path(folder).name.removeprefix(CHECKPOINT_PREFIX))
+        return int(PurePosixPath(folder).name.removeprefix(CHECKPOINT_PREFIX))
     except ValueError:
         return -1
 
@@ -124,24 +111,82 @@ def check_checkpoint(folder: Path, num_peers: int) -> int:
     return epoch
 
 
-def newest_complete_checkpoint(
-    run_dir: Path, num_peers: int, warn: Callable[[str], None] = print, extra: Path | None = None
-) -> Path | None:
-    """The complete checkpoint with the highest epoch (``extra``, e.g. one Ray handed back, competes too).
+def write_epoch_marker(folder: Path, epoch: int) -> None:
+    atomic_write_bytes(Path(folder) / "epoch.txt", str(epoch).encode())
 
-    Newer folders that fail verification are reported once each through ``warn`` and skipped.
-    """
-    folders = checkpoint_folders(run_dir)
-    if extra is not None and Path(extra).is_dir() and Path(extra) not in folders:
-        folders.append(Path(extra))
-    folders.sort(key=lambda p: (max(folder_epoch(p), checkpoint_epoch(p)), p.name), reverse=True)
-    for folder in folders:
+
+# ----------------------------------------------------------------------------- the policy, for any Folder
+
+
+def marker_epoch(run: Folder, name: str) -> int:
+    """The epoch checkpoint folder ``name``'s marker names, or -1 when it is missing or unreadable."""
+    data = run.read_bytes(f"{name}/epoch.txt")
+    try:
+        return int(data) if data is not None else -1
+    except ValueError:
+        return -1
+
+
+def checkpoint_names(run: Folder) -> list[str]:
+    """Every ``checkpoint_*`` folder of a run, complete or not, newest first (by the epoch in its name; a folder
+    whose name holds none, by its marker)."""
+    names = [d for d in run.dirs() if d.startswith(CHECKPOINT_PREFIX)]
+
+    def epoch(name: str) -> int:
+        named = folder_epoch(name)
+        return named if named >= 0 else marker_epoch(run, name)
+
+    return sorted(names, key=lambda n: (epoch(n), n), reverse=True)
+
+
+def check_listed(run: Folder, name: str, num_peers: int) -> int:
+    """The epoch of checkpoint ``name`` if its marker and every peer's files are there (names only, nothing read
+    but the marker); CheckpointError naming what is missing otherwise."""
+    epoch = marker_epoch(run, name)
+    if epoch < 0:
+        raise CheckpointError("incomplete (no epoch.txt: the run stopped while writing it)")
+    if folder_epoch(name) >= 0 and folder_epoch(name) != epoch:
+        raise CheckpointError(f"epoch.txt says {epoch}, the folder name {folder_epoch(name)}")
+    there = set(run.files(name))
+    for rel in peer_files(name, range(num_peers)):
+        if rel not in there:
+            raise CheckpointError(f"checkpoint file {run.uri(rel)} is missing")
+    return epoch
+
+
+def is_complete(run: Folder, name: str, num_peers: int) -> bool:
+    """Checkpoint ``name`` is complete: listed whole and, where its files are on this machine, verified."""
+    try:
+        check_listed(run, name, num_peers)
+        if run.local is not None:
+            check_checkpoint(run.local / name, num_peers)
+    except CheckpointError:
+        return False
+    return True
+
+
+def newest_complete(
+    run: Folder, num_peers: int, verify: Callable[[str], Any], warn: Callable[[str], None] = print
+) -> str | None:
+    """The name of the newest checkpoint that is listed whole and passes ``verify(name)`` (which raises
+    CheckpointError: e.g. :func:`check_checkpoint` of its files, downloaded first behind a URI); the newer
+    ones that fail are reported once each through ``warn`` and skipped."""
+    for name in checkpoint_names(run):
         try:
-            check_checkpoint(folder, num_peers)
-            return folder
+            check_listed(run, name, num_peers)
+            verify(name)
+            return name
         except CheckpointError as e:
-            warn(f"warning: skipping checkpoint {folder}: {e}")
+            warn(f"warning: skipping checkpoint {run.uri(name)}: {e}")
     return None
+
+
+def newest_epoch(run: Folder, num_peers: int) -> int:
+    """The epoch of the newest complete checkpoint (-1: none), without a warning (:func:`is_complete`)."""
+    for name in checkpoint_names(run):
+        if is_complete(run, name, num_peers):
+            return marker_epoch(run, name)
+    return -1
 
 
 def select_pruned(folders: list[tuple[Any, int, bool]], keep: int) -> list[Any]:
@@ -149,8 +194,7 @@ def select_pruned(folders: list[tuple[Any, int, bool]], keep: int) -> list[Any]:
 
     Keeps the ``keep`` newest complete ones; never deletes the newest complete one (there is always one
     to resume from), and deletes an incomplete or corrupt folder only when a newer complete one exists,
-    so a checkpoint being written right now (always the newest) is never touched. The same rule serves
-    a run folder (:func:`prune_checkpoints`) and a run folder behind a URI (``cmd_dist.runs.storage``).
+    so a checkpoint being written right now (always the newest) is never touched (:func:`prune` applies it).
     """
     good = 0
     doomed = []
@@ -163,83 +207,31 @@ def select_pruned(folders: list[tuple[Any, int, bool]], keep: int) -> list[Any]:
     return doomed
 
 
-def prune_checkpoints(run_dir: Path, keep: int, num_peers: int, verified: set[Path] | None = None) -> list[Path]:
-    """Keep the ``keep`` newest complete checkpoints; delete older folders and broken ones (:func:`select_pruned`).
+def prune(run: Folder, keep: int, num_peers: int, verified: set[str]) -> list[str]:
+    """Retention: keep the ``keep`` newest complete checkpoints; delete older folders and broken ones
+    (:func:`select_pruned`). Returns the deleted folders' names.
 
-    ``verified`` caches folders already checked (their files are immutable once complete), so pruning
-    reads each checkpoint once. Returns the deleted folders.
+    ``verified`` caches the names of folders already found complete (their files never change once they are),
+    so pruning reads each checkpoint once; it is updated.
     """
-    verified = verified if verified is not None else set()
     entries = []
-    for folder in checkpoint_folders(run_dir):
-        ok = folder in verified
-        if not ok:
-            try:
-                check_checkpoint(folder, num_peers)
-                ok = True
-                verified.add(folder)
-            except CheckpointError:
-                ok = False
-        entries.append((folder, folder_epoch(folder), ok))
-    removed = select_pruned(entries, keep)
-    for folder in removed:
-        shutil.rmtree(folder, ignore_errors=True)
-        verified.discard(folder)
-    return removed
+    for name in checkpoint_names(run):
+        ok = name in verified or is_complete(run, name, num_peers)
+        if ok:
+            verified.add(name)
+        entries.append((name, folder_epoch(name), ok))
+    doomed = select_pruned(entries, keep)
+    for name in doomed:
+        run.delete_dir(name)
+        verified.discard(name)
+    return doomed
 
 
-def write_epoch_marker(folder: Path, epoch: int) -> None:
-    atomic_write_bytes(Path(folder) / "epoch.txt", str(epoch).encode())
-
-
-# ----------------------------------------------------------------------------- run-folder lock
-
-
-class RunLock:
-    """An exclusive ``flock`` on ``run_dir/.lock`` for as long as a run owns its folder.
-
-    The kernel drops the lock when the process dies however it dies, so a crashed run never leaves
-    a stale lock behind; the file records who holds it, for the message a second run prints.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / ".lock"
-        self._fd: int | None = None
-
-    def acquire(self) -> RunLock:
-        import fcntl
-        import json
-        import socket
-        import time
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(self.path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            os.close(fd)
-            who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}"
-            raise RunFolderBusy(
-                f"run folder {self.path.parent} is in use by another cmd-dist run ({who}); wait for it to "
-                f"finish, or choose another run_name"
-            ) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(info).encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+def stale(run: Folder, keep: str | None, start_epoch: int) -> list[str]:
+    """The checkpoint folders a run resuming after ``start_epoch`` clears before training: those past the resume
+    point (about to be retrained) and those without a marker, except ``keep`` (the one it resumes from)."""
+    return [
+        name
+        for name in checkpoint_names(run)
+        if name != keep and (folder_epoch(name) > start_epoch or marker_epoch(run, name) < 0)
+    ]
