@@ -59,6 +59,7 @@ def _sigterm_as_interrupt() -> None:
         # A second signal while shutting down must not print a traceback over the resume hint.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _quiet_ray_shutdown()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
@@ -209,7 +210,16 @@ def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
     return f"cmd-dist: interrupted; {kept}. Continue with:\n  cmd-dist train --resume {run_dir}"
 
 
+def _quiet_ray_shutdown() -> None:
+    """On Ctrl-C the signal reaches Ray's own processes too; Ray's process code then logs ``ERROR services.py``
+    lines about processes already gone: silence that logger for the way out."""
+    import logging
+
+    logging.getLogger("ray._private.services").setLevel(logging.CRITICAL)
+
+
 def _stop_ray() -> None:
+    _quiet_ray_shutdown()
     try:
         import ray
 

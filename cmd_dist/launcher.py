@@ -221,10 +221,55 @@ CONSOLE = Console()
 
 
 def set_console(verbose: bool = False, progress: bool | None = None) -> Console:
-    """Called by the CLI before Ray starts; ``progress`` defaults to "stdout is a terminal"."""
+    """Called by the CLI before Ray starts; ``progress`` defaults to "stdout and stderr are a terminal"."""
     CONSOLE.verbose = verbose
-    CONSOLE.progress = sys.stdout.isatty() if progress is None else progress
+    CONSOLE.progress = terminal_can_draw_a_bar() if progress is None else progress
+    if CONSOLE.progress:
+        _closed_bars_leave_no_line()
     return CONSOLE
+
+
+def terminal_can_draw_a_bar() -> bool:
+    """stdout (the epoch lines) and stderr (where the driver draws the bar) are a terminal with a width.
+
+    A pseudo-terminal nobody gave a size (``script -qec`` run outside a terminal, CI runners, ``pty``) reports
+    0 columns, and tqdm draws a 0-column bar as nothing at all: it is given ``COLUMNS`` x ``LINES`` (default
+    80 x 24) here, as ``stty cols 80 rows 24`` would.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return False
+    try:
+        fd = sys.stderr.fileno()
+        if os.get_terminal_size(fd).columns == 0:
+            import fcntl
+            import struct
+            import termios
+
+            cols, rows = int(os.environ.get("COLUMNS") or 80), int(os.environ.get("LINES") or 24)
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        return os.get_terminal_size(fd).columns > 0
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+def _closed_bars_leave_no_line() -> None:
+    """Ray's driver draws the workers' ``tqdm_ray`` bars with tqdm's default ``leave=True``, so the run's bar,
+    closed after the last epoch's steps, stayed behind as a line between the last two epoch lines (a blank
+    line on a terminal without width). Closed bars are cleared instead; ``_RunBar`` closes its bar only then."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:
+        return
+    bar = getattr(tqdm_ray, "_Bar", None)
+    if bar is None or getattr(bar.close, "leaves_no_line", False):
+        return
+
+    def close(self: Any) -> None:
+        self.bar.leave = False
+        self.bar.close()
+
+    close.leaves_no_line = True  # type: ignore[attr-defined]
+    bar.close = close
 
 
 def ray_log_level() -> str:
