@@ -643,3 +643,14 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
     assert (run_dir / "config.original.yaml").read_text() == first
     assert load_config(run_dir / "config.yaml").train.lr == 0.01
     assert launcher.read_changes(run_dir) == rows
+
+
+def test_allow_changes_without_resume_is_one_line(capsys):
+    from cmd_dist.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(DEMO), "--allow-changes"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "cmd-dist: error: --allow-changes applies to --resume RUN_DIR (a new run has nothing to change)\n"
+    )
