@@ -332,3 +332,28 @@ def test_cutting_views_on_cuda_never_waits_for_the_device():
         torch.cuda.set_sync_debug_mode("default")
     ref = _cut([im.cpu() for im in images], params, 64)
     torch.testing.assert_close(out.cpu().index_select(1, torch.from_numpy(np.argsort(order))), ref, atol=0.5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- the prepared GPU script
+
+
+def test_gpu_check_stage_d_runs_the_input_pipeline_rows(tmp_path):
+    """benchmarks/gpu_check.py --data-budget: the data_throughput rows in the table (on CPU: the CUDA rows skipped)."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("cmd_gpu_check_d", f"{REPO}/benchmarks/gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gc
+    spec.loader.exec_module(gc)
+    out = tmp_path / "out"
+    args = ["--device", "cpu", "--tiny", "--data-root", str(tmp_path), "--out", str(out), "--skip", "a", "b", "c"]
+    info = gc.main(args + ["--data-budget", "300"])
+    d = info["data"]
+    assert d["rc"] == 0, d["log_tail"]
+    assert [r["key"] for r in d["rows"]] == ["a", "b", "c", "e", "f"] and all(r["images_per_s"] > 0 for r in d["rows"])
+    assert "rows (g), (h) skipped" in d["skipped"][0]
+    table = (out / "gpu_check.md").read_text()
+    assert "| (d) | (e) cnn_small training step fed by (b) | |" in table and "of the resident step (f)" in table
+    assert gc.main(args)["data"] is None  # no --data-budget: no stage d
