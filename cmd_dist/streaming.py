@@ -4,6 +4,9 @@ Only the file lists live in memory (paths as one numpy bytes array, so forked lo
 without copying); images are read, decoded and augmented batch by batch in torch ``DataLoader``
 worker processes with torchvision's decoders (libjpeg-turbo, PNG, WebP) and its v2 functional
 transforms on uint8 tensors. The training device receives uint8 crops and normalises them there.
+With ``data.decode`` on the device (the default on a CUDA worker), the loader processes only read the
+files and draw the crops; nvJPEG decodes each batch and batched tensor ops cut every view on the GPU
+("decoding on the training device" below).
 
 CMD compares the peers' predictions sample by sample, so every peer sees the same samples in the
 same batches: the order of an epoch is a function of (seed, epoch) only, and each peer's crop and
