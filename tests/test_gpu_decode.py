@@ -309,11 +309,12 @@ def test_nvjpeg_path_on_cuda_gives_the_cpu_paths_batches(webvision_root):
         assert y.ids.device.type == y.xs[0].device.type == "cuda" and y.xs[0].dtype == torch.float32
         assert torch.equal(x.ids, y.ids.cpu()) and torch.equal(x.y, y.y.cpu())
         for xa, xb in zip(x.xs, y.xs):
-            # nvJPEG's IDCT is not libjpeg-turbo's: a few levels apart at most, on average well under one
+            # nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: a few levels apart on these noisy
+            # images; another crop or flip of them is some 19 levels apart on average
             diff = (xa - xb.cpu()).abs() / ONE_LEVEL
-            assert diff.mean() < 1.0 and diff.max() < 12, (diff.mean(), diff.max())
+            assert diff.mean() < 3.0 and diff.max() < 64, (diff.mean(), diff.max())
     (xa, ya), (xb, yb) = next(iter(cpu.eval_batches(4))), next(iter(dev.eval_batches(4)))
-    assert torch.equal(ya, yb.cpu()) and ((xa - xb.cpu()).abs() / ONE_LEVEL).mean() < 1.0
+    assert torch.equal(ya, yb.cpu()) and ((xa - xb.cpu()).abs() / ONE_LEVEL).mean() < 3.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
