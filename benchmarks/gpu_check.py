@@ -370,10 +370,30 @@ def data_rows(args: argparse.Namespace, out: Path, seconds: float) -> dict:
         workers = max(1, min(15, (os.cpu_count() or 2) - 1))
         extra = ["--images", "8192", "--workers", str(workers), "--batch", "128", "--repeats", "2"]
         extra += ["--model", "resnet50", "--rows", "b", "e", "f", "g", "h"]
+    start = time.perf_counter()
+    # First the GPU decode path's own tests (nvJPEG against the CPU path, no host sync): seconds, and a wrong
+    # pixel would make the figures below meaningless. They skip on a machine without CUDA.
+    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_decode.py", "-k", "cuda"]
+    tests_rc, tests_tail = _run_logged(tests, out / "gpu_decode_tests.log", min(90.0, seconds / 3))
     result = out / "data_throughput.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--device", args.device]
     cmd += ["--json", str(result), *extra, *args.data_args]
-    log_path = out / "data_throughput.log"
+    rc, tail = _run_logged(cmd, out / "data_throughput.log", seconds - (time.perf_counter() - start))
+    info = json.loads(result.read_text()) if rc == 0 and result.is_file() else {}
+    return {
+        "tests_rc": tests_rc,
+        "tests_tail": tests_tail,
+        "command": " ".join(cmd[1:]),
+        "rc": rc,
+        "rows": info.get("rows", []),
+        "skipped": info.get("skipped", []),
+        "header": info.get("table", "").splitlines()[0] if info else "",
+        "log_tail": tail,
+    }
+
+
+def _run_logged(cmd: list[str], log_path: Path, seconds: float) -> tuple[int, str]:
+    """``cmd`` from the checkout, output to ``log_path``, killed after ``seconds``; (exit code, the log's tail)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -381,15 +401,7 @@ def data_rows(args: argparse.Namespace, out: Path, seconds: float) -> dict:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
-    info = json.loads(result.read_text()) if rc == 0 and result.is_file() else {}
-    return {
-        "command": " ".join(cmd[1:]),
-        "rc": rc,
-        "rows": info.get("rows", []),
-        "skipped": info.get("skipped", []),
-        "header": info.get("table", "").splitlines()[0] if info else "",
-        "log_tail": log_path.read_text()[-3000:],
-    }
+    return rc, log_path.read_text()[-3000:]
 
 
 # ----------------------------------------------------------------------------- table
@@ -454,6 +466,8 @@ def table(info: dict) -> str:
             ]
     d = info.get("data")
     if d:
+        summary = d["tests_tail"].strip().splitlines()[-1] if d["tests_tail"].strip() else ""
+        lines.append(f"| (d) | tests/test_gpu_decode.py -k cuda | | | | | | rc {d['tests_rc']}: {summary} |")
         if d["rc"] != 0:
             lines.append(f"| (d) | input pipeline (data_throughput.py) | | | | | | failed or stopped, rc {d['rc']} |")
         for r in d["rows"]:

@@ -173,11 +173,11 @@ def test_nvjpeg_size_reads_the_frame_header_and_sends_everything_else_to_the_cpu
 def _same_batches(cpu_batches, dev_batches, tol=ONE_LEVEL):
     assert len(cpu_batches) == len(dev_batches)
     for a, b in zip(cpu_batches, dev_batches):
-        assert torch.equal(a.ids, b.ids) and torch.equal(a.y, b.y) and torch.equal(a.clean, b.clean)
+        assert torch.equal(a.ids, b.ids.cpu()) and torch.equal(a.y, b.y.cpu()) and torch.equal(a.clean, b.clean.cpu())
         assert a.share == b.share and len(a.xs) == len(b.xs)
         for xa, xb in zip(a.xs, b.xs):
             assert xb.shape == xa.shape and xb.dtype == torch.float32
-            assert (xa - xb).abs().max() <= tol
+            assert (xa - xb.cpu()).abs().max() <= tol
 
 
 def test_device_path_gives_the_cpu_paths_batches(webvision_root):
@@ -209,7 +209,11 @@ def test_device_path_replica_slices_are_the_whole_batch(webvision_root):
             assert torch.equal(torch.cat([p[b].xs[k] for p in parts]), batch.xs[k])
 
 
-def test_device_path_skips_and_counts_unreadable_files_and_decodes_other_formats_on_the_cpu(tmp_path):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding with nvJPEG needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_device_path_skips_and_counts_unreadable_files_and_decodes_other_formats_on_the_cpu(tmp_path, device):
     root = make_imagefolder(tmp_path, per_class=4)  # 4 JPEGs + 1 PNG per class
     data = jpeg_bytes(0, 1, (40, 48))
     sos = data.index(b"\xff\xda")
@@ -218,15 +222,15 @@ def test_device_path_skips_and_counts_unreadable_files_and_decodes_other_formats
     (root / "train" / "dog" / "0002.jpg").write_bytes(b"not an image at all")
     (root / "train" / "fox" / "0003.jpg").write_bytes(data[: len(data) // 3])
     cfg = _cfg("imagefolder", root, "noise.rate=0")
-    cpu, dev = _data(cfg, "cpu"), _data(cfg, "device")
+    cpu, dev = _data(cfg, "cpu"), _data(cfg, "device", device)
     messages = []
     dev.log = messages.append
     (root / "train" / "cat" / "0002.jpg").unlink()  # vanishes after the list was read
     a, b = list(cpu.epoch_batches(0, [0, 1], 4, 0)), list(dev.epoch_batches(0, [0, 1], 4, 0))
-    _same_batches(a, b)
+    _same_batches(a, b, ONE_LEVEL if device == "cpu" else 64 * ONE_LEVEL)  # nvJPEG: see the test on CUDA below
     assert sorted(dev.skipped) == sorted(cpu.skipped) and dev.skipped_images == 4
     assert len(messages) == 4 and all("skipped unreadable image" in m for m in messages)
-    kept = torch.cat([x.ids for x in b])
+    kept = torch.cat([x.ids for x in b]).cpu()
     pngs = [j for j, rel in enumerate(dev.train.rel.tolist()) if rel.endswith(b".png")]
     assert set(pngs) <= set(kept.tolist())  # PNGs decoded in the loader, cut on the device like the rest
 
@@ -296,7 +300,7 @@ def test_cli_decode_cuda_without_gpus_is_one_line_exit_2_before_ray(tmp_path, ca
 # ----------------------------------------------------------------------------- on a GPU
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="decoding with nvJPEG needs a CUDA device")
+@CUDA
 def test_nvjpeg_path_on_cuda_gives_the_cpu_paths_batches(webvision_root):
     cfg = _cfg("webvision", webvision_root, "data.decode=cuda")
     dev = prepare_data(cfg.data, cfg.noise, "cuda")
@@ -317,7 +321,7 @@ def test_nvjpeg_path_on_cuda_gives_the_cpu_paths_batches(webvision_root):
     assert torch.equal(ya, yb.cpu()) and ((xa - xb.cpu()).abs() / ONE_LEVEL).mean() < 3.0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@CUDA
 def test_cutting_views_on_cuda_never_waits_for_the_device():
     images = [im.cuda() for im in _images(3, torch.uint8)]
     params = np.stack(
@@ -352,7 +356,8 @@ def test_gpu_check_stage_d_runs_the_input_pipeline_rows(tmp_path):
     args = ["--device", "cpu", "--tiny", "--data-root", str(tmp_path), "--out", str(out), "--skip", "a", "b", "c"]
     info = gc.main(args + ["--data-budget", "300"])
     d = info["data"]
-    assert d["rc"] == 0, d["log_tail"]
+    assert d["rc"] == 0 and d["tests_rc"] == 0, (d["log_tail"], d["tests_tail"])
+    assert "skipped" in d["tests_tail"] or "passed" in d["tests_tail"]  # the CUDA tests ran (here: skip) first
     assert [r["key"] for r in d["rows"]] == ["a", "b", "c", "e", "f"] and all(r["images_per_s"] > 0 for r in d["rows"])
     assert "rows (g), (h) skipped" in d["skipped"][0]
     table = (out / "gpu_check.md").read_text()
