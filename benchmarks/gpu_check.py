@@ -1,6 +1,7 @@
 """The one script to run on a CUDA machine: throughput, every placement, and a paper cell, in a time budget.
 
     python benchmarks/gpu_check.py --data-root /tmp/data --budget 540 --out $OUT
+    python benchmarks/gpu_check.py --data-root /tmp/data --budget 540 --data-budget 150 --out $OUT  # + (d)
 
 In order:
   (a) throughput rows in this process, plain PyTorch next to cmd-dist (about a minute): one ResNet-34
