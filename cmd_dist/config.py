@@ -41,6 +41,7 @@ MIN_INPUT_SIZE = {"inception_resnet_v2": 75}
 FOOD_TRAIN_SETS = ("food101n", "food101")
 PLACEMENTS = ("auto", "separate", "together")
 PROGRESS_UNITS = ("epoch", "iteration")
+DECODE_MODES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -65,6 +66,9 @@ class DataConfig:
     webvision_sources: list[str] = field(default_factory=lambda: ["google"])
     #: Streamed datasets: decoding/augmenting processes per training worker; null = usable CPUs - 1 (1..8).
     workers: int | None = None
+    #: Streamed datasets: where JPEGs are decoded and cut. ``auto``: on the worker's GPU (nvJPEG, batched crops)
+    #: when it trains on CUDA, else ``cpu`` (the loader processes); ``cuda`` insists on the GPU.
+    decode: str = "auto"
     #: food101n: ``food101n`` (the 310k Food-101N web images) or ``food101`` (Food-101's 75,750 training
     #: images, the CMD paper's appendix A.1 setting); both are tested on Food-101's test set.
     food_train: str = "food101n"
@@ -590,6 +594,15 @@ def _validate_data(cfg: Config) -> None:
         )
     if d.workers is not None and d.workers < 0:
         raise ConfigError(f"data.workers: {d.workers} must be >= 0 (0 = decode in the training process) or null")
+    _choice("data.decode", d.decode, DECODE_MODES)
+    if d.decode == "cuda" and d.dataset not in STREAMED_DATASETS:
+        raise ConfigError(
+            f"data.decode: cuda applies to streamed datasets; {d.dataset} is held in memory (use data.decode=auto)"
+        )
+    if d.decode == "cuda" and str(cfg.ray.use_gpu).lower() == "false":
+        raise ConfigError(
+            "data.decode: cuda decodes on the workers' GPUs, but ray.use_gpu=false; use data.decode=auto or cpu"
+        )
     _choice("data.food_train", d.food_train, FOOD_TRAIN_SETS)
     if not d.webvision_sources or len(set(d.webvision_sources)) != len(d.webvision_sources):
         raise ConfigError(f"data.webvision_sources: {d.webvision_sources} must list google and/or flickr once each")
