@@ -2,9 +2,11 @@
 
 One small in-process run (3 epochs of Mconf + CMD-P on digits) is recorded step by step: the chi the step
 applies and logs in epoch e is Eq. (12)'s chi at t = e (not e + 1), Mconf's r is the mean over the epoch's
-training images and is used in the next epoch, and every peer's metrics keep their own peer's name from the
-engine through metrics.jsonl and the flat metrics to summary.json. Besides: the extra evaluation set
-(WebVision val next to ImageNet val) is scored on its own images, and resuming restores the RNG state.
+training images and is used in the next epoch, ProSelfLC's t/Gamma counts iterations, and every peer's
+metrics keep their own peer's name from the engine through metrics.jsonl and the flat metrics to
+summary.json. Besides: the extra evaluation set (WebVision val next to ImageNet val) is scored on its own
+images, resuming restores the RNG state, zero knowledge exchanges nothing, and ``train.checkpoint_every``
+writes every K epochs and after the last.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def recorded(tmp_path_factory):
     """The run, with what every step read from the step state (chi, Mconf's r) recorded per epoch."""
     run_dir = tmp_path_factory.mktemp("recorded")
-    seen: list[tuple[int, float, list[float]]] = []
+    seen: list[tuple[int, float, list[float], float]] = []
     epoch_now = [-1]
     train_one_epoch, call = engine.Trainer.train_one_epoch, TrainStep.__call__
 
@@ -56,7 +58,8 @@ def recorded(tmp_path_factory):
         return train_one_epoch(self, epoch, *a, **k)
 
     def step_spy(self, *a, **k):
-        seen.append((epoch_now[0], float(self.state.chi), self.state.certainty.tolist()))
+        st = self.state
+        seen.append((epoch_now[0], float(st.chi), st.certainty.tolist(), float(st.progress)))
         return call(self, *a, **k)
 
     mp = pytest.MonkeyPatch()
@@ -75,8 +78,8 @@ def test_the_chi_applied_and_logged_in_epoch_e_is_eq12_at_epoch_e(recorded):
     m = cfg.method
     schedule = [threshold_for_mode(m.knowledge, e, EPOCHS, 10, m.eta, m.b2) for e in range(EPOCHS)]
     assert len(set(schedule)) == EPOCHS  # a progressive chi: an off-by-one epoch would show
-    assert {e for e, _, _ in seen} == set(range(EPOCHS))
-    for e, chi, _ in seen:  # the step's mask (Eq. 8-9) compares with this value
+    assert {e for e, *_ in seen} == set(range(EPOCHS))
+    for e, chi, *_ in seen:  # the step's mask (Eq. 8-9) compares with this value
         assert chi == pytest.approx(schedule[e], rel=1e-6), (e, chi, schedule)
     for row in _rows(run_dir):
         assert row["chi"] == pytest.approx(schedule[row["epoch"] - 1], rel=1e-12), row["epoch"]
@@ -98,9 +101,19 @@ def test_mconf_certainty_is_the_mean_over_the_training_images_and_used_the_next_
         r[(row["epoch"] - 1, row["peer"])] = row["certainty_r"]
     assert all(0 < v < 1 for v in r.values())
     names = [p.name for p in cfg.peers]
-    for e, _, certainty in seen:
+    for e, _, certainty, _ in seen:
         want = [0.0 if e == 0 else r[(e - 1, n)] for n in names]  # epoch 0: a uniform predictor's r = 0
         assert certainty == pytest.approx(want, abs=1e-6), (e, certainty, want)
+
+
+def test_proselflc_progress_counts_iterations_over_the_whole_run(recorded):
+    """Eq. (5)'s t/Gamma with ``method.progress_unit: iteration`` (the default): global step / all steps."""
+    cfg, *_, seen = recorded
+    assert cfg.method.progress_unit == "iteration"
+    steps = 3  # 384 training images, batches of 128
+    assert len(seen) == EPOCHS * steps
+    want = [(e * steps + s) / (EPOCHS * steps) for e in range(EPOCHS) for s in range(steps)]
+    assert [progress for *_, progress in seen] == pytest.approx(want, abs=1e-7)
 
 
 def test_each_peers_metrics_stay_under_its_own_name_in_summary_json(recorded, tmp_path):
@@ -180,3 +193,27 @@ def test_a_resumed_peer_gets_the_rng_state_it_was_saved_with():
     torch.manual_seed(99)  # a fresh process: another RNG state
     assert engine.load_into_peer(peer, state) == 1
     assert torch.equal(torch.rand(8), expected)
+
+
+# ----------------------------------------------------------------------------- zero knowledge, checkpoint_every
+
+
+def test_zero_knowledge_exchanges_nothing_at_all(tmp_path, monkeypatch):
+    """Sec. 4.2: with chi = -inf the step skips the exchange entirely (not an exchange with empty masks)."""
+    from cmd_dist.exchange import Exchange
+
+    calls = []
+    gather = Exchange.all_gather
+    monkeypatch.setattr(Exchange, "all_gather", lambda self, *a, **k: calls.append(1) or gather(self, *a, **k))
+    cfg = load_config(None, [*RUN, "train.epochs=1", "method.knowledge=zero"])
+    metrics, _ = run_local(cfg, tmp_path / "zero")
+    assert calls == [] and metrics["alpha/distilled_from"] == metrics["beta/distilled_from"] == 0
+    run_local(load_config(None, [*RUN, "train.epochs=1", "method.knowledge=all"]), tmp_path / "all")
+    assert len(calls) == 3  # the same run with knowledge exchanges at every step: the spy sees it
+
+
+def test_checkpoint_every_k_epochs_and_after_the_last(tmp_path):
+    cfg = load_config(None, [*RUN, "train.epochs=5", "train.checkpoint_every=2", "ray.keep_checkpoints=10"])
+    _, reporter = run_local(cfg, tmp_path)
+    assert [r["epoch"] for r in reporter.reports] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*")) == [f"checkpoint_{e:06d}" for e in (2, 4, 5)]
