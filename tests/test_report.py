@@ -325,6 +325,90 @@ def test_search_folder_report_reads_the_trials_table(tmp_path):
     assert [p.name for p in _pngs_open(report)] == ["search0_search_values.png"]
 
 
+def test_search_report_text_and_plot_show_the_searchs_metric(tmp_path, monkeypatch):
+    """`tune --metric peerA`: the best trial's score, the plotted points and their axis are peerA's validation
+    accuracy, the number the search ranked by (not the peers' mean)."""
+    from cmd_dist import report as rep
+
+    search = tmp_path / "search"
+    search.mkdir()
+    keys = ["method.eta"]
+    state = {"config": load_config(DEMO).to_dict(), "space": {"space": {"method.eta": {}}}, "options": {}}
+    state["options"]["metric"] = "peerA"
+    (search / "search.yaml").write_text(yaml.safe_dump(state))
+    trials = [
+        {"trial": "t1", "params": {"method.eta": 2.0}, "peer_acc": {"peerA": 44.44, "peerB": 63.16}, "mean_acc": 53.8,
+         "score": 44.44, "epochs": 4, "status": "completed"},
+        {"trial": "t2", "params": {"method.eta": 6.0}, "peer_acc": {"peerA": 40.0, "peerB": 70.0}, "mean_acc": 55.0,
+         "score": 40.0, "epochs": 4, "status": "completed"},
+    ]  # fmt: skip
+    (search / "summary.json").write_text(json.dumps({"trials": trials, "best": trials[0]}))
+    figures = []
+    monkeypatch.setattr(rep, "_save", lambda fig, path: figures.append(fig) or path)
+    text = rep.write_report([search], tmp_path / "rep").read_text()
+    assert "Best trial: t1, score 44.44% (validation accuracy, peerA: the search's --metric peerA)" in text
+    ax = figures[0].axes[0]
+    points = sorted(tuple(xy) for c in ax.collections for xy in c.get_offsets().tolist())
+    assert points == [(2.0, 44.44), (6.0, 40.0)] and "peerA" in ax.get_ylabel()
+    assert keys == rep.load_search(search).keys
+
+
+def test_unfinished_folders_are_skipped_and_listed_the_rest_reported(runs, tmp_path, capsys):
+    """`cmd-dist report runs/` with an interrupted search, a refused tune's leftover, a run stopped before its
+    first epoch and a run whose metrics.jsonl's last line is cut: the readable runs are reported (the cut line
+    left out, and said), each skipped folder is listed with its reason in report.md and on one console line."""
+    import shutil
+
+    from cmd_dist.cli import main
+
+    folder = tmp_path / "runs"
+    shutil.copytree(runs / "cmdp", folder / "good", ignore=shutil.ignore_patterns("checkpoint_*", "best_checkpoint"))
+    shutil.copytree(runs / "zero", folder / "cut", ignore=shutil.ignore_patterns("checkpoint_*", "best_checkpoint"))
+    (folder / "cut" / "summary.json").unlink()  # killed mid-run: no summary, the last line half written
+    lines = (folder / "cut" / "metrics.jsonl").read_text().splitlines()
+    (folder / "cut" / "metrics.jsonl").write_text("\n".join(lines[:-1] + [lines[-1][:40]]))
+    for name in ("interrupted", "refused"):  # search.yaml (and .lock) but no results yet
+        (folder / name).mkdir()
+        (folder / name / "search.yaml").write_text(yaml.safe_dump({"config": {}, "space": {"space": {}}}))
+    (folder / "refused" / ".lock").write_text("")
+    (folder / "early").mkdir()
+    (folder / "early" / "config.yaml").write_text((runs / "cmdp" / "config.yaml").read_text())
+    assert main(["report", str(folder), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert {row[0] for row in _md_tables(text)[0][1:]} == {"good", "cut"}
+    assert f"metrics.jsonl line {len(lines)} is cut short" in text
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    skipped = {"interrupted": "no results yet", "refused": "no results yet", "early": "no metrics.jsonl yet"}
+    assert len(err) == len(skipped)
+    for name, reason in skipped.items():
+        assert any(line.startswith(f"cmd-dist: skipped {folder / name}: ") and reason in line for line in err), err
+        assert any(line.startswith(f"- `{folder / name}`: ") and reason in line for line in text.splitlines())
+    _pngs_open(tmp_path / "rep" / "report.md")
+
+
+def test_nothing_reportable_is_one_line_exit_2(tmp_path, capsys):
+    from cmd_dist.cli import main
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "search.yaml").write_text(yaml.safe_dump({"config": {}}))
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cmd-dist: error:")]
+    assert e.value.code == 2 and len(err) == 1 and "nothing to report" in err[0] and "no results yet" in err[0]
+
+
+def test_report_out_that_cannot_be_written_is_one_line_exit_2(runs, tmp_path, capsys):
+    from cmd_dist.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where a folder should be: no writing inside it, even as root
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(runs / "cmdp"), "--out", str(blocker / "rep")])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"cmd-dist: error: --out {blocker / 'rep'}: cannot write there")
+
+
 @pytest.mark.parametrize(
     "argv,words",
     [
