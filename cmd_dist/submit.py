@@ -202,10 +202,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     entrypoint, runtime_env, cfg = build_job(args)
     url = dashboard_url(args.address)
     check_dashboard(url)
-    with quiet_ray_logs():
-        from ray.exceptions import AuthenticationError
-        from ray.job_submission import JobSubmissionClient
+    # Imported first: some of Ray's modules set their loggers' levels on import, which the quiet block then lowers.
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
 
+    with quiet_ray_logs():
         try:
             client = JobSubmissionClient(url, headers=auth_headers())
             job_id = submit_with_retry(

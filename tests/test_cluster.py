@@ -186,19 +186,34 @@ def test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node(clu
 
 @pytest.mark.ray
 def test_submit_job_runs_on_the_cluster(cluster, tmp_path):
-    """`cmd-dist submit ... --address http://127.0.0.1:PORT --wait`: a Ray Job runs `cmd-dist train` on the
-    cluster (its working dir uploaded) with output_dir a folder every node sees (here: one machine); config,
-    metrics, TensorBoard, checkpoints, best checkpoint, worker records (with their Ray node) and summary arrive."""
+    """`cmd-dist submit ... --address http://127.0.0.1:PORT --wait`: a Ray Job runs `python -m cmd_dist.cli
+    train` on the cluster (the current folder uploaded as its working dir), here with no `cmd-dist` script on the
+    job's PATH, with output_dir a folder every node sees (here: one machine); config, metrics, TensorBoard,
+    checkpoints, best checkpoint, worker records (with their Ray node) and summary arrive. Ray's packaging log
+    lines stay off the console."""
+    import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out_dir = tmp_path / "shared" / "runs"
+    bin_dir = tmp_path / "bin"  # the job's PATH: a `python`, and no `cmd-dist` script
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    path = f"{bin_dir}:/usr/bin:/bin"
+    assert shutil.which("cmd-dist", path=path) is None
+    runtime_env = tmp_path / "env.yaml"
+    runtime_env.write_text(yaml.safe_dump({"env_vars": {"PATH": path}}))
     out = _cli(
         ["submit", DEMO, *TINY, "train.epochs=2", "train.milestones=[1]", f"output_dir={out_dir}", "run_name=job"]
-        + ["--address", cluster.dashboard_url, "--wait", "--timeout", "400"],
+        + ["--address", cluster.dashboard_url, "--wait", "--timeout", "400", "--runtime-env", str(runtime_env)],
         timeout=480,
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "cmd-dist: submitted job " in out.stdout and "ray job logs --follow --address" in out.stdout
+    assert "entrypoint:  python -m cmd_dist.cli train configs/demo.yaml" in out.stdout
+    ours = out.stdout.split("  tensorboard:")[0] + out.stderr  # what submit prints before the job's own log
+    assert not any(w in ours for w in (" INFO ", " WARNING ", "Pushing file package", "Uploading package")), ours
     assert "final test accuracy  peerA" in out.stdout  # the job's own log, streamed
     run_dir = out_dir / "job"
     summary = json.loads((run_dir / "summary.json").read_text())
