@@ -270,7 +270,8 @@ def _load_one(path: Path, found: Collected) -> None:
         else:
             raise ReportError(f"{path}: no metrics.jsonl yet (the run stopped before its first epoch ended)")
     except ReportError as e:
-        found.skipped.append(Skipped(path, str(e)))
+        reason = str(e)
+        found.skipped.append(Skipped(path, reason.removeprefix(f"{path}: ")))
 
 
 def collect(paths: list[Path]) -> Collected:
