@@ -511,6 +511,8 @@ def _noise_layer(loaded: dict[str, Any], parsed: list[tuple[str, Any]], key: str
     if any(k == f"noise.{key}" for k, _ in parsed):
         return 2
     noise = loaded.get("noise")
+    if key == "rate" and isinstance(noise, dict) and set(noise) >= {f.name for f in dataclasses.fields(NoiseConfig)}:
+        return 0  # a resolved config.yaml (every noise key), e.g. an older run's with kind human and rate 0.4
     return 1 if isinstance(noise, dict) and key in noise else 0
 
 

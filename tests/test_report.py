@@ -285,6 +285,11 @@ def test_noise_rate_without_synthetic_noise_is_a_config_error(overrides, tmp_pat
     again = tmp_path / "resolved.yaml"
     again.write_text(dump_yaml(cfg))
     assert load_config(again) == cfg
+    # A run folder's config.yaml from before (every noise key, the unused rate 0.4) still loads for --resume.
+    older = cfg.to_dict()
+    older["noise"]["rate"] = 0.4
+    again.write_text(yaml.safe_dump(older))
+    assert load_config(again) == cfg
 
 
 def test_search_folder_report_reads_the_trials_table(tmp_path):
