@@ -391,6 +391,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML file < overrides, then validation. Raises ConfigError on any mistake."""
     tree = Config().to_dict()
+    loaded: dict[str, Any] = {}
     if path is not None:
         shown, text = _config_text(path)
         try:
@@ -400,9 +401,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {shown!r} must hold a mapping of keys")
         tree = _merge(tree, loaded)
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         _set_path(tree, key, value)
-    return from_dict(tree)
+    cfg = from_dict(tree)
+    _check_rate_used(
+        cfg, tree["noise"].get("rate"), _noise_layer(loaded, parsed, "rate"), _noise_layer(loaded, parsed, "kind")
+    )
+    return cfg
 
 
 def _config_text(path: str | Path) -> tuple[str, str]:
@@ -560,12 +566,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
 
 
+#: Noise kinds that add no synthetic noise: their noise rate is measured (summary.json's noise_rate), not set.
+UNSET_RATE_KINDS = ("human", "none")
+
+
+def _noise_layer(loaded: dict[str, Any], parsed: list[tuple[str, Any]], key: str) -> int:
+    """The last layer that set ``noise.<key>``: 0 the defaults, 1 the config file, 2 an override."""
+    if any(k == f"noise.{key}" for k, _ in parsed):
+        return 2
+    noise = loaded.get("noise")
+    if key == "rate" and isinstance(noise, dict) and set(noise) >= {f.name for f in dataclasses.fields(NoiseConfig)}:
+        return 0  # a resolved config.yaml (every noise key), e.g. an older run's with kind human and rate 0.4
+    return 1 if isinstance(noise, dict) and key in noise else 0
+
+
+def _check_rate_used(cfg: Config, rate: Any, rate_layer: int, kind_layer: int) -> None:
+    """``noise.rate`` given with (or after) a ``noise.kind`` that adds no synthetic noise: an error (a CIFAR-N
+    label set fixes its own rate). A rate from an earlier layer (``demo.yaml``'s 0.4, then ``noise.kind=none``)
+    is dropped, and 0 is accepted, as resolved configs write it."""
+    if rate_layer and rate_layer >= kind_layer and cfg.noise.kind in UNSET_RATE_KINDS and rate != 0:
+        raise ConfigError(
+            f"noise.rate: {rate} is not used with noise.kind={cfg.noise.kind} (no synthetic noise: the realised "
+            f"rate is measured and written to summary.json); remove noise.rate"
+        )
+
+
 def _validate_data(cfg: Config) -> None:
     """Dataset-dependent keys: streamed-data settings, the noise kind each dataset allows, CIFAR-N label sets."""
     d, n = cfg.data, cfg.noise
     _choice("noise.kind", n.kind, LABEL_NOISE_KINDS)
     if not 0.0 <= n.rate < 1.0:
         raise ConfigError(f"noise.rate: {n.rate} must be in [0, 1)")
+    if n.kind in UNSET_RATE_KINDS:
+        n.rate = 0.0  # no synthetic noise; a resolved config.yaml says so instead of the unused default 0.4
     if n.kind == "human":
         if d.dataset not in LABEL_SETS:
             raise ConfigError(
