@@ -7,15 +7,22 @@ Rows (same JPEG files, same crop size, same number of loader processes W, batche
       shuffled ``DataLoader(num_workers=W)``; float batches moved to --device;
   (b) cmd-dist ``StreamedData.epoch_batches`` for one peer: torchvision.io decode (libjpeg-turbo)
       + v2 random-resized crop and flip on uint8 in W loader processes, normalised on --device;
-  (c) the same for two peers: one decode, two augmented views (what a worker hosting two peers gets).
+  (c) the same for two peers: one decode, two augmented views (what a worker hosting two peers gets);
+  (d) CUDA only: nvJPEG batch decode through torchvision.io, then crop/flip image by image on the GPU;
+  (e), (f) with --model: a training step fed by (b), and the same step on a device-resident batch;
+  (g) CUDA only: cmd-dist streamed, 1 peer, ``data.decode=cuda`` (loader processes read the files and draw
+      the crops; nvJPEG decodes the batch and all crops are cut on the GPU at once);
+  (h) CUDA only, with --model: the step fed by (g). Without CUDA (g) and (h) are skipped with a message.
 
 Every row passes over all --images files once per repeat, loader start-up included (each epoch
 starts its loader processes, as both pipelines do by default); a row's rate is that of its
 median repeat; repeats run round robin so background load hits all rows alike. "per core" divides
-by W (the loader processes do the work; W = 0 means the main process, counted as one core).
+by W (the loader processes do the work; W = 0 means the main process, counted as one core); "vs (f)"
+is the ratio to the step on a resident batch, measured in the same run.
 
     .venv/bin/python benchmarks/data_throughput.py                       # 2 loader processes, CPU
     .venv/bin/python benchmarks/data_throughput.py --workers 15 --device cuda --images 8192
+    .venv/bin/python benchmarks/data_throughput.py --device cuda --model resnet50 --rows b e f g h
 """
 
 from __future__ import annotations
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="also time a training step of this arch (e.g. resnet50) fed by row (b), and on "
         "a device-resident batch (the step's own speed)",
     )
+    ap.add_argument("--rows", nargs="*", help="run only these rows (default: every row this machine can run)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.set_num_threads(1)  # the main process only collates and moves batches
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"data.image_size={args.size}",
             "noise.kind=none",
             f"data.workers={args.workers}",
+            "data.decode=cpu",  # rows (b), (c), (e): the loader processes decode; (g) decodes on the GPU
         ],
     )
     data = build_streamed(cfg.data, cfg.noise, device=device)
@@ -260,6 +269,25 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.model} training step on a {device.type}-resident batch (no input pipeline)",
             lambda e: resident_epoch(step, n_files, args.batch, args.size, data.spec.num_classes, device),
         )
+    skipped = []
+    if device.type == "cuda":
+        cfg.data.decode = "cuda"
+        on_gpu = build_streamed(cfg.data, cfg.noise, device=device)
+        assert data.decode == "cpu" and on_gpu.decode == "device"
+        rows["g"] = (
+            "cmd-dist streamed, 1 peer, data.decode=cuda (nvJPEG batch decode, all crops cut on the GPU at once)",
+            lambda e: cmd_epoch(on_gpu, [0], args.batch, e, device),
+        )
+        if args.model:
+            rows["h"] = (
+                f"{args.model} training step fed by (g)",
+                lambda e: fed_epoch(on_gpu, step, args.batch, e, device),
+            )
+    else:
+        skipped.append(f"rows (g), (h) skipped: data.decode=cuda decodes on a CUDA device, this run has {device}")
+        print(skipped[-1], flush=True)
+    if args.rows:
+        rows = {k: v for k, v in rows.items() if k in args.rows}
     seconds: dict[str, list[float]] = {k: [] for k in rows}
     for rep in range(args.repeats):
         order = list(rows)[rep % len(rows) :] + list(rows)[: rep % len(rows)]
@@ -270,19 +298,30 @@ def main(argv: list[str] | None = None) -> dict:
             assert n == n_files, (key, n, n_files)
             print(f"repeat {rep + 1} row ({key}): {n / seconds[key][-1]:,.0f} img/s", flush=True)
     cores = max(1, args.workers)
-    base = n_files / statistics.median(seconds["a"])
+    rate_of = {key: n_files / statistics.median(seconds[key]) for key in rows}
+    base, resident = rate_of.get("a"), rate_of.get("f")
+
+    def ratio(rate: float, ref: float | None) -> float | None:
+        return rate / ref if ref else None
+
+    def cell(r: float | None) -> str:
+        return "-" if r is None else f"{r:.2f}"
+
     lines = [
         f"{n_files} JPEGs (shorter side 256 px) -> {args.size} px crops, batch {args.batch}, W = {args.workers} "
         f"loader processes, device {device}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}",
         "",
-        "| row | pipeline | images/s | images/s per core | vs (a) |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| row | pipeline | images/s | images/s per core | vs (a) | vs (f) |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     out_rows = []
     for key, (name, _) in rows.items():
-        rate = n_files / statistics.median(seconds[key])
-        lines.append(f"| ({key}) | {name} | {rate:,.0f} | {rate / cores:,.0f} | {rate / base:.2f} |")
+        rate = rate_of[key]
+        lines.append(
+            f"| ({key}) | {name} | {rate:,.0f} | {rate / cores:,.0f} | {cell(ratio(rate, base))} | "
+            f"{cell(ratio(rate, resident))} |"
+        )
         out_rows.append(
             {
                 "key": key,
@@ -290,12 +329,21 @@ def main(argv: list[str] | None = None) -> dict:
                 "seconds": seconds[key],
                 "images_per_s": rate,
                 "images_per_s_per_core": rate / cores,
-                "ratio_to_a": rate / base,
+                "ratio_to_a": ratio(rate, base),
+                "ratio_to_f": ratio(rate, resident),
             }
         )
+    lines += [f"\n{line}" for line in skipped]
     table = "\n".join(lines)
     print("\n" + table)
-    info = {"table": table, "rows": out_rows, "images": n_files, "workers": args.workers, "device": str(device)}
+    info = {
+        "table": table,
+        "rows": out_rows,
+        "skipped": skipped,
+        "images": n_files,
+        "workers": args.workers,
+        "device": str(device),
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(info, indent=2))
     if tmp is not None:

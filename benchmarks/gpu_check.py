@@ -1,6 +1,7 @@
 """The one script to run on a CUDA machine: throughput, every placement, and a paper cell, in a time budget.
 
     python benchmarks/gpu_check.py --data-root /tmp/data --budget 540 --out $OUT
+    python benchmarks/gpu_check.py --data-root /tmp/data --budget 540 --data-budget 150 --out $OUT  # + (d)
 
 In order:
   (a) throughput rows in this process, plain PyTorch next to cmd-dist (about a minute): one ResNet-34
@@ -12,7 +13,11 @@ In order:
       0.5 GPU each, gloo); with one GPU, ``separate`` with a GPU each (NCCL) cannot run and is
       listed as such;
   (c) a paper cell (default ``configs/table1/cmdp_mconf.yaml``) through ``cmd-dist train`` for as
-      many epochs as the budget allows, stopped cleanly with SIGTERM at the deadline.
+      many epochs as the budget allows, stopped cleanly with SIGTERM at the deadline;
+  (d) only with ``--data-budget S`` (those seconds are kept from the cell's share): the input pipeline,
+      ``benchmarks/data_throughput.py`` in a subprocess: a ResNet-50 step fed by streamed JPEGs decoded
+      by the loader processes (row e) and by nvJPEG with the crops cut on the GPU (``data.decode=cuda``,
+      row h), each as a ratio to the same step on a GPU-resident batch (row f) of the same run.
 It prints one Markdown table last (placements, img/s per peer, ratios, s/epoch, test accuracy every
 10 epochs) and writes it with the measurements to ``--out``. ``--device cpu --tiny`` runs the same
 stages on a small slice with a small network (the CPU test suite does).
@@ -357,6 +362,52 @@ def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- (d) the input pipeline
+
+
+def data_rows(args: argparse.Namespace, out: Path, seconds: float) -> dict:
+    """``benchmarks/data_throughput.py`` in a subprocess, stopped at the deadline; its rows and ratios."""
+    if args.tiny:
+        extra = ["--images", "24", "--workers", "0", "--batch", "8", "--size", "32", "--repeats", "1"]
+        extra += ["--model", "cnn_small"]
+    else:
+        workers = max(1, min(15, (os.cpu_count() or 2) - 1))
+        extra = ["--images", "8192", "--workers", str(workers), "--batch", "128", "--repeats", "2"]
+        extra += ["--model", "resnet50", "--rows", "b", "e", "f", "g", "h"]
+    start = time.perf_counter()
+    # First the GPU decode path's own tests (nvJPEG against the CPU path, no host sync): seconds, and a wrong
+    # pixel would make the figures below meaningless. They skip on a machine without CUDA.
+    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_decode.py", "-k", "cuda"]
+    tests_rc, tests_tail = _run_logged(tests, out / "gpu_decode_tests.log", min(90.0, seconds / 3))
+    result = out / "data_throughput.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--device", args.device]
+    cmd += ["--json", str(result), *extra, *args.data_args]
+    rc, tail = _run_logged(cmd, out / "data_throughput.log", seconds - (time.perf_counter() - start))
+    info = json.loads(result.read_text()) if rc == 0 and result.is_file() else {}
+    return {
+        "tests_rc": tests_rc,
+        "tests_tail": tests_tail,
+        "command": " ".join(cmd[1:]),
+        "rc": rc,
+        "rows": info.get("rows", []),
+        "skipped": info.get("skipped", []),
+        "header": info.get("table", "").splitlines()[0] if info else "",
+        "log_tail": tail,
+    }
+
+
+def _run_logged(cmd: list[str], log_path: Path, seconds: float) -> tuple[int, str]:
+    """``cmd`` from the checkout, output to ``log_path``, killed after ``seconds``; (exit code, the log's tail)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(5.0, seconds))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+    return rc, log_path.read_text()[-3000:]
+
+
 # ----------------------------------------------------------------------------- table
 
 
@@ -417,6 +468,19 @@ def table(info: dict) -> str:
                 "| --- | " + " | ".join("---" for _ in marks) + " |",
                 "| acc | " + " | ".join(f"{accs[e]:.2f}" for e in marks) + " |",
             ]
+    d = info.get("data")
+    if d:
+        summary = d["tests_tail"].strip().splitlines()[-1] if d["tests_tail"].strip() else ""
+        lines.append(f"| (d) | tests/test_gpu_decode.py -k cuda | | | | | | rc {d['tests_rc']}: {summary} |")
+        if d["rc"] != 0:
+            lines.append(f"| (d) | input pipeline (data_throughput.py) | | | | | | failed or stopped, rc {d['rc']} |")
+        for r in d["rows"]:
+            vs = f"{r['ratio_to_f']:.2f} of the resident step (f)" if r.get("ratio_to_f") else ""
+            lines.append(f"| (d) | ({r['key']}) {r['pipeline']} | | | {r['images_per_s']:,.0f} | | | {vs} |")
+        for line in d["skipped"]:
+            lines.append(f"| (d) | | | | | | | {line} |")
+        if d["header"]:
+            lines += ["", f"(d): {d['header']}"]
     return "\n".join(lines)
 
 
@@ -435,7 +499,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=100, help="timed steps per throughput row")
     ap.add_argument("--warmup-steps", type=int, default=20)
     ap.add_argument("--placement-images", type=int, default=12800)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"])
+    ap.add_argument(
+        "--data-budget",
+        type=float,
+        default=0.0,
+        help="seconds of --budget kept for stage (d), the input pipeline, run after the cell (0: no stage d)",
+    )
+    ap.add_argument("--data-args", nargs="*", default=[], help="more arguments for benchmarks/data_throughput.py")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke: cnn_small, few steps, a 2-epoch cell slice")
     ap.add_argument("--synthetic", action="store_true", help="write random CIFAR-100-layout data to --data-root first")
     ap.add_argument("--cell-local", action="store_true", help="run the cell in one process without Ray")
@@ -471,7 +542,9 @@ def main(argv: list[str] | None = None) -> dict:
         "throughput": [],
         "placements": [],
         "cell": None,
+        "data": None,
     }
+    run_data = "d" not in args.skip and args.data_budget > 0
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -505,8 +578,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"(b) done, {deadline - time.perf_counter():.0f} s left", flush=True)
     if "c" not in args.skip:
         remaining = deadline - time.perf_counter() - 45.0  # leave time for SIGTERM, the table and the copy-back
+        remaining -= args.data_budget if run_data else 0.0
         if remaining > 30:
             info["cell"] = paper_cell(args, out, remaining)
+    if run_data:
+        seconds = min(args.data_budget, deadline - time.perf_counter() - 15.0)
+        if seconds > 20:
+            info["data"] = data_rows(args, out, seconds)
+            print(f"(d) done, {deadline - time.perf_counter():.0f} s left", flush=True)
     text = table(info)
     (out / "gpu_check.json").write_text(json.dumps(info, indent=2, default=str))
     (out / "gpu_check.md").write_text(text + "\n")

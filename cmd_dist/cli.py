@@ -7,9 +7,12 @@ User mistakes (config, data files) print one line and exit with code 2, before R
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cmd_dist.config import Config, ConfigError, load_config
 from cmd_dist.data.prepare import check_data
@@ -57,6 +60,7 @@ def _sigterm_as_interrupt() -> None:
         # A second signal while shutting down must not print a traceback over the resume hint.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _quiet_ray_shutdown()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
@@ -64,15 +68,19 @@ def _sigterm_as_interrupt() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    resume = None
     if args.resume:
-        run_dir, cfg = _resume_config(args.resume, args.overrides)
+        resume = _resume_config(args.resume, args.overrides, args.allow_changes)
+        run_dir, cfg = resume.run_dir, resume.cfg
     else:
+        if args.allow_changes:
+            fail("--allow-changes applies to --resume RUN_DIR (a new run has nothing to change)")
         if args.config is None:
             fail("a CONFIG file is required (e.g. configs/demo.yaml), or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
-        if args.address:
-            cfg.ray.address = args.address
         run_dir = None
+    if args.address:
+        cfg.ray.address = args.address
     preflight(cfg)
 
     from cmd_dist.launch import launcher  # imports Ray: only after the config is known to be good
@@ -83,6 +91,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = launcher.resolve_run_dir(cfg)
     else:
         launcher.lock_run_dir(run_dir)
+        if resume.writes:  # only now, holding the lock
+            launcher.record_resume(run_dir, resume.text, resume.cfg, resume.changes, resume.done + 1)
+            if resume.changes:
+                print(f"cmd-dist: {resume.line()}", flush=True)
     print(f"cmd-dist: run folder {run_dir}", flush=True)
     try:
         _sigterm_as_interrupt()
@@ -110,25 +122,76 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_config(resume: str, overrides: list[str]) -> tuple[Path | str, Config]:
-    """The run folder (a path, or a URI when output_dir was one) and its config with ``overrides`` applied."""
+@dataclass
+class Resume:
+    """What ``--resume RUN key=value ...`` continues: the run folder, its config with the overrides applied, the
+    text of the config.yaml it had, the training changes allowed by ``--allow-changes`` and the epochs done."""
+
+    run_dir: Path | str
+    cfg: Config
+    text: bytes
+    changes: dict[str, tuple[Any, Any]]
+    done: int
+    writes: bool  # config.yaml changes (training changes, or keys that change nothing trained)
+
+    def line(self) -> str:
+        what = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in self.changes.items())
+        return f"changed from epoch {self.done + 1} on (recorded in changes.jsonl and summary.json): {what}"
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _resume_config(resume: str, overrides: list[str], allow_changes: bool = False) -> Resume:
+    """The run folder (a path, or a URI when output_dir was one) and its config with ``overrides`` applied.
+
+    Overrides that change what trains (config.RESUME_KEYS) are refused, one line naming the key, unless
+    ``allow_changes``; nothing in the run folder is written here (the caller records after taking the lock).
+    """
     import tempfile
 
-    from cmd_dist.config import dump_yaml
+    from cmd_dist.config import config_changes, dump_yaml, parse_overrides, resume_key_kind
     from cmd_dist.runs.fs import split_location
-    from cmd_dist.runs.run_folder import read_run_file, write_run_file
+    from cmd_dist.runs.run_folder import newest_checkpoint_epoch, read_run_file
 
     run_dir: Path | str = resume.rstrip("/") if is_uri(resume) else Path(resume).expanduser().resolve()
     text = read_run_file(run_dir, "config.yaml")
     if text is None:
         fail(f"--resume {resume}: no config.yaml there; pass a run folder written by cmd-dist train")
+    for key, _ in parse_overrides(overrides):
+        if resume_key_kind(key) == "fixed":
+            fail(f"{key}: --resume continues the run in {run_dir}; drop the {key}= override")
     with tempfile.TemporaryDirectory(prefix="cmd-dist-resume-") as tmp:
         (Path(tmp) / "config.yaml").write_bytes(text)
+        before = load_config(Path(tmp) / "config.yaml")
         cfg = load_config(Path(tmp) / "config.yaml", overrides)
+    changed = config_changes(before, cfg)
+    training = {k: v for k, v in changed.items() if resume_key_kind(k) == "training"}
+    hint = "start a new run (another run_name) with the new values"
+    if training and not allow_changes:
+        key, (old, new) = next(iter(training.items()))
+        more = f" (and {len(training) - 1} more)" if len(training) > 1 else ""
+        fail(
+            f"{key}: {_show(old)} -> {_show(new)}{more} changes what {run_dir} trains, and a run folder keeps what "
+            f"trained it; {hint}, or pass --allow-changes to record the change in the run folder"
+        )
+    done = max(0, newest_checkpoint_epoch(run_dir, len(before.peers))) if training else 0
+    if training and cfg.train.epochs < done:
+        fail(
+            f"train.epochs: {cfg.train.epochs} is fewer than the {done} epochs {run_dir} has trained; a run cannot "
+            f"be shortened after the fact; {hint}"
+        )
+    if training and cfg.train.epochs == done:
+        key = next(iter(training))
+        fail(
+            f"{key}: {run_dir} has trained all its {done} epochs, so nothing would train with the change; "
+            f"extend it with --allow-changes train.epochs=N (N > {done}), or {hint}"
+        )
     cfg.output_dir, cfg.run_name = split_location(run_dir)
-    if overrides:  # e.g. train.epochs=200 extends a finished run; record what now applies
-        write_run_file(run_dir, "config.yaml", dump_yaml(cfg).encode())
-    return run_dir, cfg
+    before.output_dir, before.run_name = cfg.output_dir, cfg.run_name
+    writes = dump_yaml(cfg) != dump_yaml(before)
+    return Resume(run_dir, cfg, text, training, done, writes)
 
 
 def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
@@ -149,7 +212,16 @@ def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
     return f"cmd-dist: interrupted; {kept}. Continue with:\n  cmd-dist train --resume {run_dir}"
 
 
+def _quiet_ray_shutdown() -> None:
+    """On Ctrl-C the signal reaches Ray's own processes too; Ray's process code then logs ``ERROR services.py``
+    lines about processes already gone: silence that logger for the way out."""
+    import logging
+
+    logging.getLogger("ray._private.services").setLevel(logging.CRITICAL)
+
+
 def _stop_ray() -> None:
+    _quiet_ray_shutdown()
     try:
         import ray
 
@@ -165,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.eta=3 train.epochs=10")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
+    t.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: let key=value change what trains (lr, epochs, ...); the run folder records the change "
+        "and the epoch it took effect (changes.jsonl, summary.json; config.original.yaml keeps the first config)",
+    )
     t.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     t.add_argument(
         "--verbose", action="store_true", help="show Ray's own logs (worker set-up, reports, lost workers' tracebacks)"

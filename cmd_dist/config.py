@@ -37,6 +37,7 @@ MIN_INPUT_SIZE = {"inception_resnet_v2": 75}
 FOOD_TRAIN_SETS = ("food101n", "food101")
 PLACEMENTS = ("auto", "separate", "together")
 PROGRESS_UNITS = ("epoch", "iteration")
+DECODE_MODES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class DataConfig:
     webvision_sources: list[str] = field(default_factory=lambda: ["google"])
     #: Streamed datasets: decoding/augmenting processes per training worker; null = usable CPUs - 1 (1..8).
     workers: int | None = None
+    #: Streamed datasets: where JPEGs are decoded and cut. ``auto``: on the worker's GPU (nvJPEG, batched crops)
+    #: when it trains on CUDA, else ``cpu`` (the loader processes); ``cuda`` insists on the GPU.
+    decode: str = "auto"
     #: food101n: ``food101n`` (the 310k Food-101N web images) or ``food101`` (Food-101's 75,750 training
     #: images, the CMD paper's appendix A.1 setting); both are tested on Food-101's test set.
     food_train: str = "food101n"
@@ -203,6 +207,66 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ----------------------------------------------------------------------------- what a resume may change
+
+#: Every config key by what changing it on ``cmd-dist train --resume RUN key=value`` does to the run (a section
+#: name covers its keys; the longest listed prefix wins; every top-level key is listed, a test checks it):
+#: ``training``: what trains (model, data, noise, method, optimiser, schedule, epochs, seed): refused unless
+#: ``--allow-changes``, which records the change and the epoch it took effect in the run folder;
+#: ``free``: where and how fast it runs, what is kept, printed or compared: allowed, config.yaml takes it;
+#: ``fixed``: the run folder itself, which --resume names: refused.
+RESUME_KEYS: dict[str, str] = {
+    "data": "training",  # the images, their split, size, classes and augmentation (data.root: the files read)
+    "data.workers": "free",  # loader processes: any number gives the same batches and pixels (cmd_dist.data.streamed)
+    "noise": "training",
+    "method": "training",
+    "train": "training",  # optimiser, lr schedule, batch, precision (fast_path: bf16); epochs also set chi (Eq. 12)
+    "train.eval_batch_size": "free",  # evaluation in other batch sizes: the same accuracies
+    "train.log_every": "free",  # how often the loss is printed and checked
+    "train.checkpoint_every": "free",  # when checkpoints are written
+    "train.compile_mode": "free",  # the same step, compiled differently
+    "train.cuda_graph": "free",  # the same step, captured as a graph or not
+    "peers": "training",  # architectures, names, starting weights
+    "ray": "free",  # where the workers run, how many restarts, checkpoints kept (keep_checkpoints), address
+    "ray.replicas_per_peer": "training",  # each replica's BatchNorm sees its slice of the batch
+    "ray.sync_batchnorm": "training",  # BatchNorm statistics over all replicas or per replica
+    "paper": "free",  # the paper's number the report draws beside the run
+    "seed": "training",
+    "output_dir": "fixed",
+    "run_name": "fixed",
+}
+
+
+def resume_key_kind(key: str) -> str:
+    """``training``, ``free`` or ``fixed`` for a dotted config key (``peers.0.arch``), by :data:`RESUME_KEYS`."""
+    parts = [p for p in key.split(".") if not p.isdigit()]
+    for n in range(len(parts), 0, -1):
+        kind = RESUME_KEYS.get(".".join(parts[:n]))
+        if kind is not None:
+            return kind
+    return "training"  # a key nobody classified: the safe side
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(x, dict) for x in tree):  # peers
+        out = {prefix.rstrip("."): len(tree)}
+        for i, v in enumerate(tree):
+            out.update(_flatten(v, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """The keys whose values differ, dotted (``train.lr``, ``peers.1.arch``; ``peers``: the number of peers)."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in [*a, *[k for k in b if k not in a]] if a.get(k) != b.get(k)}
+
+
 # ----------------------------------------------------------------------------- parsing
 
 _FLOAT_RE = re.compile(r"^[+-]?((\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?|\.?inf)$", re.IGNORECASE)
@@ -323,6 +387,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults < YAML file < overrides, then validation. Raises ConfigError on any mistake."""
     tree = Config().to_dict()
+    loaded: dict[str, Any] = {}
     if path is not None:
         shown, text = _config_text(path)
         try:
@@ -332,9 +397,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {shown!r} must hold a mapping of keys")
         tree = _merge(tree, loaded)
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed:
         _set_path(tree, key, value)
-    return from_dict(tree)
+    cfg = from_dict(tree)
+    _check_rate_used(
+        cfg, tree["noise"].get("rate"), _noise_layer(loaded, parsed, "rate"), _noise_layer(loaded, parsed, "kind")
+    )
+    return cfg
 
 
 def _config_text(path: str | Path) -> tuple[str, str]:
@@ -492,12 +562,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run_name: {cfg.run_name!r} must be a plain folder name")
 
 
+#: Noise kinds that add no synthetic noise: their noise rate is measured (summary.json's noise_rate), not set.
+UNSET_RATE_KINDS = ("human", "none")
+
+
+def _noise_layer(loaded: dict[str, Any], parsed: list[tuple[str, Any]], key: str) -> int:
+    """The last layer that set ``noise.<key>``: 0 the defaults, 1 the config file, 2 an override."""
+    if any(k == f"noise.{key}" for k, _ in parsed):
+        return 2
+    noise = loaded.get("noise")
+    if key == "rate" and isinstance(noise, dict) and set(noise) >= {f.name for f in dataclasses.fields(NoiseConfig)}:
+        return 0  # a resolved config.yaml (every noise key), e.g. an older run's with kind human and rate 0.4
+    return 1 if isinstance(noise, dict) and key in noise else 0
+
+
+def _check_rate_used(cfg: Config, rate: Any, rate_layer: int, kind_layer: int) -> None:
+    """``noise.rate`` given with (or after) a ``noise.kind`` that adds no synthetic noise: an error (a CIFAR-N
+    label set fixes its own rate). A rate from an earlier layer (``demo.yaml``'s 0.4, then ``noise.kind=none``)
+    is dropped, and 0 is accepted, as resolved configs write it."""
+    if rate_layer and rate_layer >= kind_layer and cfg.noise.kind in UNSET_RATE_KINDS and rate != 0:
+        raise ConfigError(
+            f"noise.rate: {rate} is not used with noise.kind={cfg.noise.kind} (no synthetic noise: the realised "
+            f"rate is measured and written to summary.json); remove noise.rate"
+        )
+
+
 def _validate_data(cfg: Config) -> None:
     """Dataset-dependent keys: streamed-data settings, the noise kind each dataset allows, CIFAR-N label sets."""
     d, n = cfg.data, cfg.noise
     _choice("noise.kind", n.kind, LABEL_NOISE_KINDS)
     if not 0.0 <= n.rate < 1.0:
         raise ConfigError(f"noise.rate: {n.rate} must be in [0, 1)")
+    if n.kind in UNSET_RATE_KINDS:
+        n.rate = 0.0  # no synthetic noise; a resolved config.yaml says so instead of the unused default 0.4
     if n.kind == "human":
         if d.dataset not in LABEL_SETS:
             raise ConfigError(
@@ -526,6 +623,15 @@ def _validate_data(cfg: Config) -> None:
         )
     if d.workers is not None and d.workers < 0:
         raise ConfigError(f"data.workers: {d.workers} must be >= 0 (0 = decode in the training process) or null")
+    _choice("data.decode", d.decode, DECODE_MODES)
+    if d.decode == "cuda" and d.dataset not in STREAMED_DATASETS:
+        raise ConfigError(
+            f"data.decode: cuda applies to streamed datasets; {d.dataset} is held in memory (use data.decode=auto)"
+        )
+    if d.decode == "cuda" and str(cfg.ray.use_gpu).lower() == "false":
+        raise ConfigError(
+            "data.decode: cuda decodes on the workers' GPUs, but ray.use_gpu=false; use data.decode=auto or cpu"
+        )
     _choice("data.food_train", d.food_train, FOOD_TRAIN_SETS)
     if not d.webvision_sources or len(set(d.webvision_sources)) != len(d.webvision_sources):
         raise ConfigError(f"data.webvision_sources: {d.webvision_sources} must list google and/or flickr once each")

@@ -186,19 +186,34 @@ def test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node(clu
 
 @pytest.mark.ray
 def test_submit_job_runs_on_the_cluster(cluster, tmp_path):
-    """`cmd-dist submit ... --address http://127.0.0.1:PORT --wait`: a Ray Job runs `cmd-dist train` on the
-    cluster (its working dir uploaded) with output_dir a folder every node sees (here: one machine); config,
-    metrics, TensorBoard, checkpoints, best checkpoint, worker records (with their Ray node) and summary arrive."""
+    """`cmd-dist submit ... --address http://127.0.0.1:PORT --wait`: a Ray Job runs `python -m cmd_dist.cli
+    train` on the cluster (the current folder uploaded as its working dir), here with no `cmd-dist` script on the
+    job's PATH, with output_dir a folder every node sees (here: one machine); config, metrics, TensorBoard,
+    checkpoints, best checkpoint, worker records (with their Ray node) and summary arrive. Ray's packaging log
+    lines stay off the console."""
+    import shutil
+
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out_dir = tmp_path / "shared" / "runs"
+    bin_dir = tmp_path / "bin"  # the job's PATH: a `python`, and no `cmd-dist` script
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    path = f"{bin_dir}:/usr/bin:/bin"
+    assert shutil.which("cmd-dist", path=path) is None
+    runtime_env = tmp_path / "env.yaml"
+    runtime_env.write_text(yaml.safe_dump({"env_vars": {"PATH": path}}))
     out = _cli(
         ["submit", DEMO, *TINY, "train.epochs=2", "train.milestones=[1]", f"output_dir={out_dir}", "run_name=job"]
-        + ["--address", cluster.dashboard_url, "--wait", "--timeout", "400"],
+        + ["--address", cluster.dashboard_url, "--wait", "--timeout", "400", "--runtime-env", str(runtime_env)],
         timeout=480,
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert "cmd-dist: submitted job " in out.stdout and "ray job logs --follow --address" in out.stdout
+    assert "entrypoint:  python -m cmd_dist.cli train configs/demo.yaml" in out.stdout
+    ours = out.stdout.split("  tensorboard:")[0] + out.stderr  # what submit prints before the job's own log
+    assert not any(w in ours for w in (" INFO ", " WARNING ", "Pushing file package", "Uploading package")), ours
     assert "final test accuracy  peerA" in out.stdout  # the job's own log, streamed
     run_dir = out_dir / "job"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -340,7 +355,7 @@ def test_gpus_per_trial_splits_over_workers_and_sets_concurrency():
         plan_resources(2, {"CPU": 1.0, "GPU": 0.5}, {"CPU": 16.0}, 0, 4)
 
 
-def test_submit_checks_before_submitting(tmp_path):
+def test_submit_checks_before_submitting(tmp_path, monkeypatch):
     import argparse
 
     from cmd_dist.launch.submit import build_job, check_dashboard
@@ -349,18 +364,113 @@ def test_submit_checks_before_submitting(tmp_path):
         base = dict(config=DEMO, overrides=[], working_dir=None, runtime_env=None)
         return argparse.Namespace(**{**base, **kw})
 
+    monkeypatch.chdir(REPO)  # the default working dir is the current folder
     with pytest.raises(ConfigError, match="output_dir: 'runs' is relative"):
         build_job(args())
     entry, env, cfg = build_job(args(overrides=[f"output_dir={tmp_path}", "train.epochs=3"]))
-    assert entry.startswith("cmd-dist train configs/demo.yaml ") and entry.endswith(" --address auto")
+    # The module, not the `cmd-dist` script (which a cluster's PATH may lack).
+    assert entry.startswith("python -m cmd_dist.cli train configs/demo.yaml ") and entry.endswith(" --address auto")
     assert "train.epochs=3" in entry and f"run_name={cfg.run_name}" in entry
     assert env["working_dir"] == REPO and ".venv" in env["excludes"]
     outside = tmp_path / "c.yaml"
     outside.write_text("train: {epochs: 1}\n")
     with pytest.raises(ConfigError, match="must be inside the working dir"):
         build_job(args(config=str(outside), overrides=[f"output_dir={tmp_path}"]))
+    monkeypatch.chdir(tmp_path)  # another project folder: it is the working dir, not this checkout
+    _, env, _ = build_job(args(config="c.yaml", overrides=[f"output_dir={tmp_path}"]))
+    assert env["working_dir"] == str(tmp_path)
+    with pytest.raises(ConfigError, match="must be inside the working dir"):
+        build_job(args(overrides=[f"output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match="no Ray dashboard answers there"):
         check_dashboard(f"http://127.0.0.1:{free_port()}", timeout=5)
+
+
+@pytest.fixture
+def token_dashboard():
+    """A stand-in for a dashboard with Ray's token authentication: 401 without a bearer token, 403 with a wrong
+    one (Ray's middleware answers so), 200 with ``secret-token``; records the Authorization headers it got."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            auth = self.headers.get("Authorization", "")
+            seen.append(auth)
+            code = 401 if not auth else 200 if auth == "Bearer secret-token" else 403
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_submit_presents_the_clusters_token(token_dashboard, tmp_path, monkeypatch):
+    """The token from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH, else Ray's ~/.ray/auth_token, goes out
+    as a bearer token; without one, or with a wrong one, the refusal is one line saying how to pass it."""
+    from cmd_dist.launch.submit import auth_headers, check_dashboard
+
+    url, seen = token_dashboard
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    assert auth_headers() == {}
+    with pytest.raises(ConfigError) as e:
+        check_dashboard(url, timeout=5)
+    assert str(e.value).startswith(f"--address {url}: the cluster requires a Ray auth token and none was presented")
+    assert "RAY_AUTH_TOKEN=" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret-token\n")
+    check_dashboard(url, timeout=5)  # Ray's default token file
+    other = tmp_path / "tok"
+    other.write_text("wrong-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(other))
+    with pytest.raises(ConfigError, match=rf"the cluster refused the token from RAY_AUTH_TOKEN_PATH \({other}\)"):
+        check_dashboard(url, timeout=5)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token")  # first in line
+    check_dashboard(url, timeout=5)
+    assert seen == ["", "Bearer secret-token", "Bearer wrong-token", "Bearer secret-token"]
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"^RAY_AUTH_TOKEN_PATH: .*missing does not exist"):
+        auth_headers()
+
+
+def test_submit_keeps_rays_packaging_lines_quiet_and_the_timeout_hint_names_the_address(capsys):
+    import logging
+
+    import ray.dashboard.modules.dashboard_sdk  # noqa: F401 - its logger sets its own level (INFO)
+
+    from cmd_dist.launch.submit import quiet_ray_logs, wait_for_job
+
+    sdk = logging.getLogger("ray.dashboard.modules.dashboard_sdk")
+    packaging = logging.getLogger("ray._private.runtime_env.packaging")
+    assert sdk.isEnabledFor(logging.INFO)
+    with quiet_ray_logs():
+        assert not sdk.isEnabledFor(logging.WARNING) and not packaging.isEnabledFor(logging.WARNING)
+        assert sdk.isEnabledFor(logging.ERROR)
+    assert sdk.isEnabledFor(logging.INFO)  # restored
+
+    class Running:
+        def get_job_status(self, job_id):
+            return type("S", (), {"value": "RUNNING"})()
+
+        def get_job_logs(self, job_id):
+            return ""
+
+    assert wait_for_job(Running(), "raysubmit_1", timeout=0, url="http://127.0.0.1:8265") == 1
+    err = capsys.readouterr().err
+    assert "ray job stop --address http://127.0.0.1:8265 raysubmit_1" in err and len(err.splitlines()) == 1
 
 
 def test_cluster_yaml_validates_against_rays_schema():

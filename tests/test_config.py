@@ -539,3 +539,120 @@ def test_cuda_graph_refuses_a_compile_mode_that_captures_its_own_graphs():
     msg = _error(["train.cuda_graph=true", "train.compile_mode=reduce-overhead"])
     assert msg.startswith("train.compile_mode:") and "compile_mode=none" in msg
     load_config(DEMO, ["train.cuda_graph=true", "train.compile_mode=max-autotune-no-cudagraphs"])
+
+
+# ----------------------------------------------------------------------------- what --resume may change (issue 18.2)
+
+
+def test_every_config_key_is_classified_for_resume():
+    """Each top-level key is listed in RESUME_KEYS, and the classification says what the issue asks."""
+    import dataclasses
+
+    from cmd_dist.config import RESUME_KEYS, Config, resume_key_kind
+
+    assert {f.name for f in dataclasses.fields(Config)} <= set(RESUME_KEYS)
+    assert set(RESUME_KEYS.values()) == {"training", "free", "fixed"}
+    for key in ("train.lr", "train.epochs", "method.eta", "data.dataset", "noise.rate", "seed", "peers.1.arch"):
+        assert resume_key_kind(key) == "training", key
+    for key in ("ray.keep_checkpoints", "ray.cpus_per_worker", "ray.placement", "train.log_every", "paper.value"):
+        assert resume_key_kind(key) == "free", key
+    assert resume_key_kind("ray.replicas_per_peer") == "training"
+    assert resume_key_kind("run_name") == resume_key_kind("output_dir") == "fixed"
+
+
+def _run_folder(tmp_path: Path, *overrides: str) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(DEMO, ["train.epochs=10", *overrides])
+    cfg.output_dir, cfg.run_name = str(tmp_path), "run"
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    return run_dir
+
+
+def _resume_error(capsys, run_dir: Path, overrides: list[str], allow: bool = False) -> str:
+    from cmd_dist.cli import _resume_config
+
+    with pytest.raises(SystemExit) as e:
+        _resume_config(str(run_dir), overrides, allow)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cmd-dist: error: "), err
+    return err
+
+
+def test_resume_refuses_a_training_change_and_touches_nothing(tmp_path, capsys, monkeypatch):
+    import cmd_dist.runs.storage
+
+    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 10)
+    run_dir = _run_folder(tmp_path)
+    before = sorted((p.name, p.read_bytes()) for p in run_dir.iterdir())
+    err = _resume_error(capsys, run_dir, ["train.lr=0.5", "ray.keep_checkpoints=3"])
+    assert "train.lr: 0.05 -> 0.5 changes what" in err and "--allow-changes" in err and "new run" in err
+    err = _resume_error(capsys, run_dir, ["method.eta=2", "train.lr=0.5"])
+    assert err.startswith("cmd-dist: error: method.eta: 4.0 -> 2.0 (and 1 more)"), err
+    # a finished run: even allowed, a change that would train nothing, or fewer epochs than trained, is refused
+    err = _resume_error(capsys, run_dir, ["train.lr=0.5"], allow=True)
+    assert "train.lr:" in err and "trained all its 10 epochs" in err and "train.epochs=N" in err
+    err = _resume_error(capsys, run_dir, ["train.epochs=2"], allow=True)
+    assert "train.epochs: 2 is fewer than the 10 epochs" in err
+    err = _resume_error(capsys, run_dir, ["run_name=other"])
+    assert "run_name: --resume continues the run" in err
+    assert sorted((p.name, p.read_bytes()) for p in run_dir.iterdir()) == before
+
+
+def test_resume_allows_keys_that_change_nothing_trained(tmp_path, monkeypatch):
+    import cmd_dist.runs.storage
+    from cmd_dist.cli import _resume_config
+
+    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 4)
+    run_dir = _run_folder(tmp_path)
+    r = _resume_config(str(run_dir), ["ray.keep_checkpoints=5", "train.log_every=7", "data.workers=2"])
+    assert r.changes == {} and r.writes and r.cfg.ray.keep_checkpoints == 5
+    r = _resume_config(str(run_dir), [])
+    assert r.changes == {} and not r.writes
+    r = _resume_config(str(run_dir), ["train.epochs=20", "train.lr=0.2"], True)
+    assert r.changes == {"train.epochs": (10, 20), "train.lr": (0.05, 0.2)} and r.done == 4
+
+
+def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
+    """config.yaml takes the new values, config.original.yaml keeps the first, changes.jsonl and summary.json say
+    what changed from which epoch (and that Eq. 12's schedule moved with train.epochs)."""
+    import json
+
+    import cmd_dist.runs.storage
+    from cmd_dist.cli import _resume_config
+    from cmd_dist.launch import launcher
+
+    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 10)
+    run_dir = _run_folder(tmp_path)
+    first = (run_dir / "config.yaml").read_text()
+    (run_dir / "summary.json").write_text(json.dumps({"epochs_run": 10, "epochs": 10}))
+    r = _resume_config(str(run_dir), ["train.epochs=15"], True)
+    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    assert load_config(run_dir / "config.yaml").train.epochs == 15
+    assert (run_dir / "config.original.yaml").read_text() == first
+    (entry,) = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
+    assert entry["from_epoch"] == 11 and entry["changes"] == {"train.epochs": {"old": 10, "new": 15}}
+    assert "chi" in entry["note"] and "changed at epoch 11" in entry["note"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 15 and summary["changes"] == [entry]
+    # a second change: appended; the original config stays the first one
+    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 12)
+    r = _resume_config(str(run_dir), ["train.lr=0.01"], True)
+    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    rows = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
+    assert [row["from_epoch"] for row in rows] == [11, 13] and "note" not in rows[1]
+    assert (run_dir / "config.original.yaml").read_text() == first
+    assert load_config(run_dir / "config.yaml").train.lr == 0.01
+    assert launcher.read_changes(run_dir) == rows
+
+
+def test_allow_changes_without_resume_is_one_line(capsys):
+    from cmd_dist.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(DEMO), "--allow-changes"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        "cmd-dist: error: --allow-changes applies to --resume RUN_DIR (a new run has nothing to change)\n"
+    )

@@ -153,3 +153,84 @@ def test_forwarded_tracebacks_collapse_to_their_exception_line():
     show({"pid": 3, "lines": ["Failed to send resource request for train-1. ... it's safe to ignore this error."]})
     show({"pid": 3, "lines": ["Traceback (most recent call last):", *frames, "GetTimeoutError: Get timed out", "ok"]})
     assert printed == ["epoch 1/3 | ok", "next", "ConnectionError: two Rays", "epoch 2/3", "ok"]
+
+
+# ----------------------------------------------------------------------------- a pseudo-terminal (issue 18.4)
+
+_PTY_CHILD = """
+from cmd_dist.launch import launcher
+
+console = launcher.set_console()
+print(f"progress {console.progress}", flush=True)
+from ray.experimental import tqdm_ray  # the driver's side of the workers' bars; no Ray is started
+
+manager = tqdm_ray.instance()
+state = {"__magic_token__": tqdm_ray.RAY_TQDM_MAGIC, "x": 0, "pos": 0, "desc": "epoch 1/2", "total": 12,
+         "unit": "it", "ip": manager.ip, "pid": 1, "uuid": "run", "closed": False}
+manager.process_state_update(dict(state))
+manager.process_state_update({**state, "x": 6})
+print("epoch 1/2 | peerA test 50.00%", flush=True)
+manager.process_state_update({**state, "x": 3, "desc": "epoch 2/2"})
+manager.process_state_update({**state, "x": 12, "desc": "epoch 2/2", "closed": True})  # _RunBar's last close
+print("epoch 2/2 | peerA test 60.00%", flush=True)
+print("final", flush=True)
+"""
+
+
+def _on_a_pty(code: str) -> str:
+    """Run ``code`` with stdin, stdout and stderr on a fresh pseudo-terminal that has no size (0 x 0, as under
+    ``script -qec`` outside a terminal); everything it wrote, as the terminal received it."""
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, env=_env())
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed its side
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=120) == 0, out.decode(errors="replace")
+    return out.decode(errors="replace")
+
+
+def test_a_pseudo_terminal_shows_the_live_bar_and_no_stray_line():
+    """Under a pty without a size the bar is drawn (it used to be 0 columns wide: nothing), and the bar closed
+    after the last epoch's steps leaves neither its line nor a blank line between the epoch lines."""
+    import re
+
+    out = _on_a_pty(_PTY_CHILD)
+    assert "progress True" in out, out
+    assert re.search(r"epoch 1/2:\s+50%\|\S+\s*\| 6\.00/12\.0", out), out  # the live bar, drawn
+    # What stays on the screen: per line, what follows the last carriage return.
+    visible = [line.split("\r")[-1] for line in out.replace("\r\n", "\n").split("\n")]
+    visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in visible]
+    first = visible.index("epoch 1/2 | peerA test 50.00%")
+    assert visible[first + 1 : first + 4] == ["epoch 2/2 | peerA test 60.00%", "final", ""], visible
+
+
+def test_a_pipe_gets_no_bar():
+    from cmd_dist.launch import launcher
+
+    code = "from cmd_dist import launcher; print(launcher.set_console().progress)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+    assert launcher.set_console(progress=False).progress is False
+
+
+def test_ray_process_errors_on_the_way_out_are_silenced():
+    """Ctrl-C also reaches Ray's own processes; Ray's ``ERROR services.py`` lines about them stay off the console."""
+    import logging
+
+    from cmd_dist.cli import _stop_ray
+
+    services = logging.getLogger("ray._private.services")
+    level = services.level
+    try:
+        _stop_ray()
+        assert not services.isEnabledFor(logging.ERROR)
+    finally:
+        services.setLevel(level)

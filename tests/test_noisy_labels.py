@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cmd_dist.config import ConfigError, load_config
-from cmd_dist.data.human_labels import LabelFileError, load_label_file
+from cmd_dist.data.human_labels import LabelFileError, human_labels, load_label_file
 from cmd_dist.data.noise import noise_rate
 from cmd_dist.data.prepare import check_data, prepare_data
 from cmd_dist.errors import DataError
@@ -61,7 +61,14 @@ def _cifar10n_fixture(tmp_path: Path, n: int = 200) -> tuple[Path, dict]:
 
 @needs_cifar_n
 @pytest.mark.parametrize(
-    "label_set,key", [("worst", "worse_label"), ("aggre", "aggre_label"), ("random2", "random_label2")]
+    "label_set,key",
+    [
+        ("worst", "worse_label"),
+        ("aggre", "aggre_label"),
+        ("random1", "random_label1"),
+        ("random2", "random_label2"),
+        ("random3", "random_label3"),
+    ],
 )
 def test_cifar10n_labels_replace_the_training_labels(tmp_path, label_set, key):
     root, cut = _cifar10n_fixture(tmp_path)
@@ -80,6 +87,65 @@ def test_cifar10n_labels_replace_the_training_labels(tmp_path, label_set, key):
     sd = prepare_data(s.data, s.noise)
     assert sd.noise_rate == pytest.approx(noise_rate(sd.train_labels, sd.train_clean))
     assert check_data(s.data, s.noise).noise_rate == pytest.approx(sd.noise_rate)
+
+
+#: Every CIFAR-N label set and the array it must be read from (Wei et al.'s published file keys), written out
+#: here rather than taken from cmd_dist.data.human_labels so that a set read under another set's key shows.
+CIFAR10N_SETS = {
+    "aggre": "aggre_label",
+    "worst": "worse_label",
+    "random1": "random_label1",
+    "random2": "random_label2",
+    "random3": "random_label3",
+}
+
+
+def _distinct_cifar10n(tmp_path: Path, n: int = 40) -> tuple[Path, dict]:
+    """CIFAR-10 pickles and a CIFAR-N file whose five label sets differ from each other at every image."""
+    clean = np.arange(n) % 10
+    arrays = {"clean_label": clean}
+    for i, key in enumerate(CIFAR10N_SETS.values()):
+        arrays[key] = (clean + i + 1) % 10
+    root = make_cifar10(tmp_path / "data", clean)
+    (root / "cifar-n").mkdir()
+    torch.save(arrays, root / "cifar-n" / "CIFAR-10_human.pt")
+    return root, arrays
+
+
+@pytest.mark.parametrize("label_set", sorted(CIFAR10N_SETS))
+def test_every_cifar10n_label_set_is_read_from_its_own_array(tmp_path, label_set):
+    root, arrays = _distinct_cifar10n(tmp_path)
+    cfg = load_config(None, _args(root, label_set))
+    data = prepare_data(cfg.data, cfg.noise)
+    assert torch.equal(data.train_labels, torch.from_numpy(arrays[CIFAR10N_SETS[label_set]]))
+    assert torch.equal(data.train_clean, torch.from_numpy(arrays["clean_label"]))
+
+
+@pytest.mark.parametrize(
+    "label_set,key,clean_key,classes",
+    [
+        ("noisy_fine", "noisy_label", "clean_label", 100),
+        ("noisy_coarse", "noisy_coarse_label", "clean_coarse_label", 20),
+    ],
+)
+def test_both_cifar100n_label_sets_are_read_from_their_own_arrays(tmp_path, label_set, key, clean_key, classes):
+    n = 60
+    fine = np.arange(n) % 100
+    coarse = (np.arange(n) * 7) % 20  # differs from the fine labels, so the wrong clean array is refused
+    arrays = {
+        "clean_label": fine,
+        "noisy_label": (fine + 1) % 100,
+        "clean_coarse_label": coarse,
+        "noisy_coarse_label": (coarse + 3) % 20,
+    }
+    path = tmp_path / "CIFAR-100_human.pt"
+    torch.save(arrays, path)
+    clean = torch.from_numpy(arrays[clean_key])
+    got = human_labels("cifar100", label_set, path, clean, classes)
+    assert torch.equal(got, torch.from_numpy(arrays[key]))
+    other = "clean_coarse_label" if clean_key == "clean_label" else "clean_label"
+    with pytest.raises(LabelFileError, match="disagrees with the cifar100 training labels"):
+        human_labels("cifar100", label_set, path, torch.from_numpy(arrays[other]), classes)
 
 
 def _args(root, label_set="worst"):

@@ -320,6 +320,32 @@ def test_same_run_name_resumes_instead_of_starting_over(separate, ray_cluster):
     again = launcher.train(load_config(run_dir / "config.yaml"), run_dir)
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert [p["test_acc"] for p in again["peers"]] == [p["test_acc"] for p in summary["peers"]]
+    assert again["changes"] == []
+
+
+def test_resume_with_allowed_changes_extends_the_run_and_records_it(separate, ray_cluster, tmp_path):
+    """``--resume --allow-changes train.epochs=N+1`` on a copy of a finished N-epoch run trains epoch N+1 only,
+    and the folder says so: config.yaml, config.original.yaml, changes.jsonl and summary.json (issue 18.2)."""
+    import shutil
+
+    from cmd_dist.cli import _resume_config
+    from cmd_dist.launch import launcher
+
+    _, src, _ = separate
+    run_dir = tmp_path / "extended"
+    shutil.copytree(src, run_dir, ignore=shutil.ignore_patterns(".lock"))
+    r = _resume_config(str(run_dir), [f"train.epochs={EPOCHS + 1}"], allow_changes=True)
+    launcher.lock_run_dir(r.run_dir)
+    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    summary = launcher.train(r.cfg, r.run_dir)
+    assert summary["epochs_run"] == summary["epochs"] == EPOCHS + 1
+    (change,) = summary["changes"]
+    assert change["from_epoch"] == EPOCHS + 1 and change["changes"] == {
+        "train.epochs": {"old": EPOCHS, "new": EPOCHS + 1}
+    }
+    assert [r["epoch"] for r in _rows(run_dir)] == [e for e in range(1, EPOCHS + 2) for _ in range(2)]
+    assert load_config(run_dir / "config.yaml").train.epochs == EPOCHS + 1
+    assert load_config(run_dir / "config.original.yaml").train.epochs == EPOCHS
 
 
 def test_replicas_per_peer_on_ray_equal_one_process(ray_cluster, tmp_path):

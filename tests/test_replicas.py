@@ -6,7 +6,8 @@ whole global batch, as long as the model's output does not depend on how the bat
 2 replicas (4 processes, the exchange across processes) and 2 peers together x 2 replicas (2 processes,
 the exchange in-process), against 2 peers in one process, weights to 1e-5 after two epochs on digits.
 The batch size (95) splits unevenly (48 + 47, last batch 13 = 7 + 6), so the per-slice loss weights
-matter; ProSelfLC with both target gradients on sends gradient through the differentiable exchange.
+matter; ProSelfLC with both target gradients on sends gradient through the differentiable exchange, and with
+all knowledge (chi = +inf) every peer distils every label of the other, so that gradient is in the weights.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ BASE = [
     "train.milestones=[1]",
     "method.self_kd=proselflc",
     "method.b1=4",
-    "method.knowledge=cmd-p",
+    # chi = +inf (all knowledge, Sec. 4.2): every label is exchanged, so the exchange across replicas and its
+    # gradient are exercised (a chi that admits part of the batch would sit inside the entropies' narrow band
+    # here, where a 1e-6 difference flips a sample). Partial masks: test_step's separate-process test.
+    "method.knowledge=all",
     "peers=[{arch: cnn_small_gn, name: peerA}, {arch: cnn_small_gn, name: peerB}]",
 ]
 COMPARED = (
@@ -107,6 +111,8 @@ def test_replicas_train_exactly_like_one_worker_per_peer(tmp_path: Path, referen
                 key,
                 (have[key] - want[key]).abs().max(),
             )
+    # Knowledge flowed: every training image's label from each peer (summed over the replicas' slices).
+    assert ref["peerA/distilled_from"] == ref["peerB/distilled_from"] == 1438
     for name in ("peerA", "peerB"):
         for metric in COMPARED:
             a, b = ref[f"{name}/{metric}"], got[f"{name}/{metric}"]

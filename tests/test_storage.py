@@ -505,9 +505,13 @@ def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, c
     assert cli.main(["report", run_dir]) == 0
     assert capsys.readouterr().out.strip() == f"report: {run_dir}/report/report.md"
     assert "peer0" in (folder / "report" / "report.md").read_text()
-    back, again = cli._resume_config(run_dir + "/", ["train.epochs=4"])
-    assert back == run_dir and again.output_dir == uri and again.run_name == "r" and again.train.epochs == 4
+    # Extending the run behind the URI: allowed with --allow-changes, and recorded there (issue 18.2).
+    r = cli._resume_config(run_dir + "/", ["train.epochs=4"], allow_changes=True)
+    assert r.run_dir == run_dir and r.cfg.output_dir == uri and r.cfg.run_name == "r" and r.cfg.train.epochs == 4
+    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     assert "epochs: 4" in (folder / "config.yaml").read_text()
+    assert "epochs: 3" in (folder / "config.original.yaml").read_text()
+    assert json.loads((folder / "changes.jsonl").read_text())["from_epoch"] == 4
 
 
 def test_report_and_resume_of_a_missing_uri_folder_name_the_uri(tmp_path, capsys):

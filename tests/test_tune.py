@@ -426,6 +426,87 @@ def test_optuna_starts_from_the_start_points_then_samples_the_ranges(base):
     assert grid_searcher is None and grid_samples == 1 and grid_space["method.eta"] == {"grid_search": [1.0, 4.5, 8.0]}
 
 
+def test_optuna_says_nothing_about_its_study(base, capfd):
+    """Optuna's "A new study created in memory" INFO line stays off the console (issue 18.4)."""
+    from tune import driver
+    from tune.search import SearchJob
+
+    job = SearchJob(Path("/unused"), base, load_space(None, base), SearchOptions(trials=2))
+    param_space, searcher, _ = driver.search_setup(job, seed=0)
+    searcher.set_search_properties("val_acc", "max", param_space)
+    searcher.suggest("t0")
+    assert "study created" not in capfd.readouterr().err
+
+
+def test_gpus_per_trial_is_checked_against_the_cluster_and_names_the_flag():
+    from tune.search import check_gpus_per_trial
+
+    check_gpus_per_trial(None, [{"CPU": 2.0}])
+    check_gpus_per_trial(0.5, [{"CPU": 2.0, "GPU": 1.0}])
+    with pytest.raises(ConfigError, match=r"^--gpus-per-trial 1: the Ray cluster has no GPU; leave the flag out"):
+        check_gpus_per_trial(1.0, [{"CPU": 2.0}, {"CPU": 4.0, "GPU": 0.0}])
+    with pytest.raises(ConfigError, match=r"^--gpus-per-trial 3: the Ray cluster has 2 GPU\(s\); use at most 2"):
+        check_gpus_per_trial(3.0, [{"CPU": 2.0, "GPU": 1.0}, {"GPU": 1.0}])
+
+
+def test_cli_gpus_per_trial_without_gpus_is_one_line_and_leaves_nothing(tmp_path):
+    """On a CPU-only machine: one line naming --gpus-per-trial (not ray.use_gpu), exit 2, no search folder."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    argv = ["tune", DEMO, "--gpus-per-trial", "1", f"output_dir={tmp_path}", "run_name=s"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    out = subprocess.run(
+        [sys.executable, "-m", "cmd_dist.cli", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cmd-dist: error: --gpus-per-trial 1: "), out.stderr
+    assert "no GPU" in lines[0] and "ray.use_gpu" not in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no search.yaml, no .lock, no folder
+
+
+def _distilled_rows(*per_epoch: list) -> list[str]:
+    return [
+        json.dumps({"epoch": e + 1, "peer": "peerA", "distilled_from": {"peerB": c}}) for e, c in enumerate(per_epoch)
+    ]
+
+
+def test_a_search_that_never_distilled_says_so(base, tmp_path):
+    """eta and b2 act only through distilled labels: a search whose trials distilled none warns (issue 18.4)."""
+    from tune.results import labels_distilled
+    from tune.search import SearchJob, nothing_distilled_warning
+
+    job = SearchJob(tmp_path, base, load_space(None, base), SearchOptions(trials=2))
+    files = {
+        "t0": "\n".join(_distilled_rows(0, 0, 0)).encode(),
+        "t1": ("\n".join(_distilled_rows(0.0, 0.0)) + "\n{cut").encode(),
+        "t2": None,  # a trial that never wrote metrics
+    }
+    rows = [make_row(t, {}, _metrics(1, 50, 50), ["peerA", "peerB"], "val_acc", 3, run_dir=t) for t in files]
+    warning = nothing_distilled_warning(job, rows, read=lambda run_dir, name: files[run_dir])
+    assert warning.startswith("cmd-dist: warning: no trial distilled a single label")
+    assert "method.eta and method.b2" in warning and "train.epochs" in warning and "\n" not in warning
+    files["t1"] = "\n".join(_distilled_rows(0, 12)).encode()
+    assert nothing_distilled_warning(job, rows, read=lambda run_dir, name: files[run_dir]) is None
+    assert labels_distilled(files["t1"]) == 12 and labels_distilled(None) is None
+    # a search that varies neither eta nor b2 has nothing to warn about
+    only_lr = SearchJob(
+        tmp_path,
+        base,
+        parse_space(_space({"train.lr": {"distribution": "choice", "values": [0.1, 0.2]}}), base),
+        job.options,
+    )
+    files["t1"] = files["t0"]
+    assert nothing_distilled_warning(only_lr, rows, read=lambda run_dir, name: files[run_dir]) is None
+
+
 # ----------------------------------------------------------------------------- one real search
 
 GOOD = {"method.b1": 16, "method.b2": -4, "method.eta": 2, "train.lr": 0.05}

@@ -280,8 +280,11 @@ def search_setup(job: SearchJob, seed: int, max_concurrent: int = 0) -> tuple[di
         return {p.key: ray_tune.grid_search(p.grid_values()) for p in job.space.params}, None, 1
     space = {p.key: tune_domain(p) for p in job.space.params}
     if algo == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
 
+        if not launcher.CONSOLE.verbose:  # "A new study created in memory ..." and Optuna's other INFO lines
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Optuna's TPE, seeded; the space's start points are enqueued before TPE samples.
         return space, OptunaSearch(points_to_evaluate=start, seed=seed), job.options.trials
     generator = BasicVariantGenerator(points_to_evaluate=start, random_state=seed, max_concurrent=max_concurrent)

@@ -6,6 +6,7 @@ Pure functions of plain rows (no Ray), so the table and the choice of the best t
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,3 +150,18 @@ def write_best_yaml(cfg: Config, row: TrialRow, metric: str, search_dir: Path, s
     )
     path.write_text(header + dump_yaml(cfg))
     return path
+
+
+def labels_distilled(metrics_jsonl: bytes | None) -> float | None:
+    """The labels a trial's peers distilled from each other over all its epochs (metrics.jsonl's
+    ``distilled_from``); None when the file is missing or holds no epoch."""
+    total, rows = 0.0, 0
+    for line in (metrics_jsonl or b"").decode(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short
+        if isinstance(row, dict) and isinstance(row.get("distilled_from"), dict):
+            rows += 1
+            total += sum(v for v in row["distilled_from"].values() if isinstance(v, (int, float)) and v == v)
+    return total if rows else None

@@ -33,7 +33,7 @@ from cmd_dist.runs.fs import Remote, is_uri, join, open_filesystem
 from cmd_dist.runs.lock import UriRunLock
 from cmd_dist.runs.run_folder import read_run_file, write_run_file
 from cmd_dist.runs.storage import RunStore
-from tune.results import TrialRow, best_row, ranked, write_best_yaml, write_tables
+from tune.results import TrialRow, best_row, labels_distilled, ranked, write_best_yaml, write_tables
 from tune.space import SearchSpace, final_config, load_space, parse_space, trial_config
 
 ALGOS = ("optuna", "random", "grid")
@@ -158,6 +158,46 @@ def apply_gpus_per_trial(cfg: Config, gpus: float | None) -> None:
             f"use at most {workers}"
         )
     cfg.ray.use_gpu, cfg.ray.gpus_per_worker = "true", per_worker
+
+
+def check_gpus_per_trial(gpus: float | None, nodes: list[dict[str, float]]) -> None:
+    """``--gpus-per-trial G`` on a cluster with fewer than G GPUs: one line naming the flag (not the ray.use_gpu
+    it sets), before the search folder is written."""
+    if gpus is None:
+        return
+    total = sum(float(n.get("GPU", 0.0)) for n in nodes)
+    if total <= 0:
+        raise ConfigError(f"--gpus-per-trial {gpus:g}: the Ray cluster has no GPU; leave the flag out for CPU trials")
+    if gpus > total + 1e-9:
+        raise ConfigError(f"--gpus-per-trial {gpus:g}: the Ray cluster has {total:g} GPU(s); use at most {total:g}")
+
+
+#: Searched keys that act only through the labels the peers distil from each other (chi of Eq. 12).
+DISTILLATION_KEYS = ("method.eta", "method.b2")
+
+
+def nothing_distilled_warning(job: SearchJob, rows: list[TrialRow], read: Any = read_run_file) -> str | None:
+    """A warning when the search varied eta or b2 but no trial distilled a single label: chi (Eq. 12) never fell
+    below the peers' entropies in the trials' epochs, so those keys changed nothing."""
+    cfg = job.config
+    searched = [k for k in DISTILLATION_KEYS if k in job.space.keys]
+    if not searched or cfg.method.objective != "cmd" or cfg.method.knowledge not in ("cmd-s", "cmd-p"):
+        return None
+    counts = []
+    for row in rows:
+        if row.run_dir:
+            try:
+                counts.append(labels_distilled(read(row.run_dir, "metrics.jsonl")))
+            except OSError:
+                counts.append(None)
+    known = [c for c in counts if c is not None]
+    if not known or any(c > 0 for c in known):
+        return None
+    return (
+        f"cmd-dist: warning: no trial distilled a single label between peers (chi of Eq. 12 never fell below "
+        f"their entropies in {cfg.train.epochs} epochs), so {' and '.join(searched)} were searched for nothing; "
+        f"search with more epochs (train.epochs=N) or a lower method.eta"
+    )
 
 
 def _absolute_paths(cfg: Config) -> None:
@@ -292,6 +332,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     job = prepare(args)
     # The trials' data: the search protocol reads the training file only, never the test file.
     preflight(trial_config(job.base, {}))
+    gpus = getattr(args, "gpus_per_trial", None)
+    if gpus is not None:  # checked before the search folder exists, so a refused search leaves nothing behind
+        from cmd_dist.launch import launcher
+
+        if launcher.ray_address(job.config) is None:
+            nodes = launcher.local_node()  # what a fresh local Ray will have
+        else:
+            launcher.set_console(verbose=bool(getattr(args, "verbose", False)))
+            launcher.init_ray(job.config)
+            nodes = launcher.cluster_nodes()
+        check_gpus_per_trial(gpus, nodes)
     lock = lock_search(job.search_dir)
     # The driver's own files (tables, best.yaml, summary): written here, then uploaded when behind a URI.
     store = RunStore.open(job.search_dir)
@@ -340,6 +391,9 @@ def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStor
         + ")"
     )
     print(md_path.read_text(), end="")
+    warning = nothing_distilled_warning(job, rows)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     best = best_row(rows)
     if best is None:
         print(

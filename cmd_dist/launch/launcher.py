@@ -212,10 +212,55 @@ CONSOLE = Console()
 
 
 def set_console(verbose: bool = False, progress: bool | None = None) -> Console:
-    """Called by the CLI before Ray starts; ``progress`` defaults to "stdout is a terminal"."""
+    """Called by the CLI before Ray starts; ``progress`` defaults to "stdout and stderr are a terminal"."""
     CONSOLE.verbose = verbose
-    CONSOLE.progress = sys.stdout.isatty() if progress is None else progress
+    CONSOLE.progress = terminal_can_draw_a_bar() if progress is None else progress
+    if CONSOLE.progress:
+        _closed_bars_leave_no_line()
     return CONSOLE
+
+
+def terminal_can_draw_a_bar() -> bool:
+    """stdout (the epoch lines) and stderr (where the driver draws the bar) are a terminal with a width.
+
+    A pseudo-terminal nobody gave a size (``script -qec`` run outside a terminal, CI runners, ``pty``) reports
+    0 columns, and tqdm draws a 0-column bar as nothing at all: it is given ``COLUMNS`` x ``LINES`` (default
+    80 x 24) here, as ``stty cols 80 rows 24`` would.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        return False
+    try:
+        fd = sys.stderr.fileno()
+        if os.get_terminal_size(fd).columns == 0:
+            import fcntl
+            import struct
+            import termios
+
+            cols, rows = int(os.environ.get("COLUMNS") or 80), int(os.environ.get("LINES") or 24)
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        return os.get_terminal_size(fd).columns > 0
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+def _closed_bars_leave_no_line() -> None:
+    """Ray's driver draws the workers' ``tqdm_ray`` bars with tqdm's default ``leave=True``, so the run's bar,
+    closed after the last epoch's steps, stayed behind as a line between the last two epoch lines (a blank
+    line on a terminal without width). Closed bars are cleared instead; ``_RunBar`` closes its bar only then."""
+    try:
+        from ray.experimental import tqdm_ray
+    except ImportError:
+        return
+    bar = getattr(tqdm_ray, "_Bar", None)
+    if bar is None or getattr(bar.close, "leaves_no_line", False):
+        return
+
+    def close(self: Any) -> None:
+        self.bar.leave = False
+        self.bar.close()
+
+    close.leaves_no_line = True  # type: ignore[attr-defined]
+    bar.close = close
 
 
 def ray_log_level() -> str:
@@ -1009,9 +1054,69 @@ def summarize(cfg: Config, metrics: dict[str, Any], run_dir: Path | str, wall_s:
         # Realised fraction of training labels != clean labels (null where no clean label is known).
         "noise_rate": _finite_or_none(metrics.get("noise_rate")),
         "skipped_images": metrics.get("skipped_images", 0),
+        # What --resume --allow-changes changed, and from which epoch (changes.jsonl; config.original.yaml).
+        "changes": read_changes(run_dir),
     }
     write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
     return summary
+
+
+CHANGES_FILE = "changes.jsonl"
+ORIGINAL_CONFIG = "config.original.yaml"
+
+
+def record_resume(
+    run_dir: Path | str, old_text: bytes, cfg: Config, changes: dict[str, tuple[Any, Any]], from_epoch: int
+) -> None:
+    """Write a resumed run's config.yaml; training changes (``--allow-changes``) are recorded first.
+
+    The first change keeps the config the run started with as ``config.original.yaml``; each resume with
+    changes appends one line to ``changes.jsonl`` (the keys' old and new values and the first epoch trained
+    with them), which summary.json repeats under ``changes``. train.epochs also moves Eq. 12's chi schedule
+    and ProSelfLC's t/Gamma (both fractions of train.epochs): the line says so.
+    """
+    if changes:
+        if read_run_file(run_dir, ORIGINAL_CONFIG) is None:
+            write_run_file(run_dir, ORIGINAL_CONFIG, old_text)
+        entry: dict[str, Any] = {
+            "from_epoch": from_epoch,
+            "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git_rev": git_revision(),
+        }
+        if "train.epochs" in changes and from_epoch > 1:
+            old, new = changes["train.epochs"]
+            entry["note"] = (
+                f"schedules that follow train.epochs (Eq. 12's chi, ProSelfLC's t/Gamma) changed at epoch "
+                f"{from_epoch}: epochs 1-{from_epoch - 1} followed {old} epochs, later ones follow {new}"
+            )
+        history = read_run_file(run_dir, CHANGES_FILE) or b""
+        if history and not history.endswith(b"\n"):
+            history += b"\n"
+        write_run_file(run_dir, CHANGES_FILE, history + (json.dumps(entry) + "\n").encode())
+    write_run_file(run_dir, "config.yaml", dump_yaml(cfg).encode())
+    if changes:  # the summary of the run so far now says what the run is (it is rewritten when training ends)
+        try:
+            summary = json.loads(read_run_file(run_dir, "summary.json") or b"null")
+        except ValueError:
+            summary = None
+        if isinstance(summary, dict):
+            summary["epochs"] = cfg.train.epochs
+            summary["changes"] = read_changes(run_dir)
+            write_run_file(run_dir, "summary.json", json.dumps(summary, indent=2).encode())
+
+
+def read_changes(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The run's ``changes.jsonl`` entries, oldest first ([] when nothing was ever changed)."""
+    out = []
+    for line in (read_run_file(run_dir, CHANGES_FILE) or b"").decode(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
 
 
 def train(

@@ -301,6 +301,7 @@ class Trainer:
                 "epsilon_mean": a["epsilon"] / n,
                 "entropy_mean": a["entropy"] / n,
                 "nonfinite_step": bad[slot],
+                "train_labels": n,  # what the distilled counts are out of (the report's exchange figure)
             }
             for q, v in zip(ENTROPY_QUANTILES, entropy_quantiles(ents, ENTROPY_QUANTILES)):
                 row[f"entropy_q{round(q * 100)}"] = v
