@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,3 +202,29 @@ def test_a_client_without_the_token_is_refused(local_default):
     assert not ok and "Unauthenticated" in text, text
     ok, text = _client(address, _clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, **base))
     assert ok, text
+
+
+def test_cluster_definitions_switch_token_authentication_on():
+    """`ray up` (docker/cluster.yaml) and KubeRay (docker/rayjob.yaml) start token-protected clusters; nothing in
+    the repository switches Ray's authentication off."""
+    import yaml
+
+    cluster = yaml.safe_load(Path(REPO, "docker", "cluster.yaml").read_text())
+    assert "--env=RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]  # every process in every container
+    assert cluster["file_mounts"].get("/home/ray/.ray/auth_token")  # the token, where Ray looks by default
+    rayjob = yaml.safe_load(Path(REPO, "docker", "rayjob.yaml").read_text())
+    auth = rayjob["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"]
+    # setdefault("RAY_AUTH_MODE", "disabled"), RAY_AUTH_MODE="disabled", `export RAY_AUTH_MODE ?= disabled`, YAML
+    setting = re.compile(
+        r"""RAY_AUTH_MODE(["']\s*[,:]\s*["']|\s*=\s*["']|\s*\?=\s*|:\s*)disabled|--env=RAY_AUTH_MODE=disabled"""
+    )
+    offenders = []
+    for folder in ("cmd_dist", "tune", "tests", "benchmarks", "docker", "configs"):
+        for path in Path(REPO, folder).rglob("*"):
+            if path.is_file() and path.suffix in (".py", ".yaml", ".yml", "") and path.name != "test_security.py":
+                if setting.search(path.read_text(errors="replace")):
+                    offenders.append(str(path))
+    if setting.search(Path(REPO, "Makefile").read_text()):
+        offenders.append("Makefile")
+    assert not offenders, offenders
