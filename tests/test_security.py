@@ -228,3 +228,26 @@ def test_cluster_definitions_switch_token_authentication_on():
     if setting.search(Path(REPO, "Makefile").read_text()):
         offenders.append("Makefile")
     assert not offenders, offenders
+
+
+def test_joining_without_a_token_is_one_line(tmp_path):
+    """`--address` with token authentication on (cmd-dist's default) and no token anywhere on this machine: one
+    line naming where the token goes, exit 2, before anything is sent (Ray checks for a token first)."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # answers TCP (the reachability check), never Ray
+        port = server.getsockname()[1]
+        env = _clean_env(HOME=str(tmp_path))
+        out = subprocess.run(
+            [sys.executable, "-m", "cmd_dist.cli", "train", "configs/demo.yaml", "--address", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    lines = [line for line in out.stderr.strip().splitlines() if line.startswith("cmd-dist: error:")]
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert len(lines) == 1 and "RAY_AUTH_TOKEN" in lines[0] and "Traceback" not in out.stderr, out.stderr[-3000:]
