@@ -4,7 +4,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-export RAY_AUTH_MODE ?= disabled
 export RAY_TRAIN_ENABLE_PRINT_PATCH ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 

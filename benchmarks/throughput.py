@@ -300,7 +300,7 @@ def run_demo(workdir: Path) -> dict[str, Any]:
     exe = Path(sys.executable).with_name("cmd-dist")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cmd_dist.cli"]
     cmd += ["train", "configs/demo.yaml", f"output_dir={workdir / 'demo'}"]
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_TRAIN_ENABLE_PRINT_PATCH="0", RAY_USAGE_STATS_ENABLED="0")
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - start

@@ -577,3 +577,111 @@ def test_ctrl_c_on_tune_exits_130_with_the_resume_command(tmp_path):
     assert time.time() - sent < 20
     assert f"cmd-dist tune --resume {run}" in err and not _our_tracebacks(err), err[-3000:]
     assert (run / "search.yaml").is_file()
+
+
+# ----------------------------------------------------------------------------- a killed driver (issue 18.1)
+
+
+def _ray_tree(root: int) -> dict[int, str]:
+    """pid -> start time of ``root``'s descendants (the local Ray a `cmd-dist train` process started)."""
+    procs: dict[int, tuple[int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                rest = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            procs[int(entry.name)] = (int(rest[1]), rest[19])
+    found: dict[int, str] = {}
+    stack = [pid for pid, (ppid, _) in procs.items() if ppid == root]
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found[pid] = procs[pid][1]
+            stack.extend(p for p, (ppid, _) in procs.items() if ppid == pid)
+    return found
+
+
+def _still_running(tree: dict[int, str]) -> list[int]:
+    alive = []
+    for pid, start in tree.items():
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] == start:
+                alive.append(pid)
+        except (OSError, IndexError):
+            pass
+    return alive
+
+
+def _folder_state(run_dir: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run_dir.rglob("*")}
+
+
+@pytest.mark.ray
+def test_a_killed_driver_takes_its_workers_with_it_and_resume_follows(tmp_path):
+    """SIGKILL to `cmd-dist train` (no handler of its own runs): the local Ray it started goes with it (Ray alone let
+    the workers train on for epochs and left its agents running for good), nothing more is written into the run
+    folder, and `--resume` finishes the run."""
+    run_dir = tmp_path / "killed"
+    epochs = 8
+    args = [EXE, "train", DEMO, *FAST, f"train.epochs={epochs}", f"output_dir={tmp_path}", "run_name=killed"]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env()
+    )
+    try:
+        wait_for(lambda: (run_dir / "checkpoint_000001" / "epoch.txt").is_file() or proc.poll() is not None, 240)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        tree = _ray_tree(proc.pid)
+        assert any("raylet" in Path(f"/proc/{p}/cmdline").read_text() for p in _still_running(tree))
+        proc.kill()  # SIGKILL
+        proc.wait(30)
+        killed_at = _epochs_logged(run_dir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    wait_for(lambda: not _still_running(tree), 60)  # every process of its Ray, agents included
+    before = _folder_state(run_dir)
+    time.sleep(3)
+    assert _folder_state(run_dir) == before  # nothing writes there any more
+    # At most the epoch in flight when the driver died was finished (Ray alone: several more).
+    assert _epochs_logged(run_dir) <= killed_at + 1 < epochs
+    out = _cli("train", "--resume", str(run_dir), cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(rows) == sorted(list(range(1, epochs + 1)) * 2), rows  # every epoch once per peer
+    assert json.loads((run_dir / "summary.json").read_text())["epochs_run"] == epochs
+    ranks = [json.loads(p.read_text()) for p in sorted((run_dir / "workers").glob("rank*.json"))]
+    assert ranks and all(r["node_ip"] == "127.0.0.1" for r in ranks), ranks  # not the machine's address
+
+
+def test_a_new_run_waits_for_workers_of_a_dead_driver(tmp_path, monkeypatch):
+    """A worker holds .workers.lock (shared) while it trains; a run of the same folder (its driver's .lock free,
+    as after a killed driver) waits for it and refuses in one line if it never ends; it starts once it is gone."""
+    from cmd_dist import launcher
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    code = (
+        "import sys, time\n"
+        "from cmd_dist.launcher import hold_workers_lock\n"
+        "fd = hold_workers_lock(sys.argv[1])\n"
+        "print('HELD' if fd is not None else 'NONE', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code, str(run_dir)], env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert worker.stdout.readline().strip() == "HELD"
+        with pytest.raises(ConfigError, match=r"workers of an earlier run of it still hold \.workers\.lock"):
+            launcher.wait_for_old_workers(run_dir, timeout=0.5)
+        monkeypatch.setattr(launcher, "OLD_WORKERS_WAIT_S", 0.5)
+        with pytest.raises(ConfigError, match="still hold"):
+            launcher.lock_run_dir(run_dir)
+        assert run_dir not in launcher._LOCKS  # refused: the folder's own lock is not kept either
+        worker.stdin.close()  # the worker ends: its lock goes with it
+        worker.wait(30)
+        launcher.wait_for_old_workers(run_dir, timeout=0.5)
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -37,8 +37,11 @@ from cmd_dist.runs.lock import RunLock, UriRunLock
 from cmd_dist.runs.run_folder import newest_checkpoint_epoch, read_run_file, worker_records, write_run_file
 from cmd_dist.runs.storage import RunStore
 
-# Quiet, local-only defaults: no auth token warning, no doubled prints, no metrics exporter.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray's token authentication (every gRPC and HTTP request to the cluster carries its token): on for the local
+# Ray, which Ray would enable by default anyway, and for joining a cluster (the token from RAY_AUTH_TOKEN,
+# RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). RAY_AUTH_MODE=disabled in the environment is the only way to join a
+# cluster that runs without it. Quiet defaults: no doubled prints, no usage-stats reporting.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train's controller takes one report per health check (default every 2 s): short epochs would
@@ -97,6 +100,68 @@ def lock_run_dir(run_dir: Path | str) -> None:
         _LOCKS[key] = RunLock(key).acquire()
     except RunFolderBusy as e:
         raise ConfigError(str(e)) from None
+    try:
+        wait_for_old_workers(key)
+    except ConfigError:
+        _LOCKS.pop(key).release()
+        raise
+
+
+#: Seconds a run waits for the workers of a run of the same folder whose driver died (the reaper kills local
+#: ones at once; on a cluster Ray stops a dead driver's workers within seconds).
+OLD_WORKERS_WAIT_S = 60.0
+WORKERS_LOCK = ".workers.lock"
+
+
+def wait_for_old_workers(run_dir: Path, timeout: float = OLD_WORKERS_WAIT_S) -> None:
+    """Wait until no worker of an earlier run of ``run_dir`` is alive; ConfigError (exit 2) after ``timeout``.
+
+    Every worker holds a shared ``flock`` on ``run_dir/.workers.lock`` while it trains (:func:`hold_workers_lock`)
+    and the kernel drops it when the worker dies, however it dies; the driver's own lock (``.lock``) dies with the
+    driver, so without this a ``--resume`` right after a killed driver could race with workers still writing.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return  # resolve_run_dir reports an unwritable folder in its own words
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # released at once by the finally below: this run's workers take it shared
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    raise ConfigError(
+                        f"run folder {run_dir}: workers of an earlier run of it still hold {WORKERS_LOCK} after "
+                        f"{timeout:.0f} s; stop them (`fuser -v {Path(run_dir) / WORKERS_LOCK}` lists them), then "
+                        f"try again"
+                    ) from None
+                time.sleep(0.2)
+            except OSError:
+                return  # a file system without flock: nothing to wait on
+    finally:
+        os.close(fd)
+
+
+def hold_workers_lock(run_dir: Path | str) -> int | None:
+    """In a worker: a shared ``flock`` on ``run_dir/.workers.lock`` until the returned descriptor is closed."""
+    import fcntl
+
+    if is_uri(run_dir) or not Path(run_dir).is_dir():
+        return None  # a URI: each worker writes through its own staging folder, no shared lock exists
+    try:
+        fd = os.open(Path(run_dir) / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a new driver checks for old workers
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _first_line(e: BaseException) -> str:
@@ -287,7 +352,8 @@ def init_ray(cfg: Config) -> None:
     # Ray Train's placement-group cleaner (an actor) finds its cluster through RAY_ADDRESS; without it, on
     # a machine with several Ray instances, it cannot tell which is its own and dies with a traceback.
     chosen_port = None
-    if address is None:
+    local = address is None
+    if local:
         # "local": always a new cluster. address=None would join whatever Ray's ray_current_cluster
         # file names (a `ray start` left running, another program's Ray, or one long dead: a hang).
         address = "local"
@@ -296,6 +362,8 @@ def init_ray(cfg: Config) -> None:
             chosen_port = _free_port()
             os.environ["RAY_GCS_SERVER_PORT"] = str(chosen_port)  # read by ray.init's local start
         env_vars["RAY_ADDRESS"] = f"127.0.0.1:{os.environ['RAY_GCS_SERVER_PORT']}"
+        ensure_local_token()
+        start_reaper()
     else:
         check_reachable(address)
     if address != "local" and not address.startswith("ray://"):
@@ -308,12 +376,175 @@ def init_ray(cfg: Config) -> None:
         # could not download.
         kwargs["runtime_env"] = {"env_vars": env_vars}
     try:
-        ray.init(address=address, **kwargs)
+        with _loopback_node(local):
+            ray.init(address=address, **kwargs)
+    except ray.exceptions.AuthenticationError as e:
+        raise ConfigError(f"ray.address: {address}: {_first_line(e)}; {_TOKEN_HINT}") from None
+    except ConnectionError as e:
+        if local:
+            raise
+        # A cluster that refuses this client's token answers "Unauthenticated" until ray.init gives up (~20 s).
+        raise ConfigError(
+            f"ray.address: {address}: {_first_line(e)} (a missing or wrong token looks like this too: "
+            f"'Unauthenticated' above); {_TOKEN_HINT}"
+        ) from None
     finally:
         if chosen_port is not None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
     if not CONSOLE.verbose:
         _collapse_forwarded_tracebacks()
+
+
+_TOKEN_HINT = (
+    "give this machine the cluster's token (`ray get-auth-token` on the head prints it): RAY_AUTH_TOKEN=<token> or "
+    "RAY_AUTH_TOKEN_PATH=<file>, or put it in ~/.ray/auth_token; RAY_AUTH_MODE=disabled only for a cluster that "
+    "runs without authentication"
+)
+
+
+def ensure_local_token() -> None:
+    """A local Ray with token authentication needs a token: Ray's own default file, ``~/.ray/auth_token``.
+
+    Ray 2.60 creates that file itself when it is missing, but readable by every user of the machine (mode 0644
+    under the umask); created here first, it is readable by this user only. A token given in RAY_AUTH_TOKEN or
+    RAY_AUTH_TOKEN_PATH is used as it is; nothing happens with RAY_AUTH_MODE=disabled.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # the user's token (Ray reuses it for every local cluster)
+    except OSError:
+        return  # an unwritable home: Ray says so itself, in one line
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+    with os.fdopen(fd, "w") as f:
+        f.write(generate_new_authentication_token())
+
+
+class _loopback_node:
+    """While a local Ray starts: its node is 127.0.0.1, so every Ray server binds to loopback.
+
+    Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` into the machine's routable address (its processes then
+    listen on all interfaces and ``workers/rank*.json`` records that address) unless
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's switch for single-machine clusters: set for the processes Ray
+    starts (they inherit it) and in this process's copy of the constant, then restored.
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def __enter__(self) -> None:
+        if not self.active:
+            return
+        from ray._private import ray_constants
+
+        self._saved = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"), ray_constants.ENABLE_RAY_CLUSTER
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.active:
+            return
+        from ray._private import ray_constants
+
+        env, ray_constants.ENABLE_RAY_CLUSTER = self._saved
+        if env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = env
+
+
+# The reaper: a small process that outlives this one and, the moment this process dies however it dies (SIGKILL
+# included), SIGKILLs every process of the local Ray it started. Ray 2.60 alone lets the training workers run on
+# for seconds after the driver is killed (they kept writing checkpoints into the run folder) and leaves its
+# dashboard and runtime-env agents running for good. It learns of the death from a pipe whose write end only this
+# process holds (EOF), and knows the Ray processes from polling /proc: this process's children started from
+# Ray's package (GCS, raylet, monitors) and all their descendants (agents, workers), each with its start time,
+# so a pid used again later is never killed.
+_REAPER_SOURCE = r"""
+import os, select, signal, sys
+
+fd, driver, ray_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+seen = {}
+
+
+def table():
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/" + name + "/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(name)] = (int(rest[1]), rest[19])  # parent pid, start time
+    return out
+
+
+def from_ray(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            args = f.read().split(b"\0")[:2]
+    except OSError:
+        return False
+    return any(a.decode(errors="replace").startswith(ray_dir) for a in args)
+
+
+def scan():
+    procs = table()
+    children = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    alive = [p for p, start in seen.items() if procs.get(p, (0, None))[1] == start]
+    stack = alive + [p for p in children.get(driver, []) if p not in seen and from_ray(p)]
+    found = {}
+    while stack:
+        pid = stack.pop()
+        if pid in procs and pid not in found and pid != os.getpid():
+            found[pid] = procs[pid][1]
+            stack.extend(children.get(pid, []))
+    seen.clear()
+    seen.update(found)
+
+
+while True:
+    ready, _, _ = select.select([fd], [], [], 0.5)
+    if ready and not os.read(fd, 1):
+        break  # EOF: the driver is gone
+    scan()
+for _ in range(3):  # a process may start another while the first round kills
+    scan()
+    for pid in seen:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+_REAPER: subprocess.Popen | None = None
+
+
+def start_reaper() -> None:
+    """Start the reaper (above) once per process, before the local Ray starts (Linux only: it reads /proc)."""
+    global _REAPER
+    if _REAPER is not None or not os.path.isdir("/proc/self"):
+        return
+    read_end, write_end = os.pipe()  # neither inheritable: Ray's processes never hold the write end
+    _REAPER = subprocess.Popen(
+        [sys.executable, "-c", _REAPER_SOURCE, str(read_end), str(os.getpid()), os.path.dirname(ray.__file__)],
+        pass_fds=(read_end,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C or kill of this process group leaves it to do its work
+    )
+    os.close(read_end)
+    _REAPER.pipe = write_end  # open until this process ends: its death is the reaper's signal
 
 
 class _CollapseTracebacks:
@@ -739,6 +970,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    workers_lock = hold_workers_lock(config["run_dir"])
     store = RunStore.open(config["run_dir"])  # a folder, or a URI staged in a folder of this process
     fault = config.get("test_fault")
     echo, hparams = config.get("echo", True), config.get("hparams")
@@ -762,6 +994,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
         ) from None
     finally:
         store.close()
+        if workers_lock is not None:
+            os.close(workers_lock)
 
 
 def _quiet_report_log() -> None:
