@@ -657,13 +657,13 @@ def test_a_killed_driver_takes_its_workers_with_it_and_resume_follows(tmp_path):
 def test_a_new_run_waits_for_workers_of_a_dead_driver(tmp_path, monkeypatch):
     """A worker holds .workers.lock (shared) while it trains; a run of the same folder (its driver's .lock free,
     as after a killed driver) waits for it and refuses in one line if it never ends; it starts once it is gone."""
-    from cmd_dist import launcher
+    from cmd_dist.launch import launcher
 
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     code = (
         "import sys, time\n"
-        "from cmd_dist.launcher import hold_workers_lock\n"
+        "from cmd_dist.launch.launcher import hold_workers_lock\n"
         "fd = hold_workers_lock(sys.argv[1])\n"
         "print('HELD' if fd is not None else 'NONE', flush=True)\n"
         "sys.stdin.read()\n"

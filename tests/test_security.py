@@ -23,7 +23,7 @@ from tests.conftest import REPO
 
 HOST = """
 import json, os, sys
-from cmd_dist import launcher
+from cmd_dist.launch import launcher
 from cmd_dist.config import load_config
 launcher.init_ray(load_config(None))
 import ray
