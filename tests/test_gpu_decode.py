@@ -16,21 +16,11 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from cmd_dist.config import ConfigError, load_config
+from cmd_dist.data.device_decode import VIEW_PARAMS, nvjpeg_size, plan_groups, resized_crops, view_params
 from cmd_dist.data.prepare import prepare_data
-from cmd_dist.data.streamed import (
-    IMAGENET_STD,
-    VIEW_PARAMS,
-    StreamedData,
-    build_streamed,
-    decode_mode,
-    eval_view,
-    nvjpeg_size,
-    plan_groups,
-    resized_crops,
-    train_view,
-    view_params,
-)
+from cmd_dist.data.streamed import IMAGENET_STD, StreamedData, build_streamed, decode_mode
 from cmd_dist.data.types import Shard
+from cmd_dist.data.views import eval_view, train_view
 from cmd_dist.errors import DataError
 from tests.image_fixtures import jpeg_bytes, make_imagefolder, make_webvision
 
@@ -69,7 +59,7 @@ def _images(seed: int = 0, dtype=torch.float32) -> list[torch.Tensor]:
 
 
 def _cut(images: list[torch.Tensor], params: np.ndarray, size: int) -> torch.Tensor:
-    """resized_crops in the order plan_groups chooses, put back in the images' order (as _device_batch does)."""
+    """resized_crops in the order plan_groups chooses, put back in the images' order (as DeviceDecoder.batch does)."""
     order, groups = plan_groups([tuple(im.shape[1:]) for im in images])
     p = torch.from_numpy(np.ascontiguousarray(params[:, order]))
     out = resized_crops([images[j] for j in order], p, groups, size)

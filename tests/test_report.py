@@ -228,12 +228,13 @@ def test_paper_number_beside_a_run_of_its_cell_only(runs, tmp_path):
 
 def test_runs_plot_has_distinct_styles_and_the_papers_line_in_its_legend(runs, tmp_path, monkeypatch):
     from cmd_dist import report as rep
+    from cmd_dist.report import plots
 
     assert len({rep.run_style(i) for i in range(40)}) == 40
     cell = rep.load_run(_as_cell(runs / "cmdp", tmp_path / "cell"))
     others = [rep.load_run(runs / "cmdp", f"run{i}") for i in range(11)]
     figures = []
-    monkeypatch.setattr(rep, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     rep.fig_runs([cell, *others], tmp_path / "runs.png")
     ax = figures[0].axes[0]
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -245,11 +246,12 @@ def test_runs_plot_has_distinct_styles_and_the_papers_line_in_its_legend(runs, t
 
 def test_exchange_plot_says_what_the_counts_are_out_of(runs, tmp_path, monkeypatch):
     from cmd_dist import report as rep
+    from cmd_dist.report import plots
 
     run = rep.load_run(runs / "cmdp")
     assert {r["train_labels"] for rows in run.rows.values() for r in rows} == {600}  # data.train_subset=600
     figures = []
-    monkeypatch.setattr(rep, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     rep.fig_exchange(run, tmp_path / "x.png")
     assert "out of 600 training labels per epoch" in figures[0].axes[0].get_ylabel()
 
@@ -334,6 +336,7 @@ def test_search_report_text_and_plot_show_the_searchs_metric(tmp_path, monkeypat
     """`tune --metric peerA`: the best trial's score, the plotted points and their axis are peerA's validation
     accuracy, the number the search ranked by (not the peers' mean)."""
     from cmd_dist import report as rep
+    from cmd_dist.report import plots
 
     search = tmp_path / "search"
     search.mkdir()
@@ -349,7 +352,7 @@ def test_search_report_text_and_plot_show_the_searchs_metric(tmp_path, monkeypat
     ]  # fmt: skip
     (search / "summary.json").write_text(json.dumps({"trials": trials, "best": trials[0]}))
     figures = []
-    monkeypatch.setattr(rep, "_save", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
     text = rep.write_report([search], tmp_path / "rep").read_text()
     assert "Best trial: t1, score 44.44% (validation accuracy, peerA: the search's --metric peerA)" in text
     ax = figures[0].axes[0]

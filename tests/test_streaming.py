@@ -16,8 +16,9 @@ import torch
 
 from cmd_dist.config import load_config
 from cmd_dist.data.prepare import check_data, prepare_data
-from cmd_dist.data.streamed import StreamedData, build_streamed, random_resized_crop_box, sample_order
+from cmd_dist.data.streamed import StreamedData, build_streamed
 from cmd_dist.data.types import Shard
+from cmd_dist.data.views import random_resized_crop_box, sample_order
 from cmd_dist.errors import DataError
 from tests.image_fixtures import (
     corrupt_jpeg,
