@@ -48,3 +48,32 @@ def test_without_augmentation_every_peer_sees_the_images_themselves(tmp_path):
     for b in data.epoch_batches(0, [0, 1], BATCH, seed=0):
         want = normalize(data.train_x[b.ids], data.mean, data.std)
         assert torch.equal(b.xs[0], want) and torch.equal(b.xs[1], want)
+
+
+def test_a_streamed_search_without_a_val_folder_holds_out_training_images_and_reads_nothing_else(tmp_path):
+    """Appendix A.2 for streamed data: an ImageFolder without ``val/`` under ``data.protocol=search`` holds out
+    ``data.val_fraction`` of its training images; it reads the training list only (never test, no "val" split),
+    and the held-out images are not trained on."""
+    from cmd_dist.config import load_config
+    from cmd_dist.data.streamed import build_streamed
+    from tests.image_fixtures import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "imgs", per_class=10, splits=("train", "test"))
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=imagefolder",
+            f"data.root={root}",
+            "data.image_size=32",
+            "noise.kind=symmetric",
+            "data.workers=0",
+            "data.protocol=search",
+        ],
+    )
+    d = build_streamed(cfg.data, cfg.noise, workers=0)
+    assert d.splits_read == ["train"]
+    assert d.eval_split == "val" and d.eval_sets == ["val"]
+    held_out = set(d.evals["val"].rel.tolist())
+    trained = set(d.train.rel.tolist())
+    assert len(held_out) == round(30 * cfg.data.val_fraction) and not held_out & trained
+    assert len(held_out) + len(trained) == 30
