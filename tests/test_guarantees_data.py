@@ -59,21 +59,20 @@ def test_a_streamed_search_without_a_val_folder_holds_out_training_images_and_re
     from tests.image_fixtures import make_imagefolder
 
     root = make_imagefolder(tmp_path / "imgs", per_class=10, splits=("train", "test"))
-    cfg = load_config(
-        None,
-        [
-            "data.dataset=imagefolder",
-            f"data.root={root}",
-            "data.image_size=32",
-            "noise.kind=symmetric",
-            "data.workers=0",
-            "data.protocol=search",
-        ],
-    )
+    overrides = [
+        "data.dataset=imagefolder",
+        f"data.root={root}",
+        "data.image_size=32",
+        "noise.kind=symmetric",
+        "data.workers=0",
+        "data.protocol=search",
+    ]
+    cfg = load_config(None, overrides)
     d = build_streamed(cfg.data, cfg.noise, workers=0)
     assert d.splits_read == ["train"]
     assert d.eval_split == "val" and d.eval_sets == ["val"]
     held_out = set(d.evals["val"].rel.tolist())
     trained = set(d.train.rel.tolist())
-    assert len(held_out) == round(30 * cfg.data.val_fraction) and not held_out & trained
-    assert len(held_out) + len(trained) == 30
+    everything = build_streamed(load_config(None, [*overrides[:-1]]).data, cfg.noise, workers=0).train.rel.tolist()
+    assert len(held_out) == round(len(everything) * cfg.data.val_fraction) and not held_out & trained
+    assert held_out | trained == set(everything)
