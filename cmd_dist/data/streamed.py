@@ -34,7 +34,6 @@ from cmd_dist.data.noise import corrupt_labels, noise_rate, split_train_val
 from cmd_dist.data.types import WHOLE, Batch, DatasetSpec, Shard
 from cmd_dist.errors import DataError
 
-STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
