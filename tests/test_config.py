@@ -656,3 +656,58 @@ def test_allow_changes_without_resume_is_one_line(capsys):
     assert capsys.readouterr().err == (
         "cmd-dist: error: --allow-changes applies to --resume RUN_DIR (a new run has nothing to change)\n"
     )
+
+
+# ----------------------------------------------------------------------------- typed config (issue 19 §6)
+
+TRI_STATE_KEYS = ("train.fast_path", "train.cuda_graph", "ray.use_gpu", "ray.sync_batchnorm")
+
+
+@pytest.mark.parametrize("key", TRI_STATE_KEYS)
+@pytest.mark.parametrize(
+    "spelling, value",
+    [
+        ("true", "true"),
+        ('"true"', "true"),
+        ('"True"', "true"),
+        ("false", "false"),
+        ("no", "false"),
+        ('"FALSE"', "false"),
+    ],
+)
+def test_a_tri_state_reads_yaml_booleans_and_strings_as_the_same_value(tmp_path, key, spelling, value):
+    """``cuda_graph: true`` (a YAML boolean) and ``cuda_graph: "true"`` mean the same: the string ``"true"``, in a
+    file and in an override; the resolved config.yaml writes that string back."""
+    section, name = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: {spelling}\n")
+    extra = ["ray.use_gpu=auto"] if key == "ray.sync_batchnorm" else []
+    for cfg in (load_config(path, extra), load_config(None, [f"{key}={spelling}", *extra])):
+        assert getattr(getattr(cfg, section), name) == value
+        assert yaml.safe_load(dump_yaml(cfg))[section][name] == value
+
+
+def test_tri_states_and_fixed_choices_are_literals_of_the_schema():
+    """The allowed values are written once, in the section's dataclass; the loader checks them from there."""
+    import typing
+
+    from cmd_dist.config import TRI_STATE, Config
+
+    sections = typing.get_type_hints(Config)
+    hints = {name: typing.get_type_hints(sections[name]) for name in ("data", "train", "ray")}
+    for key in TRI_STATE_KEYS:
+        section, name = key.split(".")
+        assert typing.get_args(hints[section][name]) == TRI_STATE == ("auto", "true", "false"), key
+    for key in ("data.dataset", "data.protocol", "data.decode", "train.compile_mode", "ray.placement"):
+        section, name = key.split(".")
+        assert typing.get_origin(hints[section][name]) is typing.Literal, key
+
+
+def test_one_list_of_dataset_names_in_the_data_layer():
+    """data.dataset accepts exactly the data layer's DATASETS: the resident ones (SPECS) and the streamed ones."""
+    from cmd_dist.data.types import DATASETS, REAL_NOISE_DATASETS, SPECS, STREAMED
+
+    assert set(DATASETS) == set(SPECS) | set(STREAMED) and not set(SPECS) & set(STREAMED)
+    assert set(REAL_NOISE_DATASETS) <= set(STREAMED)
+    msg = _error(["data.dataset=svhn"])
+    assert msg == f"data.dataset: 'svhn' is not one of {', '.join(DATASETS)}"

@@ -2,12 +2,13 @@
 
 - :mod:`~cmd_dist.config.schema`: the sections as dataclasses (every key, its type, default and meaning);
 - :mod:`~cmd_dist.config.load`: YAML and overrides in, a validated :class:`Config` out (and back to YAML);
-- :mod:`~cmd_dist.config.validate`: the semantic checks, one function per section;
+- :mod:`~cmd_dist.config.checks`: the semantic checks, one function per section;
 - :mod:`~cmd_dist.config.resume`: what ``--resume`` may change (:data:`RESUME_KEYS`) and what changed.
 
 The names below are the package's interface; import them from ``cmd_dist.config``.
 """
 
+from cmd_dist.config.checks import UNSET_RATE_KINDS, validate
 from cmd_dist.config.load import dump_yaml, from_dict, load_config, parse_overrides, yaml_problem
 from cmd_dist.config.resume import RESUME_KEYS, config_changes, resume_key_kind
 from cmd_dist.config.schema import (
@@ -22,7 +23,6 @@ from cmd_dist.config.schema import (
     TrainConfig,
     TriState,
 )
-from cmd_dist.config.validate import UNSET_RATE_KINDS, validate
 from cmd_dist.errors import ConfigError
 
 __all__ = [

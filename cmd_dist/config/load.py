@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from cmd_dist.config.checks import UNSET_RATE_KINDS, validate
 from cmd_dist.config.schema import TRI_STATE, Config, NoiseConfig
-from cmd_dist.config.validate import UNSET_RATE_KINDS, validate
 from cmd_dist.errors import ConfigError, first_line
 
 # ----------------------------------------------------------------------------- parsing

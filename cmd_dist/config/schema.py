@@ -3,7 +3,7 @@
 A key with a fixed set of values is a ``Literal``: :func:`cmd_dist.config.load.from_dict` refuses any other value
 (one line naming the key and the values allowed), and reads a YAML boolean given to a tri-state (``auto`` /
 ``true`` / ``false``) as ``"true"`` / ``"false"``, so ``cuda_graph: true`` and ``cuda_graph: "true"`` are the same.
-The checks that involve more than one key are in :mod:`cmd_dist.config.validate`, one function per section.
+The checks that involve more than one key are in :mod:`cmd_dist.config.checks`, one function per section.
 """
 
 from __future__ import annotations
