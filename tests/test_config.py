@@ -581,9 +581,9 @@ def _resume_error(capsys, run_dir: Path, overrides: list[str], allow: bool = Fal
 
 
 def test_resume_refuses_a_training_change_and_touches_nothing(tmp_path, capsys, monkeypatch):
-    import cmd_dist.runs.storage
+    import cmd_dist.runs.run_folder
 
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 10)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 10)
     run_dir = _run_folder(tmp_path)
     before = sorted((p.name, p.read_bytes()) for p in run_dir.iterdir())
     err = _resume_error(capsys, run_dir, ["train.lr=0.5", "ray.keep_checkpoints=3"])
@@ -601,10 +601,10 @@ def test_resume_refuses_a_training_change_and_touches_nothing(tmp_path, capsys, 
 
 
 def test_resume_allows_keys_that_change_nothing_trained(tmp_path, monkeypatch):
-    import cmd_dist.runs.storage
+    import cmd_dist.runs.run_folder
     from cmd_dist.cli import _resume_config
 
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 4)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 4)
     run_dir = _run_folder(tmp_path)
     r = _resume_config(str(run_dir), ["ray.keep_checkpoints=5", "train.log_every=7", "data.workers=2"])
     assert r.changes == {} and r.writes and r.cfg.ray.keep_checkpoints == 5
@@ -619,11 +619,11 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
     what changed from which epoch (and that Eq. 12's schedule moved with train.epochs)."""
     import json
 
-    import cmd_dist.runs.storage
+    import cmd_dist.runs.run_folder
     from cmd_dist.cli import _resume_config
     from cmd_dist.launch import launcher
 
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 10)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 10)
     run_dir = _run_folder(tmp_path)
     first = (run_dir / "config.yaml").read_text()
     (run_dir / "summary.json").write_text(json.dumps({"epochs_run": 10, "epochs": 10}))
@@ -637,7 +637,7 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 15 and summary["changes"] == [entry]
     # a second change: appended; the original config stays the first one
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 12)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 12)
     r = _resume_config(str(run_dir), ["train.lr=0.01"], True)
     launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     rows = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
@@ -656,3 +656,58 @@ def test_allow_changes_without_resume_is_one_line(capsys):
     assert capsys.readouterr().err == (
         "cmd-dist: error: --allow-changes applies to --resume RUN_DIR (a new run has nothing to change)\n"
     )
+
+
+# ----------------------------------------------------------------------------- typed config (issue 19 §6)
+
+TRI_STATE_KEYS = ("train.fast_path", "train.cuda_graph", "ray.use_gpu", "ray.sync_batchnorm")
+
+
+@pytest.mark.parametrize("key", TRI_STATE_KEYS)
+@pytest.mark.parametrize(
+    "spelling, value",
+    [
+        ("true", "true"),
+        ('"true"', "true"),
+        ('"True"', "true"),
+        ("false", "false"),
+        ("no", "false"),
+        ('"FALSE"', "false"),
+    ],
+)
+def test_a_tri_state_reads_yaml_booleans_and_strings_as_the_same_value(tmp_path, key, spelling, value):
+    """``cuda_graph: true`` (a YAML boolean) and ``cuda_graph: "true"`` mean the same: the string ``"true"``, in a
+    file and in an override; the resolved config.yaml writes that string back."""
+    section, name = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: {spelling}\n")
+    extra = ["ray.use_gpu=auto"] if key == "ray.sync_batchnorm" else []
+    for cfg in (load_config(path, extra), load_config(None, [f"{key}={spelling}", *extra])):
+        assert getattr(getattr(cfg, section), name) == value
+        assert yaml.safe_load(dump_yaml(cfg))[section][name] == value
+
+
+def test_tri_states_and_fixed_choices_are_literals_of_the_schema():
+    """The allowed values are written once, in the section's dataclass; the loader checks them from there."""
+    import typing
+
+    from cmd_dist.config import TRI_STATE, Config
+
+    sections = typing.get_type_hints(Config)
+    hints = {name: typing.get_type_hints(sections[name]) for name in ("data", "train", "ray")}
+    for key in TRI_STATE_KEYS:
+        section, name = key.split(".")
+        assert typing.get_args(hints[section][name]) == TRI_STATE == ("auto", "true", "false"), key
+    for key in ("data.dataset", "data.protocol", "data.decode", "train.compile_mode", "ray.placement"):
+        section, name = key.split(".")
+        assert typing.get_origin(hints[section][name]) is typing.Literal, key
+
+
+def test_one_list_of_dataset_names_in_the_data_layer():
+    """data.dataset accepts exactly the data layer's DATASETS: the resident ones (SPECS) and the streamed ones."""
+    from cmd_dist.data.types import DATASETS, REAL_NOISE_DATASETS, SPECS, STREAMED
+
+    assert set(DATASETS) == set(SPECS) | set(STREAMED) and not set(SPECS) & set(STREAMED)
+    assert set(REAL_NOISE_DATASETS) <= set(STREAMED)
+    msg = _error(["data.dataset=svhn"])
+    assert msg == f"data.dataset: 'svhn' is not one of {', '.join(DATASETS)}"

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmd_dist.errors import first_line
+
 #: ``noise.label_set`` -> the key of that label set in the CIFAR-N file.
 LABEL_SETS: dict[str, dict[str, str]] = {
     "cifar10": {
@@ -76,8 +78,7 @@ def load_label_file(path: Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # refused globals, truncated zip, not a torch file
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LabelFileError(f"CIFAR-N label file {path} could not be read safely ({first[:160]})") from None
+        raise LabelFileError(f"CIFAR-N label file {path} could not be read safely ({first_line(e)[:160]})") from None
     if not isinstance(obj, dict):
         raise LabelFileError(f"CIFAR-N label file {path} does not hold a dict of label arrays")
     out = {}

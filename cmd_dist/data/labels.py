@@ -7,7 +7,7 @@ from dataclasses import replace
 import torch
 
 from cmd_dist.data.noise import corrupt_labels
-from cmd_dist.data.types import SPECS, DatasetSpec
+from cmd_dist.data.types import REAL_NOISE_DATASETS, SPECS, DatasetSpec
 from cmd_dist.errors import DataError
 
 
@@ -46,5 +46,5 @@ def describe_labels(data_cfg, noise_cfg) -> str:
         name = {"cifar10": "CIFAR-10N", "cifar100": "CIFAR-100N"}.get(data_cfg.dataset, data_cfg.dataset)
         return f"{name} {noise_cfg.label_set} (human annotations)"
     if noise_cfg.kind == "none":
-        return "as shipped" + (" (real web noise)" if data_cfg.dataset in ("webvision", "food101n") else "")
+        return "as shipped" + (" (real web noise)" if data_cfg.dataset in REAL_NOISE_DATASETS else "")
     return f"{noise_cfg.kind} noise at rate {noise_cfg.rate:g}"

@@ -42,7 +42,6 @@ from cmd_dist.data.types import WHOLE, Batch, DatasetSpec, Shard
 from cmd_dist.data.views import BatchDecoder, BatchRequest, sample_order
 from cmd_dist.errors import DataError
 
-STREAMED_DATASETS = ("webvision", "food101n", "imagefolder")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

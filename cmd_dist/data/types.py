@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 
@@ -31,7 +31,13 @@ SPECS = {
 }
 
 
+#: Every dataset a run can name (``data.dataset``): the resident ones of :data:`SPECS` and the streamed ones.
+DatasetName = Literal["cifar100", "cifar10", "digits", "webvision", "food101n", "imagefolder"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+#: Streamed from disk (cmd_dist.data.streamed); the others are loaded into device memory.
 STREAMED = ("webvision", "food101n", "imagefolder")
+#: Datasets whose labels carry real (web) noise: no synthetic noise on top.
+REAL_NOISE_DATASETS = ("webvision", "food101n")
 
 
 @dataclass

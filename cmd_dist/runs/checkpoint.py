@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from cmd_dist.errors import CheckpointError
+from cmd_dist.errors import CheckpointError, first_line
 from cmd_dist.runs.fs import Folder, atomic_write_bytes
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -62,7 +62,7 @@ def load_peer_state(folder: Path, peer: int) -> dict[str, Any]:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint file {path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint file {path} cannot be loaded safely: {first_line(e)}") from None
 
 
 def checkpoint_folder(run_dir: Path, epoch: int) -> Path:
