@@ -75,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = None
     preflight(cfg)
 
-    from cmd_dist import launcher  # imports Ray: only after the config is known to be good
+    from cmd_dist.launch import launcher  # imports Ray: only after the config is known to be good
 
     launcher.set_console(verbose=args.verbose)
     launcher.check_placement(cfg)  # a local Ray's resources are known before it starts

@@ -92,7 +92,7 @@ def test_output_dir_probe_on_every_node(cluster, tmp_path):
     """The visibility probe really runs on each node: a shared folder passes, a file no node has is reported."""
     script = (
         "import sys, ray\n"
-        "from cmd_dist import launcher\n"
+        "from cmd_dist.launch import launcher\n"
         "ray.init(address=sys.argv[1], _node_ip_address='127.0.0.1',\n"
         "         logging_config=ray.LoggingConfig(log_level='ERROR'))\n"
         "launcher.check_shared_output(sys.argv[2])\n"
