@@ -53,7 +53,7 @@ def test_asyncmkd_steps_one_peer_per_iteration(tmp_path):
             "train.weight_decay=0",
         ],
     )
-    from cmd_dist.train.engine import build_peer
+    from cmd_dist.train.peers import build_peer
 
     init = [build_peer(cfg, k, 10, 1, torch.device("cpu")).model.state_dict() for k in range(2)]
     run_local(cfg, tmp_path)

@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, init_file: str, cfg_dict: dict, run_dir: str)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from cmd_dist.train.engine import run_worker
+        from cmd_dist.train.worker import run_worker
 
         metrics = run_worker(from_dict(cfg_dict), Path(run_dir), LocalReporter(Path(run_dir)), torch.device("cpu"))
         if rank == 0:
@@ -194,7 +194,7 @@ def test_a_last_batch_smaller_than_the_replicas_is_refused(tmp_path: Path):
 
 @pytest.mark.skipif(os.environ.get("CMD_DIST_SKIP_SLOW") == "1", reason="slow")
 def test_sync_batchnorm_true_without_gpu_is_refused_in_the_worker(tmp_path: Path):
-    from cmd_dist.train.engine import sync_batchnorm_enabled
+    from cmd_dist.train.peers import sync_batchnorm_enabled
 
     cfg = load_config(DEMO, ["ray.sync_batchnorm=true"])
     with pytest.raises(ValueError, match="no GPU"):

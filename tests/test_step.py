@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 from cmd_dist.config import load_config
 from cmd_dist.method.selection import confident_mask
 from cmd_dist.method.selfkd import cross_entropy, entropy, mconf_trust, own_target_grad, refined_label, self_kd_loss
-from cmd_dist.train.engine import LocalForward, build_peer
 from cmd_dist.train.exchange import Exchange
+from cmd_dist.train.peers import LocalForward, build_peer
 from cmd_dist.train.step import ACC_COLUMNS, SelfKD, StepState, TrainStep, build_objective
 
 BATCH, CLASSES = 32, 10
