@@ -27,8 +27,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
 
-from cmd_dist.launch import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.config import Config, ConfigError, from_dict
+from cmd_dist.launch import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
 from cmd_dist.runs.storage import is_uri, join, open_filesystem, read_run_file, remove_dead_staging
 from tune.resources import plan_resources
 from tune.results import TrialRow, make_row

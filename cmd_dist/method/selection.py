@@ -1,4 +1,5 @@
-"""Confident knowledge selection (paper Sec. 4.2): the entropy threshold chi of Eq. (12)."""
+"""Confident knowledge selection (paper Sec. 4.2): the entropy threshold chi of Eq. (12), its schedule per knowledge
+mode (chosen once from the config), and the selection masks of Eq. (8)-(9)."""
 
 from __future__ import annotations
 

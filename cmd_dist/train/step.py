@@ -272,17 +272,7 @@ class TrainStep:
             live.append((logits, prob, h, eps, own))
             packs.append(torch.cat([prob.detach(), sent, h[:, None]], dim=1))
 
-        kn, masks = None, None
-        if self.exchanging:  # the knowledge exchange: every peer, global order
-            gathered = self.exchange.all_gather(packs, grad=self.selfkd.sent_grad)
-            kn = Knowledge(
-                probs=[g[:, :c].detach() for g in gathered],
-                refined=[g[:, c : 2 * c] for g in gathered],
-                entropies=[g[:, 2 * c].detach() for g in gathered],
-            )
-            masks = [(h < st.chi).float() for h in kn.entropies]  # Eq. (8)-(9): H(p_j) < chi
-            st.distilled.add_(torch.stack([mk.sum() for mk in masks]))
-
+        kn, masks = self._exchange(packs) if self.exchanging else (None, None)
         total = None
         rows = []
         for slot, p in enumerate(self.peers):
@@ -319,6 +309,19 @@ class TrainStep:
             (total * (share * self.replicas) if self.replicas > 1 else total).backward()
         for p in stepping:
             p.optimizer.step()
+
+    def _exchange(self, packs: list[torch.Tensor]) -> tuple[Knowledge, list[torch.Tensor]]:
+        """The knowledge exchange: every peer's knowledge in global order, and its selection masks."""
+        st, c = self.state, self.num_classes
+        gathered = self.exchange.all_gather(packs, grad=self.selfkd.sent_grad)
+        kn = Knowledge(
+            probs=[g[:, :c].detach() for g in gathered],
+            refined=[g[:, c : 2 * c] for g in gathered],
+            entropies=[g[:, 2 * c].detach() for g in gathered],
+        )
+        masks = [(h < st.chi).float() for h in kn.entropies]  # Eq. (8)-(9): H(p_j) < chi
+        st.distilled.add_(torch.stack([mk.sum() for mk in masks]))
+        return kn, masks
 
 
 class GraphedStep:

@@ -66,8 +66,8 @@ def run_worker(
     keep = cfg.ray.keep_checkpoints
     checkpointer = Checkpointer(store, exchange, len(cfg.peers), t.epochs, t.checkpoint_every, keep, log)
     restored = checkpointer.load_latest()
-    for p in peers:
-        if restored.states:
+    if restored.states:
+        for p in peers:
             load_into_peer(p, restored.states[p.index])
     if restored.finished:  # restarted after the last epoch (e.g. the same run name again): nothing to train
         reporter.report(restored.metrics)
