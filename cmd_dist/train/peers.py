@@ -18,6 +18,8 @@ from cmd_dist.train.step import Objective
 
 @dataclass
 class Peer:
+    """One peer on this worker: ``index`` is its place among all the run's peers (``cfg.peers``)."""
+
     index: int
     name: str
     arch: str
