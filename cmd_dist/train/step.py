@@ -32,12 +32,13 @@ from cmd_dist.method.objectives import (
 )
 from cmd_dist.method.selfkd import (
     DEFAULT_FIXED_EPSILON,
+    REFINED_LABELS,
     ModelCertainty,
     entropy,
     mconf_trust,
     own_target_grad,
     proselflc_trust,
-    refined_label,
+    refine,
     self_kd_loss,
 )
 from cmd_dist.train.exchange import Exchange
@@ -63,6 +64,7 @@ class SelfKD:
         self.sent_grad = bool(m.peer_target_grad) and self.name not in ("ce", "ls")
         trusts = {"proselflc": self._proselflc_trust, "mconf": self._mconf_trust}
         self._trust = trusts.get(self.name, self._fixed_trust)
+        self._label = REFINED_LABELS[self.name]
         #: Mconf's trust reads the model certainty r, estimated from each epoch's entropies (Eq. 6).
         self.uses_certainty = self.name == "mconf"
 
@@ -81,8 +83,8 @@ class SelfKD:
 
     def targets(self, q: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(own refined label, refined label sent to the peers); the same tensor when their gradients agree."""
-        own = refined_label(self.name, q, p, eps, grad=self.own_grad)
-        sent = own if self.sent_grad == self.own_grad else refined_label(self.name, q, p, eps, grad=self.sent_grad)
+        own = refine(self._label, q, p, eps, grad=self.own_grad)
+        sent = own if self.sent_grad == self.own_grad else refine(self._label, q, p, eps, grad=self.sent_grad)
         return own, sent
 
     def end_epoch(self, certainty: ModelCertainty, entropy_sum: float, count: int) -> float:
