@@ -54,6 +54,8 @@ class SelfKD:
     def __init__(self, method_cfg: Any) -> None:
         m = method_cfg
         self.name = m.self_kd
+        if self.name not in REFINED_LABELS:
+            raise ValueError(f"unknown self-KD method {self.name!r}; choose one of {', '.join(REFINED_LABELS)}")
         self.b1, self.rho = m.b1, m.rho
         self.fixed = m.epsilon if m.epsilon is not None else DEFAULT_FIXED_EPSILON.get(m.self_kd, 0.0)
         if self.name == "ce":
