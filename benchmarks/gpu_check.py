@@ -53,8 +53,9 @@ from cmd_dist.data.prepare import prepare_data  # noqa: E402
 from cmd_dist.data.resident import load_split  # noqa: E402
 from cmd_dist.data.types import SPECS  # noqa: E402
 from cmd_dist.models import build_model  # noqa: E402
-from cmd_dist.train.engine import Trainer, build_peer  # noqa: E402
 from cmd_dist.train.exchange import Exchange  # noqa: E402
+from cmd_dist.train.peers import build_peer  # noqa: E402
+from cmd_dist.train.trainer import Trainer  # noqa: E402
 
 CMD_P_MCONF = ["method.objective=cmd", "method.knowledge=cmd-p", "method.self_kd=mconf"]
 

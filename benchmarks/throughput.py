@@ -46,8 +46,9 @@ from cmd_dist.data.prepare import prepare_data
 from cmd_dist.data.resident import load_split
 from cmd_dist.data.types import SPECS
 from cmd_dist.models import build_model
-from cmd_dist.train.engine import build_peer, train_one_epoch
 from cmd_dist.train.exchange import Exchange
+from cmd_dist.train.peers import build_peer
+from cmd_dist.train.trainer import train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -140,7 +141,7 @@ def cmd_config(args: argparse.Namespace, method: list[str], epochs: int, extra: 
 
 
 def cmd_setup(cfg: Config, device: torch.device) -> tuple[Callable[[], float], int]:
-    """Rows (b), (c): every peer in this process through cmd_dist.train.engine.train_one_epoch (1-process exchange)."""
+    """Rows (b), (c): every peer in this process through cmd_dist.train.trainer.train_one_epoch (1-process exchange)."""
     data = prepare_data(cfg.data, cfg.noise, device)
     exchange = Exchange(len(cfg.peers))
     peers = [build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device) for k in exchange.local_peers]
@@ -150,10 +151,7 @@ def cmd_setup(cfg: Config, device: torch.device) -> tuple[Callable[[], float], i
         start = time.perf_counter()
         train_one_epoch(cfg, peers, exchange, data, epoch_index[0], device)
         sync(device)
-        seconds = time.perf_counter() - start
-        if cfg.method.self_kd == "mconf":  # run_worker's end-of-epoch bookkeeping, not timed there either
-            for p in peers:
-                p.certainty.end_epoch()
+        seconds = time.perf_counter() - start  # includes Mconf's end-of-epoch r (host arithmetic, negligible)
         epoch_index[0] += 1
         return seconds
 

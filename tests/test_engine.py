@@ -53,7 +53,7 @@ def test_asyncmkd_steps_one_peer_per_iteration(tmp_path):
             "train.weight_decay=0",
         ],
     )
-    from cmd_dist.train.engine import build_peer
+    from cmd_dist.train.peers import build_peer
 
     init = [build_peer(cfg, k, 10, 1, torch.device("cpu")).model.state_dict() for k in range(2)]
     run_local(cfg, tmp_path)
@@ -81,6 +81,20 @@ def test_mconf_certainty_is_updated_each_epoch(tmp_path):
     r = [row["certainty_r"] for row in _rows(tmp_path) if row["peer"] == "peer0"]
     assert len(r) == 3 and all(0 < x < 1 for x in r)
     assert r[0] != r[1] != r[2]
+
+
+def test_logged_chi_is_eq12_of_that_epoch_and_r_is_the_epochs_mean_entropy(tmp_path):
+    """Epoch e trains with chi(e) of Eq. (12) (not e+1's), and Mconf's r after epoch e is 1 - mean H(p) / H(u)
+    over that epoch's training samples (Eq. 6), both as logged in metrics.jsonl."""
+    from cmd_dist.method.selection import knowledge_threshold
+
+    eta, b2, epochs = 1.0, -1.0, 3
+    run_local(load_config(None, SMALL + [f"train.epochs={epochs}"]), tmp_path)
+    rows = _rows(tmp_path)
+    assert sorted({r["epoch"] for r in rows}) == [1, 2, 3]
+    for r in rows:
+        assert r["chi"] == pytest.approx(knowledge_threshold(r["epoch"] - 1, epochs, 10, eta, b2), rel=1e-12)
+        assert r["certainty_r"] == pytest.approx(1.0 - r["entropy_mean"] / math.log(10), rel=1e-9)
 
 
 def test_three_peers_exchange_with_each_other(tmp_path):

@@ -10,6 +10,7 @@ latest then). A marker written before the barrier, or before any peer's file, is
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow.fs
@@ -17,10 +18,10 @@ import pytest
 import torch
 
 from cmd_dist.config import load_config
-from cmd_dist.runs.checkpoint import checkpoint_folder, save_peer_state
-from cmd_dist.runs.fs import Remote
-from cmd_dist.runs.storage import RunStore, newest_complete_checkpoint
-from cmd_dist.train import engine
+from cmd_dist.runs.checkpoint import checkpoint_folder, newest_complete_checkpoint, save_peer_state
+from cmd_dist.runs.storage import Remote, RunStore
+from cmd_dist.train import checkpointer
+from cmd_dist.train.checkpointer import Checkpointer
 from cmd_dist.train.local import run_local
 
 PEER_FILES = {"peer0.pt", "peer0.sha256", "peer1.pt", "peer1.sha256"}
@@ -64,13 +65,13 @@ class _Recording(Remote):
 def _spy_markers(monkeypatch, exchange) -> list[tuple[str, int, set[str]]]:
     """Every local marker write: (folder name, barriers passed, files in the folder at that moment)."""
     seen = []
-    write = engine.write_epoch_marker
+    write = checkpointer.write_epoch_marker
 
     def spy(folder, epoch):
         seen.append((Path(folder).name, exchange.barriers, _listing(Path(folder))))
         write(folder, epoch)
 
-    monkeypatch.setattr(engine, "write_epoch_marker", spy)
+    monkeypatch.setattr(checkpointer, "write_epoch_marker", spy)
     return seen
 
 
@@ -97,7 +98,8 @@ def test_rank0_writes_the_checkpoint_marker_after_the_barrier_and_every_peers_fi
         remote.exchange = exchange
     local = _spy_markers(monkeypatch, exchange)
     try:
-        engine._save_checkpoint(run_dir, exchange, {0: _state(0)}, {"epoch": 1}, 1, 2, 2, set(), store)
+        ckpt = Checkpointer(store, exchange, num_peers=2, epochs=1, every=1, keep=2)
+        assert ckpt.save(1, {0: _state(0)}, {"epoch": 1}, -math.inf)  # -inf: no new best, the checkpoint alone
         assert exchange.barriers == 1
         mine = {"peer0.pt", "peer0.sha256"} if uri else PEER_FILES  # a URI: the other worker's files are not here
         assert local == [(folder.name, 1, mine | {"metrics.json"})]
@@ -132,17 +134,26 @@ def test_rank0_renews_the_best_checkpoint_marker_only_around_every_peers_files(t
         else:
             save_peer_state(best, 1, _state(1))
 
-    exchange = _Rank0Of2([old_marker_gone, other_worker_done])
+    def checkpoint_done():  # the checkpoint written after the best copy: its own barrier
+        if uri:
+            for ext in (".pt", ".sha256"):
+                remote.write_bytes(f"checkpoint_000002/peer1{ext}", b"x")
+        else:
+            save_peer_state(checkpoint_folder(store.dir, 2), 1, _state(1))
+
+    exchange = _Rank0Of2([old_marker_gone, other_worker_done, checkpoint_done])
     if uri:
         remote.exchange = exchange
     local = _spy_markers(monkeypatch, exchange)
     try:
-        engine._save_best(best, exchange, {0: _state(0)}, {"epoch": 2}, 2, store)
-        assert exchange.barriers == 2
+        ckpt = Checkpointer(store, exchange, num_peers=2, epochs=2, every=1, keep=2)
+        assert ckpt.save(2, {0: _state(0)}, {"epoch": 2}, 50.0)  # a new best, on a checkpoint epoch
+        assert exchange.barriers == 3  # the best copy's two, then the checkpoint's
         mine = {"peer0.pt", "peer0.sha256"} if uri else PEER_FILES
-        assert local == [("best_checkpoint", 2, mine | {"metrics.json"})]
+        assert [m for m in local if m[0] == "best_checkpoint"] == [("best_checkpoint", 2, mine | {"metrics.json"})]
         if uri:
-            assert remote.markers == [("best_checkpoint/epoch.txt", 2, PEER_FILES | {"metrics.json"})]
+            best_markers = [m for m in remote.markers if m[0].startswith("best_checkpoint/")]
+            assert best_markers == [("best_checkpoint/epoch.txt", 2, PEER_FILES | {"metrics.json"})]
             assert remote.read_bytes("best_checkpoint/epoch.txt") == b"2"
     finally:
         store.close()

@@ -21,11 +21,12 @@ from cmd_dist.config import load_config
 from cmd_dist.data.types import WHOLE
 from cmd_dist.method.selection import threshold_for_mode
 from cmd_dist.method.selfkd import uniform_entropy
-from cmd_dist.runs.checkpoint import load_peer_state
-from cmd_dist.runs.storage import newest_complete_checkpoint
-from cmd_dist.train import engine
+from cmd_dist.runs.checkpoint import load_peer_state, newest_complete_checkpoint
+from cmd_dist.train import worker
 from cmd_dist.train.local import run_local
+from cmd_dist.train.peers import build_peer, load_into_peer, peer_state
 from cmd_dist.train.step import TrainStep
+from cmd_dist.train.trainer import Trainer, evaluate
 
 EPOCHS = 3
 RUN = [
@@ -52,7 +53,7 @@ def recorded(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("recorded")
     seen: list[tuple[int, float, list[float], float]] = []
     epoch_now = [-1]
-    train_one_epoch, call = engine.Trainer.train_one_epoch, TrainStep.__call__
+    train_one_epoch, call = Trainer.train_one_epoch, TrainStep.__call__
 
     def epoch_spy(self, epoch, *a, **k):
         epoch_now[0] = epoch
@@ -64,7 +65,7 @@ def recorded(tmp_path_factory):
         return call(self, *a, **k)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(engine.Trainer, "train_one_epoch", epoch_spy)
+    mp.setattr(Trainer, "train_one_epoch", epoch_spy)
     mp.setattr(TrainStep, "__call__", step_spy)
     try:
         cfg = load_config(None, RUN)
@@ -127,11 +128,11 @@ def test_each_peers_metrics_stay_under_its_own_name_in_summary_json(recorded, tm
         assert last["alpha"][key] != last["beta"][key], key
     # Each peer's accuracy is that peer's network's: recomputed from the checkpoint's weights.
     folder = newest_complete_checkpoint(run_dir, 2)
-    data = engine.prepare_data(cfg.data, cfg.noise, torch.device("cpu"))
+    data = worker.prepare_data(cfg.data, cfg.noise, torch.device("cpu"))
     for k, p in enumerate(cfg.peers):
-        peer = engine.build_peer(cfg, k, 10, data.spec.channels, torch.device("cpu"), data.spec.size)
+        peer = build_peer(cfg, k, 10, data.spec.channels, torch.device("cpu"), data.spec.size)
         peer.model.load_state_dict(load_peer_state(folder, k)["model"])
-        acc = engine.evaluate(peer, data, cfg.train.eval_batch_size)
+        acc = evaluate(peer, data, cfg.train.eval_batch_size)
         assert acc == pytest.approx(last[p.name]["eval_acc"], abs=1e-9), p.name
         assert last[p.name]["arch"] == p.arch
     summary = summarize(cfg, metrics, tmp_path, 1.0)
@@ -171,8 +172,8 @@ class _WithExtraSet:
 
 
 def test_the_extra_eval_set_is_scored_on_its_own_images(tmp_path, monkeypatch):
-    prepare = engine.prepare_data
-    monkeypatch.setattr(engine, "prepare_data", lambda *a, **k: _WithExtraSet(prepare(*a, **k)))
+    prepare = worker.prepare_data
+    monkeypatch.setattr(worker, "prepare_data", lambda *a, **k: _WithExtraSet(prepare(*a, **k)))
     cfg = load_config(None, [*RUN, "train.epochs=1", "method.self_kd=ce", "method.knowledge=all"])
     metrics, _ = run_local(cfg, tmp_path)
     assert metrics["extra_eval_sets"] == "other_val"
@@ -187,12 +188,12 @@ def test_the_extra_eval_set_is_scored_on_its_own_images(tmp_path, monkeypatch):
 
 def test_a_resumed_peer_gets_the_rng_state_it_was_saved_with():
     cfg = load_config(None, RUN)
-    peer = engine.build_peer(cfg, 0, 10, 1, torch.device("cpu"), 8)
+    peer = build_peer(cfg, 0, 10, 1, torch.device("cpu"), 8)
     torch.manual_seed(1234)
-    state = engine.peer_state(peer, 1)
+    state = peer_state(peer, 1)
     expected = torch.rand(8)  # what training would draw next, right after the save
     torch.manual_seed(99)  # a fresh process: another RNG state
-    assert engine.load_into_peer(peer, state) == 1
+    assert load_into_peer(peer, state) == 1
     assert torch.equal(torch.rand(8), expected)
 
 

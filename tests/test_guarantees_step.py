@@ -13,7 +13,7 @@ import torch
 
 from cmd_dist.config import load_config
 from cmd_dist.data.types import Batch
-from cmd_dist.train.engine import build_peer
+from cmd_dist.train.peers import build_peer
 from cmd_dist.train.step import GraphedStep
 
 BATCH = 4

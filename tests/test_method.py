@@ -519,6 +519,29 @@ def test_threshold_for_mode_errors():
         threshold_for_mode("cmd-x", 3, 10, 5, 2.0, 0.0)
 
 
+def test_chi_schedule_is_eq12_per_mode_at_every_epoch():
+    """The schedule object the trainer asks once per epoch: CMD-P and CMD-S are Eq. (12) at that epoch (CMD-S
+    constant, H(u)/eta), zero and all knowledge are -inf and +inf; the bad combinations fail when it is built."""
+    from cmd_dist.method.selection import AllKnowledge, ProgressiveChi, StaticChi, ZeroKnowledge, chi_schedule
+
+    total, c, eta = 20, 100, 4.0
+    progressive = chi_schedule("cmd-p", total, c, eta, -8.0)
+    static = chi_schedule("cmd-s", total, c, eta, 0.0)
+    assert isinstance(progressive, ProgressiveChi) and isinstance(static, StaticChi)
+    for epoch in range(total):
+        expected = math.log(c) / eta * 2 * h(epoch / total - 0.5, -8.0)  # by hand, not the library's formula
+        assert progressive(epoch) == pytest.approx(expected, rel=1e-12)
+        assert static(epoch) == pytest.approx(math.log(c) / eta, rel=1e-12)
+    assert progressive(0) > progressive(total - 1)  # b2 < 0: chi falls, fewer samples trusted later
+    assert isinstance(chi_schedule("zero", total, c, eta, 1.0), ZeroKnowledge)
+    assert chi_schedule("zero", total, c, eta, 1.0)(3) == -math.inf
+    assert isinstance(chi_schedule("all", total, c, eta, 1.0), AllKnowledge)
+    assert chi_schedule("all", total, c, eta, 1.0)(3) == math.inf
+    for mode, b2 in (("cmd-s", 1.0), ("cmd-p", 0.0)):
+        with pytest.raises(ValueError, match="b2"):
+            chi_schedule(mode, total, c, eta, b2)
+
+
 def test_confident_mask_strict_and_detached():
     p = t64([[0.6, 0.3, 0.1], [0.9, 0.05, 0.05], [0.4, 0.3, 0.3]]).requires_grad_()
     chi = ent([0.6, 0.3, 0.1])  # exactly the first row's entropy: H >= chi is not confident (Eq. 8)

@@ -123,7 +123,7 @@ def test_peer_weights_config_and_preflight(tmp_path):
 
 
 def test_engine_starts_a_peer_from_its_weights_file(tmp_path):
-    from cmd_dist.train.engine import build_peer
+    from cmd_dist.train.peers import build_peer
 
     src, path = _imagenet_like_file(tmp_path)
     cfg = load_config(None, [f"peers=[{{arch: resnet18, weights: {path}}}, {{arch: resnet18}}]"])

@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, init_file: str, cfg_dict: dict, run_dir: str)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from cmd_dist.train.engine import run_worker
+        from cmd_dist.train.worker import run_worker
 
         metrics = run_worker(from_dict(cfg_dict), Path(run_dir), LocalReporter(Path(run_dir)), torch.device("cpu"))
         if rank == 0:
@@ -201,7 +201,7 @@ def test_a_last_batch_smaller_than_the_replicas_is_refused(tmp_path: Path):
 
 @pytest.mark.skipif(os.environ.get("CMD_DIST_SKIP_SLOW") == "1", reason="slow")
 def test_sync_batchnorm_true_without_gpu_is_refused_in_the_worker(tmp_path: Path):
-    from cmd_dist.train.engine import sync_batchnorm_enabled
+    from cmd_dist.train.peers import sync_batchnorm_enabled
 
     cfg = load_config(DEMO, ["ray.sync_batchnorm=true"])
     with pytest.raises(ValueError, match="no GPU"):
@@ -209,3 +209,27 @@ def test_sync_batchnorm_true_without_gpu_is_refused_in_the_worker(tmp_path: Path
     assert not sync_batchnorm_enabled(load_config(DEMO, []), torch.device("cpu"), 2)
     assert not sync_batchnorm_enabled(load_config(DEMO, []), torch.device("cuda"), 1)
     assert sync_batchnorm_enabled(load_config(DEMO, []), torch.device("cuda"), 2)
+
+
+def _copy_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from cmd_dist.train.exchange import Exchange
+
+        ex = Exchange(num_peers=2, replicas=2)  # ranks 0, 1: replica 0 of peers 0, 1; ranks 2, 3: replica 1
+        stats = [torch.full((3,), float(rank)), torch.full((2,), 10.0 + rank)]  # e.g. BatchNorm's running stats
+        ex.copy_from_first_replica(stats)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps([t.tolist() for t in stats]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_copy_from_first_replica_gives_each_replica_its_peers_replica_0_tensors(tmp_path: Path):
+    """The evaluation's BatchNorm statistics: every replica of a peer scores with replica 0's (rank = worker),
+    never another peer's. (The replica tests above use GroupNorm, which has no buffers to copy.)"""
+    mp.start_processes(_copy_worker, args=(4, str(tmp_path / "init"), str(tmp_path)), nprocs=4, start_method="spawn")
+    for rank in range(4):
+        first = rank % 2  # replica 0 of this rank's peer
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got == [[float(first)] * 3, [10.0 + first] * 2], rank

@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 from cmd_dist.config import load_config
 from cmd_dist.method.selection import confident_mask
 from cmd_dist.method.selfkd import cross_entropy, entropy, mconf_trust, own_target_grad, refined_label, self_kd_loss
-from cmd_dist.train.engine import LocalForward, build_peer
 from cmd_dist.train.exchange import Exchange
+from cmd_dist.train.peers import LocalForward, build_peer
 from cmd_dist.train.step import ACC_COLUMNS, SelfKD, StepState, TrainStep, build_objective
 
 BATCH, CLASSES = 32, 10
@@ -244,3 +244,27 @@ def test_clean_accuracy_counts_only_known_clean_labels():
     acc = dict(zip(ACC_COLUMNS, state.acc[0].tolist()))
     assert acc["clean_known"] == BATCH // 2
     assert 0 <= acc["correct_clean"] <= BATCH // 2
+
+
+def test_objectives_and_self_kd_resolved_once_answer_the_loop():
+    """What the trainer asks instead of comparing names: only CMD selects by chi; only AsyncMKD alternates,
+    peer A at t = 1, 3, ... (Eq. 2, t counted from 1); only Mconf carries a certainty r to the next epoch."""
+    import math
+    from types import SimpleNamespace
+
+    from cmd_dist.method.selfkd import ModelCertainty
+
+    for name in ("cmd", "syncmkd", "asyncmkd", "kdcl", "tfkd_reg"):
+        obj = build_objective(SimpleNamespace(objective=name, kd_weight=0.5))
+        assert obj.uses_threshold == (name == "cmd")
+        assert obj.alternates == (name == "asyncmkd")
+        turns = [obj.active_peer(step, 3) for step in range(6)]
+        assert turns == ([0, 1, 2, 0, 1, 2] if name == "asyncmkd" else [None] * 6)
+    for name in ("ce", "ls", "cp", "bootsoft", "proselflc", "mconf"):
+        cfg = SimpleNamespace(self_kd=name, b1=16.0, rho=0.5, epsilon=None, target_grad=True, peer_target_grad=False)
+        certainty = ModelCertainty(10)
+        r = SelfKD(cfg).end_epoch(certainty, entropy_sum=0.25 * math.log(10) * 400, count=400)
+        if name == "mconf":
+            assert r == pytest.approx(0.75, rel=1e-12) and certainty.r == r  # Eq. 6: 1 - mean H / H(u)
+        else:
+            assert math.isnan(r) and certainty.r == 0.0

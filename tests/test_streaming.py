@@ -205,7 +205,7 @@ def test_order_and_pixels_are_a_function_of_seed_and_epoch(webvision_root):
 
 
 def test_sample_order_is_the_engines_epoch_order():
-    from cmd_dist.train.engine import epoch_order
+    from cmd_dist.data.augment import epoch_order
 
     for seed, epoch in [(0, 0), (3, 7)]:
         assert torch.equal(sample_order(seed, epoch, 100), epoch_order(seed, epoch, 100, torch.device("cpu")))

@@ -961,8 +961,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from cmd_dist.train.engine import run_worker
     from cmd_dist.train.monitor import Monitor
+    from cmd_dist.train.worker import run_worker
 
     if not config.get("verbose", False):
         _quiet_report_log()

@@ -16,6 +16,7 @@ label, scaled down, which can never correct a label. See docs/method.md, "Gradie
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,37 @@ def mconf_trust(
     return (logistic(certainty - rho, b1) * sample_confidence(p, entropies)).detach()
 
 
+def ce_label(q: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float) -> torch.Tensor:
+    """CE: q~ = q."""
+    return q
+
+
+def ls_label(q: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float) -> torch.Tensor:
+    """LS: q~ = (1 - eps) q + eps u."""
+    return (1.0 - epsilon) * q + epsilon / q.shape[1]
+
+
+def cp_label(q: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float) -> torch.Tensor:
+    """CP: q~ = (1 - eps) q - eps p."""
+    return (1.0 - epsilon) * q - epsilon * p
+
+
+def soft_label(q: torch.Tensor, p: torch.Tensor, epsilon: torch.Tensor | float) -> torch.Tensor:
+    """Boot-soft, ProSelfLC, Mconf: q~ = (1 - eps) q + eps p."""
+    return (1.0 - epsilon) * q + epsilon * p
+
+
+#: Table 2's refined label per self-KD method, ``label(q, p, eps)``; apply it with :func:`refine`.
+REFINED_LABELS = {
+    "ce": ce_label,
+    "ls": ls_label,
+    "cp": cp_label,
+    "bootsoft": soft_label,
+    "proselflc": soft_label,
+    "mconf": soft_label,
+}
+
+
 def refined_label(
     method: str,
     q: torch.Tensor,
@@ -125,6 +157,18 @@ def refined_label(
     """
     if method not in SELF_KD_METHODS:
         raise ValueError(f"unknown self-KD method {method!r}; choose one of {', '.join(SELF_KD_METHODS)}")
+    return refine(REFINED_LABELS[method], q, p, epsilon, grad)
+
+
+def refine(
+    label: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | float], torch.Tensor],
+    q: torch.Tensor,
+    p: torch.Tensor,
+    epsilon: torch.Tensor | float = 0.0,
+    grad: bool = True,
+) -> torch.Tensor:
+    """One of :data:`REFINED_LABELS` applied as :func:`refined_label` applies it (the training step resolves
+    ``label`` once): q and epsilon are constants, p keeps its gradient when ``grad``."""
     if q.shape != p.shape:
         raise ValueError(f"q and p must have the same shape, got {tuple(q.shape)} and {tuple(p.shape)}")
     q = q.detach()
@@ -134,13 +178,7 @@ def refined_label(
         epsilon = epsilon.detach()
         if epsilon.dim() == 1:
             epsilon = epsilon.unsqueeze(1)
-    if method == "ce":
-        return q
-    if method == "ls":
-        return (1.0 - epsilon) * q + epsilon / q.shape[1]
-    if method == "cp":
-        return (1.0 - epsilon) * q - epsilon * p
-    return (1.0 - epsilon) * q + epsilon * p
+    return label(q, p, epsilon)
 
 
 def self_kd_loss(refined: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

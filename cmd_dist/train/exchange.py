@@ -7,7 +7,8 @@ ranks, of the gradients their losses sent to its tensors, so a peer's refined la
 + eps p_j sends gradient into peer j from every peer that distils it, exactly as autograd does when
 all peers share one process. With one process (all peers in one worker, or no torch.distributed at
 all) the exchange is an in-process list; otherwise ``all_gather`` over the default process group
-(NCCL across GPUs, gloo on CPU or when peers share one GPU).
+(NCCL across GPUs, gloo on CPU or when peers share one GPU). Every ``torch.distributed`` call of the
+package is in this module.
 
 With replicas (``ray.replicas_per_peer`` R > 1, issue 12) the world is R x W ranks, W the workers that
 hold the peers once. Rank r is replica ``j = r // W`` of peer-worker ``w = r % W`` (replica-major, so
@@ -19,10 +20,13 @@ the same peers), over which DDP averages gradients and the epoch's counters are 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 def get_rank() -> int:
@@ -127,6 +131,28 @@ class Exchange:
         if self.replicas > 1:
             dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.peer_group)
         return t
+
+    def replicate(self, model: nn.Module, device: torch.device, sync_batchnorm: bool) -> tuple[nn.Module, nn.Module]:
+        """``(model, net)`` for one of this worker's peers with replicas: ``model`` with SyncBatchNorm over the
+        peer group where ``sync_batchnorm`` (the same parameter and buffer tensors, so the optimizer and
+        checkpoints are unaffected), and ``net``, its DDP wrapper over the peer group, which starts every
+        replica from replica 0's weights and averages the gradients in its backward."""
+        if sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=self.peer_group)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" and device.index is not None else None,
+            process_group=self.peer_group,
+        )
+        return model, net
+
+    def copy_from_first_replica(self, tensors: Iterable[torch.Tensor]) -> None:
+        """In place: every tensor replaced by replica 0's copy of it (e.g. BatchNorm statistics before an
+        evaluation); a no-op without replicas."""
+        if self.replicas == 1:
+            return
+        for t in tensors:
+            dist.broadcast(t, src=self.worker, group=self.peer_group)  # global rank of replica 0 of this worker
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's small Python object (per-epoch metrics), on every rank."""

@@ -1,7 +1,7 @@
 """Run the training loop in this process, without Ray (one worker hosting every peer).
 
 Used by unit tests and by anyone embedding cmd-dist in their own tooling; ``cmd-dist train`` uses
-the Ray launcher, which runs the very same :func:`cmd_dist.train.engine.run_worker`.
+the Ray launcher, which runs the very same :func:`cmd_dist.train.worker.run_worker`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import torch
 
 from cmd_dist.config import Config
 from cmd_dist.runs.storage import RunStore, is_uri
-from cmd_dist.train.engine import run_worker
 from cmd_dist.train.monitor import Monitor
+from cmd_dist.train.worker import run_worker
 
 
 class LocalReporter:
-    """Collects each epoch's metrics (checkpoints are written into the run folder by the engine)."""
+    """Collects each epoch's metrics (checkpoints are written into the run folder by the worker)."""
 
     def __init__(self, run_dir: Path | str, show_progress: bool = False) -> None:
         self.run_dir = run_dir if is_uri(run_dir) else Path(run_dir)

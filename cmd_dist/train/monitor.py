@@ -31,7 +31,7 @@ def truncate_jsonl(path: Path, keep_before_epoch: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-#: The per-peer entropy-quantile keys of metrics.jsonl rows (the engine's ENTROPY_QUANTILES), read by the report.
+#: The per-peer entropy-quantile keys of metrics.jsonl rows (trainer.ENTROPY_QUANTILES), read by the report.
 ENTROPY_QUANTILE_KEYS = ("entropy_q10", "entropy_q25", "entropy_q50", "entropy_q75", "entropy_q90")
 
 

@@ -23,14 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from cmd_dist.data.types import Batch
-from cmd_dist.method.objectives import cmd_peer_loss, kdcl_losses, sync_mkd_losses, tfkd_reg_loss
+from cmd_dist.method.objectives import (
+    async_mkd_active_peer,
+    cmd_peer_loss,
+    kdcl_losses,
+    sync_mkd_losses,
+    tfkd_reg_loss,
+)
 from cmd_dist.method.selfkd import (
     DEFAULT_FIXED_EPSILON,
+    REFINED_LABELS,
+    ModelCertainty,
     entropy,
     mconf_trust,
     own_target_grad,
     proselflc_trust,
-    refined_label,
+    refine,
     self_kd_loss,
 )
 from cmd_dist.train.exchange import Exchange
@@ -40,11 +48,14 @@ ACC_COLUMNS = ("loss", "self_loss", "peer_loss", "correct_noisy", "correct_clean
 
 
 class SelfKD:
-    """A Table 2 method resolved from the config: its trust epsilon and its refined labels."""
+    """A Table 2 method resolved from the config: its trust epsilon, its refined labels and, for Mconf, the
+    model certainty r of Eq. (6) carried from one epoch to the next."""
 
     def __init__(self, method_cfg: Any) -> None:
         m = method_cfg
         self.name = m.self_kd
+        if self.name not in REFINED_LABELS:
+            raise ValueError(f"unknown self-KD method {self.name!r}; choose one of {', '.join(REFINED_LABELS)}")
         self.b1, self.rho = m.b1, m.rho
         self.fixed = m.epsilon if m.epsilon is not None else DEFAULT_FIXED_EPSILON.get(m.self_kd, 0.0)
         if self.name == "ce":
@@ -53,20 +64,38 @@ class SelfKD:
         self.own_grad = own_target_grad(self.name, m.target_grad)
         #: The label sent to the other peers keeps it (gradient into this peer from their losses).
         self.sent_grad = bool(m.peer_target_grad) and self.name not in ("ce", "ls")
+        trusts = {"proselflc": self._proselflc_trust, "mconf": self._mconf_trust}
+        self._trust = trusts.get(self.name, self._fixed_trust)
+        self._label = REFINED_LABELS[self.name]
+        #: Mconf's trust reads the model certainty r, estimated from each epoch's entropies (Eq. 6).
+        self.uses_certainty = self.name == "mconf"
 
     def trust(self, p: torch.Tensor, h: torch.Tensor, progress: torch.Tensor, certainty: torch.Tensor) -> torch.Tensor:
         """Per-sample epsilon, [batch], without gradient: Eq. (5) ProSelfLC, Eq. (6) Mconf, else fixed."""
-        if self.name == "proselflc":
-            return proselflc_trust(p, progress, self.b1, entropies=h)
-        if self.name == "mconf":
-            return mconf_trust(p, certainty, self.b1, self.rho, entropies=h)
+        return self._trust(p, h, progress, certainty)
+
+    def _proselflc_trust(self, p, h, progress, certainty):
+        return proselflc_trust(p, progress, self.b1, entropies=h)
+
+    def _mconf_trust(self, p, h, progress, certainty):
+        return mconf_trust(p, certainty, self.b1, self.rho, entropies=h)
+
+    def _fixed_trust(self, p, h, progress, certainty):
         return torch.full_like(h, self.fixed)
 
     def targets(self, q: torch.Tensor, p: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(own refined label, refined label sent to the peers); the same tensor when their gradients agree."""
-        own = refined_label(self.name, q, p, eps, grad=self.own_grad)
-        sent = own if self.sent_grad == self.own_grad else refined_label(self.name, q, p, eps, grad=self.sent_grad)
+        own = refine(self._label, q, p, eps, grad=self.own_grad)
+        sent = own if self.sent_grad == self.own_grad else refine(self._label, q, p, eps, grad=self.sent_grad)
         return own, sent
+
+    def end_epoch(self, certainty: ModelCertainty, entropy_sum: float, count: int) -> float:
+        """After an epoch: Mconf's r of Eq. (6) from the epoch's summed entropies over ``count`` samples (used
+        by the next epoch's trusts); NaN for the methods without a model certainty."""
+        if not self.uses_certainty:
+            return math.nan
+        certainty.add_epoch_sum(entropy_sum, count)
+        return certainty.end_epoch()
 
 
 @dataclass
@@ -83,6 +112,14 @@ class Objective:
 
     #: Whether the step needs the other peers' knowledge at all.
     exchanges = True
+    #: Whether the peers' knowledge is selected by the entropy threshold chi (Eq. 8-9, 12): CMD only.
+    uses_threshold = False
+    #: Whether the peers take turns, one stepping per iteration (AsyncMKD): such a step is never graphed.
+    alternates = False
+
+    def active_peer(self, global_step: int, num_peers: int) -> int | None:
+        """The only peer that steps at this (0-based) iteration, or None when every peer steps."""
+        return None
 
     def loss(
         self,
@@ -99,6 +136,8 @@ class Objective:
 
 class CMDObjective(Objective):
     """Eq. (10)-(11): own self-KD loss + confident peers' refined labels (masks of Eq. 8-9, chi of Eq. 12)."""
+
+    uses_threshold = True
 
     def loss(self, k, logits, p, q, own, kn, masks):  # noqa: D102
         own_loss = self_kd_loss(own, p)
@@ -119,6 +158,15 @@ class SyncMKDObjective(Objective):
         return {"loss": sync_mkd_losses(own, probs, self.kd_weight)[k]}
 
 
+class AsyncMKDObjective(SyncMKDObjective):
+    """Eq. (2): SyncMKD's loss, but only one peer steps per iteration, in turn."""
+
+    alternates = True
+
+    def active_peer(self, global_step: int, num_peers: int) -> int | None:  # noqa: D102
+        return async_mkd_active_peer(global_step + 1, num_peers)  # Eq. (2) counts iterations t from 1
+
+
 class KDCLObjective(SyncMKDObjective):
     """KDCL: every peer distils the ensemble teacher of all peers."""
 
@@ -136,17 +184,22 @@ class TfKDRegObjective(SyncMKDObjective):
         return {"loss": tfkd_reg_loss(q, logits.float(), self.kd_weight)}
 
 
+#: ``method.objective`` -> the objective's class (CMD takes no weight; the baselines take ``method.kd_weight``).
+OBJECTIVE_CLASSES = {
+    "cmd": CMDObjective,
+    "syncmkd": SyncMKDObjective,
+    "asyncmkd": AsyncMKDObjective,
+    "kdcl": KDCLObjective,
+    "tfkd_reg": TfKDRegObjective,
+}
+
+
 def build_objective(method_cfg: Any) -> Objective:
+    """The objective named by ``method.objective``, built once before the loop."""
     name = method_cfg.objective
-    if name == "cmd":
-        return CMDObjective()
-    if name in ("syncmkd", "asyncmkd"):
-        return SyncMKDObjective(method_cfg.kd_weight)
-    if name == "kdcl":
-        return KDCLObjective(method_cfg.kd_weight)
-    if name == "tfkd_reg":
-        return TfKDRegObjective(method_cfg.kd_weight)
-    raise ValueError(f"unknown objective {name!r}")
+    if name not in OBJECTIVE_CLASSES:
+        raise ValueError(f"unknown objective {name!r}")
+    return CMDObjective() if name == "cmd" else OBJECTIVE_CLASSES[name](method_cfg.kd_weight)
 
 
 class StepState:
@@ -192,7 +245,7 @@ class TrainStep:
         self.selfkd = selfkd
         self.objective = objective
         self.state = state
-        #: forward(list of inputs) -> list of logits, one per local peer (see engine.LocalForward).
+        #: forward(list of inputs) -> list of logits, one per local peer (see cmd_dist.train.peers.LocalForward).
         self.forward = forward
         #: Set per epoch: False when chi = -inf (zero knowledge) or the objective needs no peer.
         self.exchanging = objective.exchanges and num_peers > 1
@@ -223,17 +276,7 @@ class TrainStep:
             live.append((logits, prob, h, eps, own))
             packs.append(torch.cat([prob.detach(), sent, h[:, None]], dim=1))
 
-        kn, masks = None, None
-        if self.exchanging:  # the knowledge exchange: every peer, global order
-            gathered = self.exchange.all_gather(packs, grad=self.selfkd.sent_grad)
-            kn = Knowledge(
-                probs=[g[:, :c].detach() for g in gathered],
-                refined=[g[:, c : 2 * c] for g in gathered],
-                entropies=[g[:, 2 * c].detach() for g in gathered],
-            )
-            masks = [(h < st.chi).float() for h in kn.entropies]  # Eq. (8)-(9): H(p_j) < chi
-            st.distilled.add_(torch.stack([mk.sum() for mk in masks]))
-
+        kn, masks = self._exchange(packs) if self.exchanging else (None, None)
         total = None
         rows = []
         for slot, p in enumerate(self.peers):
@@ -270,6 +313,19 @@ class TrainStep:
             (total * (share * self.replicas) if self.replicas > 1 else total).backward()
         for p in stepping:
             p.optimizer.step()
+
+    def _exchange(self, packs: list[torch.Tensor]) -> tuple[Knowledge, list[torch.Tensor]]:
+        """The knowledge exchange: every peer's knowledge in global order, and its selection masks."""
+        st, c = self.state, self.num_classes
+        gathered = self.exchange.all_gather(packs, grad=self.selfkd.sent_grad)
+        kn = Knowledge(
+            probs=[g[:, :c].detach() for g in gathered],
+            refined=[g[:, c : 2 * c] for g in gathered],
+            entropies=[g[:, 2 * c].detach() for g in gathered],
+        )
+        masks = [(h < st.chi).float() for h in kn.entropies]  # Eq. (8)-(9): H(p_j) < chi
+        st.distilled.add_(torch.stack([mk.sum() for mk in masks]))
+        return kn, masks
 
 
 class GraphedStep:
