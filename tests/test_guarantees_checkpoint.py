@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from cmd_dist.config import load_config
-from cmd_dist.runs.checkpoint import checkpoint_folder, newest_complete_checkpoint, save_peer_state
-from cmd_dist.runs.storage import Remote, RunStore
+from cmd_dist.runs.checkpoint import checkpoint_folder, checkpoint_names, is_complete, save_peer_state
+from cmd_dist.runs.fs import Remote
+from cmd_dist.runs.storage import RunStore, newest_complete_checkpoint
 from cmd_dist.train import checkpointer
 from cmd_dist.train.checkpointer import Checkpointer
 from cmd_dist.train.local import run_local
@@ -105,7 +106,7 @@ def test_rank0_writes_the_checkpoint_marker_after_the_barrier_and_every_peers_fi
         assert local == [(folder.name, 1, mine | {"metrics.json"})]
         if uri:
             assert remote.markers == [(f"{folder.name}/epoch.txt", 1, PEER_FILES | {"metrics.json"})]
-            assert remote.looks_complete(folder.name, 2)
+            assert is_complete(remote, folder.name, 2)
         else:
             assert newest_complete_checkpoint(run_dir, 2) == folder
     finally:
@@ -181,9 +182,9 @@ def test_clear_stale_on_a_uri_removes_folders_past_the_resume_point_and_without_
     store = RunStore("mock://b/run", remote)
     try:
         store.clear_stale(store.dir / "checkpoint_000003", 3)
-        assert remote.checkpoint_names() == ["checkpoint_000003", "checkpoint_000001"]
+        assert checkpoint_names(remote) == ["checkpoint_000003", "checkpoint_000001"]
         store.clear_stale(None, 0)
-        assert remote.checkpoint_names() == []
+        assert checkpoint_names(remote) == []
     finally:
         store.close()
 
@@ -199,5 +200,5 @@ def test_a_run_on_a_uri_clears_what_an_older_run_left_past_its_resume_point():
     finally:
         store.close()
     assert metrics["epoch"] == 1
-    assert remote.checkpoint_names() == ["checkpoint_000001"]
+    assert checkpoint_names(remote) == ["checkpoint_000001"]
     assert json.loads(remote.read_bytes("checkpoint_000001/metrics.json"))["epoch"] == 1

@@ -21,7 +21,8 @@ from cmd_dist.config import load_config
 from cmd_dist.data.types import WHOLE
 from cmd_dist.method.selection import threshold_for_mode
 from cmd_dist.method.selfkd import uniform_entropy
-from cmd_dist.runs.checkpoint import load_peer_state, newest_complete_checkpoint
+from cmd_dist.runs.checkpoint import load_peer_state
+from cmd_dist.runs.storage import newest_complete_checkpoint
 from cmd_dist.train import worker
 from cmd_dist.train.local import run_local
 from cmd_dist.train.peers import build_peer, load_into_peer, peer_state
