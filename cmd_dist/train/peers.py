@@ -35,7 +35,7 @@ class Peer:
 
 
 def fast_path_enabled(cfg: Config, device: torch.device) -> bool:
-    mode = str(cfg.train.fast_path).lower()
+    mode = cfg.train.fast_path
     return device.type == "cuda" if mode == "auto" else mode == "true"
 
 
@@ -44,7 +44,7 @@ def cuda_graph_enabled(cfg: Config, device: torch.device, world_size: int, objec
 
     An objective whose peers take turns (AsyncMKD changes the stepping peer every iteration) runs eagerly.
     """
-    mode = str(cfg.train.cuda_graph).lower()
+    mode = cfg.train.cuda_graph
     if mode == "false":
         return False
     possible = device.type == "cuda" and world_size == 1 and not objective.alternates
@@ -70,7 +70,7 @@ def resolved_compile_mode(cfg: Config, device: torch.device, graphed: bool, repl
 
 def sync_batchnorm_enabled(cfg: Config, device: torch.device, replicas: int) -> bool:
     """``ray.sync_batchnorm``: BatchNorm statistics over a peer's whole global batch (all its replicas)."""
-    mode = str(cfg.ray.sync_batchnorm).lower()
+    mode = cfg.ray.sync_batchnorm
     if replicas == 1 or mode == "false":
         return False
     if device.type != "cuda":
