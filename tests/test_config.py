@@ -394,8 +394,8 @@ def main_without_ray(monkeypatch, tmp_path):
     from cmd_dist import cli
 
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.setitem(sys.modules, "cmd_dist.launch.launcher", None)
-    monkeypatch.delattr(cmd_dist, "launcher", raising=False)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launch.job", None)
+    monkeypatch.delattr(cmd_dist.launch, "job", raising=False)
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "runs"
 
@@ -581,9 +581,9 @@ def _resume_error(capsys, run_dir: Path, overrides: list[str], allow: bool = Fal
 
 
 def test_resume_refuses_a_training_change_and_touches_nothing(tmp_path, capsys, monkeypatch):
-    import cmd_dist.runs.storage
+    import cmd_dist.runs.run_folder
 
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 10)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 10)
     run_dir = _run_folder(tmp_path)
     before = sorted((p.name, p.read_bytes()) for p in run_dir.iterdir())
     err = _resume_error(capsys, run_dir, ["train.lr=0.5", "ray.keep_checkpoints=3"])
@@ -601,10 +601,10 @@ def test_resume_refuses_a_training_change_and_touches_nothing(tmp_path, capsys, 
 
 
 def test_resume_allows_keys_that_change_nothing_trained(tmp_path, monkeypatch):
-    import cmd_dist.runs.storage
+    import cmd_dist.runs.run_folder
     from cmd_dist.cli import _resume_config
 
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 4)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 4)
     run_dir = _run_folder(tmp_path)
     r = _resume_config(str(run_dir), ["ray.keep_checkpoints=5", "train.log_every=7", "data.workers=2"])
     assert r.changes == {} and r.writes and r.cfg.ray.keep_checkpoints == 5
@@ -619,16 +619,16 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
     what changed from which epoch (and that Eq. 12's schedule moved with train.epochs)."""
     import json
 
-    import cmd_dist.runs.storage
+    import cmd_dist.runs.run_folder
     from cmd_dist.cli import _resume_config
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import summary
 
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 10)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 10)
     run_dir = _run_folder(tmp_path)
     first = (run_dir / "config.yaml").read_text()
     (run_dir / "summary.json").write_text(json.dumps({"epochs_run": 10, "epochs": 10}))
     r = _resume_config(str(run_dir), ["train.epochs=15"], True)
-    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    summary.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     assert load_config(run_dir / "config.yaml").train.epochs == 15
     assert (run_dir / "config.original.yaml").read_text() == first
     (entry,) = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
@@ -637,14 +637,14 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 15 and summary["changes"] == [entry]
     # a second change: appended; the original config stays the first one
-    monkeypatch.setattr(cmd_dist.runs.storage, "newest_checkpoint_epoch", lambda *a: 12)
+    monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 12)
     r = _resume_config(str(run_dir), ["train.lr=0.01"], True)
-    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    summary.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     rows = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
     assert [row["from_epoch"] for row in rows] == [11, 13] and "note" not in rows[1]
     assert (run_dir / "config.original.yaml").read_text() == first
     assert load_config(run_dir / "config.yaml").train.lr == 0.01
-    assert launcher.read_changes(run_dir) == rows
+    assert summary.read_changes(run_dir) == rows
 
 
 def test_allow_changes_without_resume_is_one_line(capsys):
