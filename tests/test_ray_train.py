@@ -327,7 +327,8 @@ def test_resume_with_allowed_changes_extends_the_run_and_records_it(separate, ra
     import shutil
 
     from cmd_dist.cli import _resume_config
-    from cmd_dist.launch import job, summary
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import record_resume
     from cmd_dist.runs import lock
 
     _, src, _ = separate
@@ -335,7 +336,7 @@ def test_resume_with_allowed_changes_extends_the_run_and_records_it(separate, ra
     shutil.copytree(src, run_dir, ignore=shutil.ignore_patterns(".lock"))
     r = _resume_config(str(run_dir), [f"train.epochs={EPOCHS + 1}"], allow_changes=True)
     lock.hold_run_lock(r.run_dir)
-    summary.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     summary = job.train(r.cfg, r.run_dir)
     assert summary["epochs_run"] == summary["epochs"] == EPOCHS + 1
     (change,) = summary["changes"]

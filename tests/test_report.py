@@ -25,7 +25,8 @@ EPOCHS = 2
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> Path:
-    from cmd_dist.launch import job, summary
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import summarize
     from cmd_dist.train.local import run_local
 
     cfg = load_config(
@@ -42,7 +43,7 @@ def _train(out: Path, name: str, overrides: list[str]) -> Path:
     )
     run_dir = job.resolve_run_dir(cfg)
     metrics, _ = run_local(cfg, run_dir)
-    summary.summarize(cfg, metrics, run_dir, wall_s=12.34)
+    summarize(cfg, metrics, run_dir, wall_s=12.34)
     return run_dir
 
 

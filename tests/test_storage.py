@@ -469,7 +469,8 @@ def test_the_runs_layer_imports_neither_ray_nor_the_layers_above():
 def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, capsys):
     """In-process, end to end: interrupted after epoch 2, resumed from the URI, equal to a plain folder run."""
     from cmd_dist import cli
-    from cmd_dist.launch import job, summary
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import record_resume, summarize
 
     cfg = _cfg()
     ref, _ = run_local(cfg, tmp_path / "plain")
@@ -499,7 +500,7 @@ def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, c
     events.Reload()
     assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
     # Reading the run back from the URI: summary, report, the resume command line.
-    summary.summarize(cfg, metrics, run_dir, 1.0)
+    summarize(cfg, metrics, run_dir, 1.0)
     assert "resuming from " + run_dir + "/checkpoint_000002 (epoch 2 done)" in capsys.readouterr().out
     assert json.loads((folder / "summary.json").read_text())["run_dir"] == run_dir
     assert cli.main(["report", run_dir]) == 0
@@ -508,7 +509,7 @@ def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, c
     # Extending the run behind the URI: allowed with --allow-changes, and recorded there (issue 18.2).
     r = cli._resume_config(run_dir + "/", ["train.epochs=4"], allow_changes=True)
     assert r.run_dir == run_dir and r.cfg.output_dir == uri and r.cfg.run_name == "r" and r.cfg.train.epochs == 4
-    summary.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     assert "epochs: 4" in (folder / "config.yaml").read_text()
     assert "epochs: 3" in (folder / "config.original.yaml").read_text()
     assert json.loads((folder / "changes.jsonl").read_text())["from_epoch"] == 4
