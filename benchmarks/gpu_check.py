@@ -8,7 +8,7 @@ In order:
       eager and as one whole-step CUDA graph (CUDA only), then two cmd-dist peers in one process
       (CMD-P + Mconf, the engine's real step) with and without the whole-step graph; img/s per peer
       and ratios to the plain loops, measured in the same run;
-  (b) every placement for one short run through Ray (cmd_dist.launch.launcher, the product path): all
+  (b) every placement for one short run through Ray (cmd_dist.launch.job, the product path): all
       peers in one worker (``together``) and one worker per peer sharing the GPU (``separate``,
       0.5 GPU each, gloo); with one GPU, ``separate`` with a GPU each (NCCL) cannot run and is
       listed as such;
@@ -218,7 +218,7 @@ def cmd_row(args: argparse.Namespace, device: torch.device, graph: bool) -> dict
 
 def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) -> list[dict]:
     try:
-        from cmd_dist.launch import launcher
+        from cmd_dist.launch import cluster, job
     except ImportError as e:  # no Ray on this machine
         return [{"setup": "placements through Ray", "error": f"skipped: {e}"}]
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -251,9 +251,9 @@ def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) ->
         cfg = load_config(None, base + extra + [f"run_name={run_name}"])
         start = time.perf_counter()
         try:
-            run_dir = launcher.resolve_run_dir(cfg)
-            launcher.init_ray(cfg)
-            summary = launcher.train(cfg, run_dir)
+            run_dir = job.resolve_run_dir(cfg)
+            cluster.init_ray(cfg)
+            summary = job.train(cfg, run_dir)
             rows.append(
                 {
                     "setup": f"ray.placement={name}",

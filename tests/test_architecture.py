@@ -200,9 +200,9 @@ def test_import_linter_fails_on_a_broken_layer(tmp_path):
     for pkg in PACKAGES:
         shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
-    (tmp_path / "cmd_dist" / "method" / "bad.py").write_text("import cmd_dist.launch.launcher\n")
+    (tmp_path / "cmd_dist" / "method" / "bad.py").write_text("import cmd_dist.launch.job\n")
     done = subprocess.run([str(lint), "--no-cache"], cwd=tmp_path, capture_output=True, text=True)
-    assert done.returncode != 0 and "cmd_dist.method.bad -> cmd_dist.launch.launcher" in done.stdout
+    assert done.returncode != 0 and "cmd_dist.method.bad -> cmd_dist.launch.job" in done.stdout
 
 
 # ----------------------------------------------------------------------------- the project keeps them

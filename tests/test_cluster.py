@@ -92,17 +92,17 @@ def test_output_dir_probe_on_every_node(cluster, tmp_path):
     """The visibility probe really runs on each node: a shared folder passes, a file no node has is reported."""
     script = (
         "import sys, ray\n"
-        "from cmd_dist.launch import launcher\n"
+        "from cmd_dist.launch import cluster, shared_output\n"
         "ray.init(address=sys.argv[1], _node_ip_address='127.0.0.1',\n"
         "         logging_config=ray.LoggingConfig(log_level='ERROR'))\n"
-        "launcher.check_shared_output(sys.argv[2])\n"
-        "missing = launcher.nodes_missing_file(sys.argv[2], 'no-such-file', 'token', timeout=60)\n"
-        "print('MISSING', len(missing), len(launcher.alive_nodes()))\n"
-        "print('ERROR', launcher.shared_output_error(sys.argv[2], missing, len(launcher.alive_nodes())))\n"
+        "shared_output.check_shared_output(sys.argv[2])\n"
+        "missing = shared_output.nodes_missing_file(sys.argv[2], 'no-such-file', 'token', timeout=60)\n"
+        "print('MISSING', len(missing), len(cluster.alive_nodes()))\n"
+        "print('ERROR', shared_output.shared_output_error(sys.argv[2], missing, len(cluster.alive_nodes())))\n"
         "uri = 'file://' + sys.argv[2]\n"  # a URI: each node reads the token through pyarrow
-        "launcher.check_shared_output(uri)\n"
-        "missing = launcher.nodes_missing_file(uri, 'no-such-file', 'token', timeout=60)\n"
-        "print('URI', len(missing), launcher.shared_output_error(uri, missing, 3))\n"
+        "shared_output.check_shared_output(uri)\n"
+        "missing = shared_output.nodes_missing_file(uri, 'no-such-file', 'token', timeout=60)\n"
+        "print('URI', len(missing), shared_output.shared_output_error(uri, missing, 3))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", script, cluster.address, str(tmp_path)],
@@ -277,29 +277,29 @@ def test_unreachable_address_is_one_line_error_fast(tmp_path):
 
 
 def test_cluster_without_the_resources_is_refused():
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import placement
 
     two = [{"CPU": 1.0}, {"CPU": 1.0}]
     ok = load_config(DEMO, ["ray.spread=true", "ray.use_gpu=false"])
-    p = launcher.plan_placement(ok, two)  # 2 workers, 2 nodes of 1 CPU
+    p = placement.plan_placement(ok, two)  # 2 workers, 2 nodes of 1 CPU
     assert p.strategy == "STRICT_SPREAD" and p.num_workers == 2 and "one node each" in p.line
-    assert launcher.plan_placement(load_config(DEMO, ["ray.use_gpu=false"]), two).strategy == "PACK"
+    assert placement.plan_placement(load_config(DEMO, ["ray.use_gpu=false"]), two).strategy == "PACK"
     # 3 workers x 0.5 CPU fit 2 nodes of 1 CPU packed, but not one per node.
     three = load_config(DEMO, ["ray.spread=true", "ray.use_gpu=false", "ray.cpus_per_worker=0.5", "peers=[{}, {}, {}]"])
-    assert launcher.plan_placement(load_config(DEMO, ["ray.cpus_per_worker=0.5", "peers=[{}, {}, {}]"]), two)
+    assert placement.plan_placement(load_config(DEMO, ["ray.cpus_per_worker=0.5", "peers=[{}, {}, {}]"]), two)
     with pytest.raises(ConfigError, match=r"ray.spread: 3 workers need 3 nodes with 0.5 CPU each; .* has 2 such node"):
-        launcher.plan_placement(three, two)
+        placement.plan_placement(three, two)
     # ray.spread: a worker per peer even where ray.placement: auto would group peers on the GPUs there are.
     gpu_nodes = [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}]
-    spread_gpu = launcher.plan_placement(load_config(DEMO, ["ray.spread=true"]), gpu_nodes)
+    spread_gpu = placement.plan_placement(load_config(DEMO, ["ray.spread=true"]), gpu_nodes)
     assert spread_gpu.num_workers == 2 and spread_gpu.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
     with pytest.raises(
         ConfigError, match=r"ray.spread: 2 workers need 2 nodes with 1 CPU, 0.5 GPU each; .* has 1 such"
     ):
         # one GPU in the cluster: auto shares it (0.5 each), but only one node has it
-        launcher.plan_placement(load_config(DEMO, ["ray.spread=true"]), [gpu_nodes[0], {"CPU": 8.0}])
+        placement.plan_placement(load_config(DEMO, ["ray.spread=true"]), [gpu_nodes[0], {"CPU": 8.0}])
     # The ScalingConfig Ray Train gets carries the strategy.
-    assert launcher.scaling_for(ok)[0].placement_strategy == "STRICT_SPREAD"
+    assert placement.scaling_for(ok)[0].placement_strategy == "STRICT_SPREAD"
 
 
 def test_lost_node_is_told_from_a_code_error(monkeypatch, tmp_path):
@@ -307,23 +307,23 @@ def test_lost_node_is_told_from_a_code_error(monkeypatch, tmp_path):
     records and the node table make it a lost worker (restart). A code error, or no dead node, stays an error."""
     from ray.train import WorkerGroupError
 
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import cluster, failures
 
     (tmp_path / "workers").mkdir()
     for rank, node in ((0, "a" * 56), (1, "b" * 56)):
         (tmp_path / "workers" / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "node_id": node}))
-    reset = launcher.TrainingCodeError(
+    reset = failures.TrainingCodeError(
         1, "RuntimeError", "[gloo/transport/tcp/pair.cc:545] Connection reset by peer", ""
     )
     nodes = [{"NodeID": "a" * 56, "Alive": False}, {"NodeID": "b" * 56, "Alive": True}]
-    monkeypatch.setattr(launcher.ray, "nodes", lambda: nodes)
-    lost = launcher.lost_nodes(WorkerGroupError("x", {1: reset}), tmp_path, timeout=0)
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: nodes)
+    lost = failures.lost_nodes(WorkerGroupError("x", {1: reset}), tmp_path, timeout=0)
     assert list(lost) == [0] and "aaaaaaaa left the cluster" in lost[0]
-    bug = launcher.TrainingCodeError(1, "ValueError", "bad shape", "")
-    assert launcher.lost_nodes(WorkerGroupError("x", {1: bug}), tmp_path, timeout=0) == {}
+    bug = failures.TrainingCodeError(1, "ValueError", "bad shape", "")
+    assert failures.lost_nodes(WorkerGroupError("x", {1: bug}), tmp_path, timeout=0) == {}
     nodes[0]["Alive"] = True  # every node alive: a broken collective without a lost node is the code's
     start = time.monotonic()
-    assert launcher.lost_nodes(WorkerGroupError("x", {1: reset}), tmp_path, timeout=1.0) == {}
+    assert failures.lost_nodes(WorkerGroupError("x", {1: reset}), tmp_path, timeout=1.0) == {}
     assert time.monotonic() - start >= 1.0  # it waited for Ray's health check to mark a dead node
 
 

@@ -394,8 +394,8 @@ def main_without_ray(monkeypatch, tmp_path):
     from cmd_dist import cli
 
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.setitem(sys.modules, "cmd_dist.launch.launcher", None)
-    monkeypatch.delattr(cmd_dist, "launcher", raising=False)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launch.job", None)
+    monkeypatch.delattr(cmd_dist.launch, "job", raising=False)
     monkeypatch.chdir(REPO)
     out_dir = tmp_path / "runs"
 
@@ -621,14 +621,14 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
 
     import cmd_dist.runs.run_folder
     from cmd_dist.cli import _resume_config
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch.summary import read_changes, record_resume
 
     monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 10)
     run_dir = _run_folder(tmp_path)
     first = (run_dir / "config.yaml").read_text()
     (run_dir / "summary.json").write_text(json.dumps({"epochs_run": 10, "epochs": 10}))
     r = _resume_config(str(run_dir), ["train.epochs=15"], True)
-    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     assert load_config(run_dir / "config.yaml").train.epochs == 15
     assert (run_dir / "config.original.yaml").read_text() == first
     (entry,) = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
@@ -639,12 +639,12 @@ def test_an_allowed_change_is_recorded_with_its_epoch(tmp_path, monkeypatch):
     # a second change: appended; the original config stays the first one
     monkeypatch.setattr(cmd_dist.runs.run_folder, "newest_checkpoint_epoch", lambda *a: 12)
     r = _resume_config(str(run_dir), ["train.lr=0.01"], True)
-    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     rows = [json.loads(line) for line in (run_dir / "changes.jsonl").read_text().splitlines()]
     assert [row["from_epoch"] for row in rows] == [11, 13] and "note" not in rows[1]
     assert (run_dir / "config.original.yaml").read_text() == first
     assert load_config(run_dir / "config.yaml").train.lr == 0.01
-    assert launcher.read_changes(run_dir) == rows
+    assert read_changes(run_dir) == rows
 
 
 def test_allow_changes_without_resume_is_one_line(capsys):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cmd_dist.cli import preflight
 from cmd_dist.config import ConfigError, load_config
+from cmd_dist.launch.preflight import preflight
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"

@@ -131,7 +131,7 @@ def test_tune_prints_one_line_per_trial_then_the_table_and_records_hparams(ray_c
 
 def test_forwarded_tracebacks_collapse_to_their_exception_line():
     """Ray's internal actors' tracebacks (forwarded to the console) shrink to the exception; exits vanish."""
-    from cmd_dist.launch.launcher import _CollapseTracebacks
+    from cmd_dist.launch.console import _CollapseTracebacks
 
     printed: list[str] = []
     show = _CollapseTracebacks(lambda data: printed.extend(data["lines"]))
@@ -158,9 +158,9 @@ def test_forwarded_tracebacks_collapse_to_their_exception_line():
 # ----------------------------------------------------------------------------- a pseudo-terminal (issue 18.4)
 
 _PTY_CHILD = """
-from cmd_dist.launch import launcher
+from cmd_dist.launch import console
 
-console = launcher.set_console()
+console = console.set_console()
 print(f"progress {console.progress}", flush=True)
 from ray.experimental import tqdm_ray  # the driver's side of the workers' bars; no Ray is started
 
@@ -213,24 +213,24 @@ def test_a_pseudo_terminal_shows_the_live_bar_and_no_stray_line():
 
 
 def test_a_pipe_gets_no_bar():
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import console
 
-    code = "from cmd_dist import launcher; print(launcher.set_console().progress)"
+    code = "from cmd_dist.launch import console; print(console.set_console().progress)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=120)
     assert out.stdout.strip() == "False", out.stderr
-    assert launcher.set_console(progress=False).progress is False
+    assert console.set_console(progress=False).progress is False
 
 
 def test_ray_process_errors_on_the_way_out_are_silenced():
     """Ctrl-C also reaches Ray's own processes; Ray's ``ERROR services.py`` lines about them stay off the console."""
     import logging
 
-    from cmd_dist.cli import _stop_ray
+    from cmd_dist.launch.session import stop_ray
 
     services = logging.getLogger("ray._private.services")
     level = services.level
     try:
-        _stop_ray()
+        stop_ray()
         assert not services.isEnabledFor(logging.ERROR)
     finally:
         services.setLevel(level)

@@ -57,7 +57,7 @@ def _env(**extra) -> dict:
 
 
 def _place(nodes, overrides=()):
-    from cmd_dist.launch.launcher import plan_placement
+    from cmd_dist.launch.placement import plan_placement
 
     return plan_placement(load_config(DEMO, list(overrides)), nodes)
 
@@ -82,7 +82,7 @@ def test_separate_on_fewer_gpus_shares_them():
     "peers, gpus, workers", [(2, 0, 2), (2, 1, 1), (2, 2, 2), (3, 2, 1), (4, 2, 2), (4, 3, 2), (6, 4, 3), (3, 8, 3)]
 )
 def test_auto_workers_divide_the_peers_over_the_gpus(peers, gpus, workers):
-    from cmd_dist.launch.launcher import auto_workers
+    from cmd_dist.launch.placement import auto_workers
 
     assert auto_workers(peers, gpus, "auto") == workers
     assert auto_workers(peers, gpus, "false") == peers  # CPU: a worker per peer
@@ -170,7 +170,7 @@ def test_lost_worker_classification_matches_ray():
     from ray.train import WorkerGroupError
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
-    from cmd_dist.launch.launcher import TrainingCodeError, code_error, lost_workers
+    from cmd_dist.launch.failures import TrainingCodeError, code_error, lost_workers
 
     died = WorkerHealthCheckFailedError("A worker health check failed.", ActorDiedError())
     partner = TrainingCodeError(0, "RuntimeError", "gloo: Connection reset by peer", "tb")
@@ -185,14 +185,14 @@ def test_lost_worker_classification_matches_ray():
 @pytest.mark.ray
 def test_an_exception_in_the_training_code_fails_at_once(ray_cluster, tmp_path, monkeypatch):
     """Rank 1 raises before epoch 2: no retry, the worker's traceback, the run folder as it was."""
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import failures, job
 
     monkeypatch.setenv("CMD_DIST_TEST_FAULT", "raise:1:2")
     cfg = load_config(DEMO, [*FAST, "train.epochs=3", f"output_dir={tmp_path}", "run_name=bug"])
-    run_dir = launcher.resolve_run_dir(cfg)
+    run_dir = job.resolve_run_dir(cfg)
     notices: list[str] = []
-    with pytest.raises(launcher.RunFailed) as e:
-        launcher.train(cfg, run_dir, log=notices.append)
+    with pytest.raises(failures.RunFailed) as e:
+        job.train(cfg, run_dir, log=notices.append)
     msg = str(e.value)
     assert "ValueError in worker 1: test fault: rank 1 raises before epoch 2" in msg and "not retried" in msg
     assert "Traceback" in e.value.detail and "fault_hook" in e.value.detail
@@ -397,9 +397,10 @@ def test_a_run_folder_is_locked_by_its_run(tmp_path):
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path):
     """The first run holds the lock (here: this process, as a running `cmd-dist train` does)."""
     cfg_args = [DEMO, "train.epochs=1", f"output_dir={tmp_path}", "run_name=twin"]
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
+    from cmd_dist.runs import lock
 
-    launcher.resolve_run_dir(load_config(DEMO, cfg_args[1:]))  # takes the lock, writes config.yaml
+    job.resolve_run_dir(load_config(DEMO, cfg_args[1:]))  # takes the lock, writes config.yaml
     try:
         out = _cli("train", *cfg_args, cwd=tmp_path)
         assert out.returncode == 2, out.stderr
@@ -409,18 +410,18 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path)
         assert resumed.returncode == 2 and "in use by another cmd-dist run" in resumed.stderr
         assert not (tmp_path / "twin" / "metrics.jsonl").exists()
     finally:
-        launcher._LOCKS.pop(tmp_path / "twin").release()
+        lock._HELD.pop(tmp_path / "twin").release()
 
 
 def test_the_same_run_name_with_a_different_config_is_refused(tmp_path):
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
 
-    launcher.resolve_run_dir(load_config(DEMO, ["train.epochs=2", f"output_dir={tmp_path}", "run_name=r"]))
+    job.resolve_run_dir(load_config(DEMO, ["train.epochs=2", f"output_dir={tmp_path}", "run_name=r"]))
     before = (tmp_path / "r" / "config.yaml").read_text()
     with pytest.raises(
         ConfigError, match=r"run_name: 'r' already exists .* with a different config; use 'cmd-dist train --resume"
     ):
-        launcher.resolve_run_dir(load_config(DEMO, ["train.epochs=3", f"output_dir={tmp_path}", "run_name=r"]))
+        job.resolve_run_dir(load_config(DEMO, ["train.epochs=3", f"output_dir={tmp_path}", "run_name=r"]))
     assert (tmp_path / "r" / "config.yaml").read_text() == before
 
 
@@ -429,13 +430,13 @@ def test_the_same_run_name_with_a_different_config_is_refused(tmp_path):
 
 def test_no_address_means_a_fresh_local_ray(monkeypatch):
     """Never address=None (which joins whatever ray_current_cluster names); 'local' starts a new one."""
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import cluster
 
     seen = {}
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(launcher.ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(launcher.ray, "init", lambda address=None, **kw: seen.update(address=address, **kw))
-    launcher.init_ray(load_config(DEMO))
+    monkeypatch.setattr(cluster.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(cluster.ray, "init", lambda address=None, **kw: seen.update(address=address, **kw))
+    cluster.init_ray(load_config(DEMO))
     assert seen["address"] == "local" and seen["_node_ip_address"] == "127.0.0.1"
     assert seen["include_dashboard"] is False
 
@@ -443,14 +444,14 @@ def test_no_address_means_a_fresh_local_ray(monkeypatch):
 def test_an_address_nobody_answers_is_one_line_in_seconds():
     import socket
 
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import cluster
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again below: nothing listens there
     start = time.time()
     with pytest.raises(ConfigError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
-        launcher.check_reachable(f"127.0.0.1:{port}", timeout=2.0)
+        cluster.check_reachable(f"127.0.0.1:{port}", timeout=2.0)
     assert time.time() - start < 5
 
 
@@ -467,12 +468,12 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 
 
 def test_sigterm_and_sigint_both_raise_keyboard_interrupt():
-    from cmd_dist.cli import _sigterm_as_interrupt
+    from cmd_dist.launch.session import sigterm_as_interrupt
 
     old = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            _sigterm_as_interrupt()
+            sigterm_as_interrupt()
             with pytest.raises(KeyboardInterrupt):
                 os.kill(os.getpid(), sig)
                 time.sleep(1)
@@ -657,13 +658,13 @@ def test_a_killed_driver_takes_its_workers_with_it_and_resume_follows(tmp_path):
 def test_a_new_run_waits_for_workers_of_a_dead_driver(tmp_path, monkeypatch):
     """A worker holds .workers.lock (shared) while it trains; a run of the same folder (its driver's .lock free,
     as after a killed driver) waits for it and refuses in one line if it never ends; it starts once it is gone."""
-    from cmd_dist.launch import launcher
+    from cmd_dist.runs import lock
 
     run_dir = tmp_path / "r"
     run_dir.mkdir()
     code = (
         "import sys, time\n"
-        "from cmd_dist.launch.launcher import hold_workers_lock\n"
+        "from cmd_dist.runs.lock import hold_workers_lock\n"
         "fd = hold_workers_lock(sys.argv[1])\n"
         "print('HELD' if fd is not None else 'NONE', flush=True)\n"
         "sys.stdin.read()\n"
@@ -674,14 +675,14 @@ def test_a_new_run_waits_for_workers_of_a_dead_driver(tmp_path, monkeypatch):
     try:
         assert worker.stdout.readline().strip() == "HELD"
         with pytest.raises(ConfigError, match=r"workers of an earlier run of it still hold \.workers\.lock"):
-            launcher.wait_for_old_workers(run_dir, timeout=0.5)
-        monkeypatch.setattr(launcher, "OLD_WORKERS_WAIT_S", 0.5)
+            lock.wait_for_old_workers(run_dir, timeout=0.5)
+        monkeypatch.setattr(lock, "OLD_WORKERS_WAIT_S", 0.5)
         with pytest.raises(ConfigError, match="still hold"):
-            launcher.lock_run_dir(run_dir)
-        assert run_dir not in launcher._LOCKS  # refused: the folder's own lock is not kept either
+            lock.hold_run_lock(run_dir)
+        assert run_dir not in lock._HELD  # refused: the folder's own lock is not kept either
         worker.stdin.close()  # the worker ends: its lock goes with it
         worker.wait(30)
-        launcher.wait_for_old_workers(run_dir, timeout=0.5)
+        lock.wait_for_old_workers(run_dir, timeout=0.5)
     finally:
         if worker.poll() is None:
             worker.kill()

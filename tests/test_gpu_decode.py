@@ -277,8 +277,8 @@ def test_cli_decode_cuda_without_gpus_is_one_line_exit_2_before_ray(tmp_path, ca
 
     root = make_imagefolder(tmp_path / "data", per_class=2)
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.setitem(sys.modules, "cmd_dist.launch.launcher", None)
-    monkeypatch.delattr(cmd_dist, "launcher", raising=False)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launch.job", None)
+    monkeypatch.delattr(cmd_dist.launch, "job", raising=False)
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:
         cli.main(

@@ -120,7 +120,7 @@ def test_proselflc_progress_counts_iterations_over_the_whole_run(recorded):
 
 
 def test_each_peers_metrics_stay_under_its_own_name_in_summary_json(recorded, tmp_path):
-    from cmd_dist.launch.launcher import summarize
+    from cmd_dist.launch.summary import summarize
 
     cfg, run_dir, metrics, _, _ = recorded
     last = {r["peer"]: r for r in _rows(run_dir) if r["epoch"] == EPOCHS}

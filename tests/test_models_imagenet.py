@@ -97,7 +97,7 @@ def test_weights_for_another_architecture_or_a_hostile_file_are_refused(tmp_path
 
 
 def test_peer_weights_config_and_preflight(tmp_path):
-    from cmd_dist.cli import preflight
+    from cmd_dist.launch.preflight import preflight
     from tests.image_fixtures import make_imagefolder
 
     _, good = _imagenet_like_file(tmp_path)

@@ -238,8 +238,8 @@ def test_cifar100n_fine_and_coarse_on_the_real_images():
 @needs_cifar_n
 @needs_cifar100
 def test_cifar100n_trains_end_to_end_and_reports_its_noise_rate(tmp_path, capsys):
-    from cmd_dist.cli import preflight
-    from cmd_dist.launch.launcher import summarize
+    from cmd_dist.launch.preflight import preflight
+    from cmd_dist.launch.summary import summarize
     from cmd_dist.train.local import run_local
 
     cfg = load_config(

@@ -26,13 +26,13 @@ BASE = [f"train.epochs={EPOCHS}", "train.milestones=[2]", "method.eta=1.0", "met
 
 
 def _run(tmp: Path, name: str, extra: list[str]) -> tuple:
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
 
     cfg = load_config(
         os.path.join(REPO, "configs", "demo.yaml"), BASE + [f"output_dir={tmp}", f"run_name={name}"] + extra
     )
-    run_dir = launcher.resolve_run_dir(cfg)
-    summary = launcher.train(cfg, run_dir)
+    run_dir = job.resolve_run_dir(cfg)
+    summary = job.train(cfg, run_dir)
     return cfg, run_dir, summary
 
 
@@ -160,7 +160,7 @@ def test_zero_knowledge_distils_nothing(ray_cluster, tmp_path):
 )
 def test_real_cifar100_slice(ray_cluster, tmp_path):
     """A short run on real CIFAR-100 (a slice, a small model), one peer per Ray worker."""
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
 
     cfg = load_config(
         None,
@@ -179,8 +179,8 @@ def test_real_cifar100_slice(ray_cluster, tmp_path):
             "run_name=cifar",
         ],
     )
-    run_dir = launcher.resolve_run_dir(cfg)
-    summary = launcher.train(cfg, run_dir)
+    run_dir = job.resolve_run_dir(cfg)
+    summary = job.train(cfg, run_dir)
     assert summary["epochs_run"] == 2
     rows = _rows(run_dir)
     assert {r["peer"] for r in rows} == {"a", "b"}
@@ -233,18 +233,16 @@ def test_killed_peer_worker_restarts_and_finishes_the_same_run(ray_cluster, tmp_
     import signal
     import threading
 
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
 
     epochs = 10
     demo = os.path.join(REPO, "configs", "demo.yaml")
     overrides = [*BASE, f"train.epochs={epochs}", "train.milestones=[6]", "ray.placement=separate"]
     cfg = load_config(demo, overrides + [f"output_dir={tmp_path}", "run_name=killed"])
-    run_dir = launcher.resolve_run_dir(cfg)
+    run_dir = job.resolve_run_dir(cfg)
     out: dict = {}
     notices: list[str] = []
-    thread = threading.Thread(
-        target=lambda: out.setdefault("summary", launcher.train(cfg, run_dir, log=notices.append))
-    )
+    thread = threading.Thread(target=lambda: out.setdefault("summary", job.train(cfg, run_dir, log=notices.append)))
     thread.start()
     info = run_dir / "workers" / "rank1.json"
     # After epoch 1's checkpoint is complete, so the restart has a checkpoint to resume from.
@@ -313,11 +311,11 @@ def test_sigterm_on_driver_then_resume_equals_uninterrupted(tmp_path):
 
 def test_same_run_name_resumes_instead_of_starting_over(separate, ray_cluster):
     """Launching a finished run's name again re-trains nothing and reports the same result."""
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
 
     cfg, run_dir, summary = separate
     before = (run_dir / "metrics.jsonl").read_text()
-    again = launcher.train(load_config(run_dir / "config.yaml"), run_dir)
+    again = job.train(load_config(run_dir / "config.yaml"), run_dir)
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert [p["test_acc"] for p in again["peers"]] == [p["test_acc"] for p in summary["peers"]]
     assert again["changes"] == []
@@ -329,15 +327,17 @@ def test_resume_with_allowed_changes_extends_the_run_and_records_it(separate, ra
     import shutil
 
     from cmd_dist.cli import _resume_config
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import record_resume
+    from cmd_dist.runs import lock
 
     _, src, _ = separate
     run_dir = tmp_path / "extended"
     shutil.copytree(src, run_dir, ignore=shutil.ignore_patterns(".lock"))
     r = _resume_config(str(run_dir), [f"train.epochs={EPOCHS + 1}"], allow_changes=True)
-    launcher.lock_run_dir(r.run_dir)
-    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
-    summary = launcher.train(r.cfg, r.run_dir)
+    lock.hold_run_lock(r.run_dir)
+    record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    summary = job.train(r.cfg, r.run_dir)
     assert summary["epochs_run"] == summary["epochs"] == EPOCHS + 1
     (change,) = summary["changes"]
     assert change["from_epoch"] == EPOCHS + 1 and change["changes"] == {

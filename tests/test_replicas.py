@@ -169,7 +169,7 @@ def test_bad_replica_settings_are_one_line(overrides, words):
 
 
 def test_placement_line_and_worker_count_with_replicas():
-    from cmd_dist.launch.launcher import plan_placement
+    from cmd_dist.launch.placement import plan_placement
 
     cpu = [{"CPU": 8.0}]
     p = plan_placement(load_config(DEMO, ["ray.replicas_per_peer=2", "ray.use_gpu=false"]), cpu)
@@ -188,7 +188,7 @@ def test_placement_line_and_worker_count_with_replicas():
 def test_a_last_batch_smaller_than_the_replicas_is_refused(tmp_path: Path):
     # 1438 training images, batch 1436: the last batch has 2 images for 3 replicas.
     cfg = load_config(DEMO, [*BASE, "train.batch_size=1436", "ray.replicas_per_peer=3"])
-    from cmd_dist.cli import preflight
+    from cmd_dist.launch.preflight import preflight
 
     with pytest.raises(ConfigError) as e:  # before Ray starts: one line, exit 2
         preflight(cfg, echo=False)

@@ -25,7 +25,8 @@ EPOCHS = 2
 
 
 def _train(out: Path, name: str, overrides: list[str]) -> Path:
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import summarize
     from cmd_dist.train.local import run_local
 
     cfg = load_config(
@@ -40,9 +41,9 @@ def _train(out: Path, name: str, overrides: list[str]) -> Path:
             *overrides,
         ],
     )
-    run_dir = launcher.resolve_run_dir(cfg)
+    run_dir = job.resolve_run_dir(cfg)
     metrics, _ = run_local(cfg, run_dir)
-    launcher.summarize(cfg, metrics, run_dir, wall_s=12.34)
+    summarize(cfg, metrics, run_dir, wall_s=12.34)
     return run_dir
 
 

@@ -1,6 +1,6 @@
 """The local Ray is locked (issue 18.1): loopback only, token authentication on, a client without the token refused.
 
-One Ray start for the module: the local default exactly as ``cmd-dist train`` starts it (``launcher.init_ray`` with
+One Ray start for the module: the local default exactly as ``cmd-dist train`` starts it (``cluster.init_ray`` with
 no address), in a subprocess with its own home folder and none of the tests' token variables, so the token is the
 one cmd-dist and Ray create for a local cluster.
 """
@@ -23,9 +23,9 @@ from tests.conftest import REPO
 
 HOST = """
 import json, os, sys
-from cmd_dist.launch import launcher
+from cmd_dist.launch import cluster
 from cmd_dist.config import load_config
-launcher.init_ray(load_config(None))
+cluster.init_ray(load_config(None))
 import ray
 ray.get(ray.remote(lambda: 0).remote())  # a worker process listens too
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "pid": os.getpid()}), flush=True)
@@ -68,7 +68,7 @@ def local_default(tmp_path_factory):
     finally:
         proc.stdin.close()
         proc.wait(60)
-        # The reaper (launcher.start_reaper) takes every Ray process down with the host; kill the group regardless.
+        # The reaper (local_ray.start_reaper) takes every Ray process down with the host; kill the group regardless.
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -469,13 +469,14 @@ def test_the_runs_layer_imports_neither_ray_nor_the_layers_above():
 def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, capsys):
     """In-process, end to end: interrupted after epoch 2, resumed from the URI, equal to a plain folder run."""
     from cmd_dist import cli
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import record_resume, summarize
 
     cfg = _cfg()
     ref, _ = run_local(cfg, tmp_path / "plain")
     uri = f"file://{tmp_path}/shared/runs"
     cfg = _cfg([f"output_dir={uri}", "run_name=r"])
-    run_dir = launcher.resolve_run_dir(cfg)
+    run_dir = job.resolve_run_dir(cfg)
     assert run_dir == f"{uri}/r"
     with pytest.raises(KeyboardInterrupt):
         run_local(cfg, run_dir, fault_hook=_stop_before(3))
@@ -499,7 +500,7 @@ def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, c
     events.Reload()
     assert [e.step for e in events.Scalars("test/acc")] == [1, 2, 3]
     # Reading the run back from the URI: summary, report, the resume command line.
-    launcher.summarize(cfg, metrics, run_dir, 1.0)
+    summarize(cfg, metrics, run_dir, 1.0)
     assert "resuming from " + run_dir + "/checkpoint_000002 (epoch 2 done)" in capsys.readouterr().out
     assert json.loads((folder / "summary.json").read_text())["run_dir"] == run_dir
     assert cli.main(["report", run_dir]) == 0
@@ -508,7 +509,7 @@ def test_a_file_uri_run_equals_a_folder_run_and_resumes_from_the_uri(tmp_path, c
     # Extending the run behind the URI: allowed with --allow-changes, and recorded there (issue 18.2).
     r = cli._resume_config(run_dir + "/", ["train.epochs=4"], allow_changes=True)
     assert r.run_dir == run_dir and r.cfg.output_dir == uri and r.cfg.run_name == "r" and r.cfg.train.epochs == 4
-    launcher.record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
+    record_resume(r.run_dir, r.text, r.cfg, r.changes, r.done + 1)
     assert "epochs: 4" in (folder / "config.yaml").read_text()
     assert "epochs: 3" in (folder / "config.original.yaml").read_text()
     assert json.loads((folder / "changes.jsonl").read_text())["from_epoch"] == 4
@@ -536,11 +537,11 @@ def test_ray_run_resumes_from_a_file_uri(tmp_path, ray_cluster, capsys):
     """Epochs 1-2 written to a file:// URI (in-process, stopped before epoch 3); ``cmd-dist train --resume URI``
     on Ray: both workers download their peers from the URI, train epoch 3 and upload; nothing staged is left."""
     from cmd_dist import cli
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
 
     uri = f"file://{tmp_path}/shared"
     cfg = load_config(DEMO, FAST + [f"output_dir={uri}", "run_name=ray-uri"])
-    run_dir = launcher.resolve_run_dir(cfg)
+    run_dir = job.resolve_run_dir(cfg)
     with pytest.raises(KeyboardInterrupt):
         run_local(cfg, run_dir, fault_hook=_stop_before(3))
     capsys.readouterr()

@@ -311,8 +311,8 @@ def test_cli_bad_list_is_one_line_exit_2_before_ray(tmp_path, capsys, monkeypatc
     root = make_webvision(tmp_path / "data", classes=2, per_class=2)
     (root / "webvision" / "info" / "val_filelist.txt").unlink()
     monkeypatch.setitem(sys.modules, "ray", None)
-    monkeypatch.setitem(sys.modules, "cmd_dist.launch.launcher", None)
-    monkeypatch.delattr(cmd_dist, "launcher", raising=False)
+    monkeypatch.setitem(sys.modules, "cmd_dist.launch.job", None)
+    monkeypatch.delattr(cmd_dist.launch, "job", raising=False)
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as info:
         cli.main(

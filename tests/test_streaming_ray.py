@@ -31,8 +31,8 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("dataset", list(LAYOUTS))
 def test_two_peers_train_on_a_streamed_layout(ray_cluster, tmp_path, dataset):
-    from cmd_dist.cli import preflight
-    from cmd_dist.launch import launcher
+    from cmd_dist.launch import job
+    from cmd_dist.launch.preflight import preflight
 
     make, extra, rate, skipped = LAYOUTS[dataset]
     root = make(tmp_path / "data")
@@ -51,8 +51,8 @@ def test_two_peers_train_on_a_streamed_layout(ray_cluster, tmp_path, dataset):
     ]
     cfg = load_config(os.path.join(REPO, "configs", "demo.yaml"), overrides)
     preflight(cfg, echo=False)
-    run_dir = launcher.resolve_run_dir(cfg)
-    summary = launcher.train(cfg, run_dir)
+    run_dir = job.resolve_run_dir(cfg)
+    summary = job.train(cfg, run_dir)
     assert summary == json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs_run"] == 1 and summary["eval_split"] == "test" and not summary["stopped"]
     assert [p["name"] for p in summary["peers"]] == ["peerA", "peerB"]

@@ -22,9 +22,10 @@ from cmd_dist.config import ConfigError, load_config
 from cmd_dist.data import resident as data_module
 from cmd_dist.data.prepare import prepare_data
 from tests.conftest import REPO
+from tune.job import SearchOptions, metric_key
 from tune.resources import plan_resources
 from tune.results import COMPLETED, EARLY_STOPPED, ERROR, NONFINITE, best_row, make_row, write_best_yaml, write_tables
-from tune.search import SearchOptions, check_options, metric_key, prepare
+from tune.search import check_options, prepare
 from tune.space import final_config, load_space, parse_param, parse_space, trial_config
 
 DEMO = os.path.join(REPO, "configs", "demo.yaml")

@@ -179,7 +179,8 @@ def build_job(args: argparse.Namespace) -> tuple[str, dict[str, Any], Config]:
             raise ConfigError(f"--runtime-env {args.runtime_env}: must hold a mapping (pip, env_vars, ...)")
     runtime_env["working_dir"] = str(working_dir)
     runtime_env["excludes"] = sorted(set(runtime_env.get("excludes", [])) | set(EXCLUDES))
-    # The launcher's quiet defaults (it cannot pass them to ray.init inside a job: see launcher.init_ray).
+    # The launch layer's quiet defaults (cmd_dist/launch/environment.py; it cannot pass them to ray.init inside a
+    # job: see cmd_dist.launch.cluster.init_ray).
     env_vars = {
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",

@@ -155,7 +155,10 @@ _HELD: dict[Path | str, RunLock | UriRunLock] = {}
 
 def hold_run_lock(location: str | os.PathLike) -> None:
     """Hold a run folder's lock until this process exits (once per folder); ConfigError (exit 2) if another
-    run holds it, or if a URI's lock cannot be written (a folder's OSError is the caller's to word)."""
+    run holds it, or if a URI's lock cannot be written (a folder's OSError is the caller's to word).
+
+    A folder's lock is kept only once no worker of an earlier run of it is alive (:func:`wait_for_old_workers`:
+    the driver's own lock dies with a killed driver, its workers may not yet)."""
     key: Path | str = str(location).rstrip("/") if is_uri(location) else Path(location)
     if key in _HELD:
         return
@@ -169,3 +172,67 @@ def hold_run_lock(location: str | os.PathLike) -> None:
         raise ConfigError(f"output_dir: cannot write the run folder {key} ({first_line(e)})") from None
     if is_uri(key):
         atexit.register(_HELD[key].release)  # the kernel drops a flock; a URI's lock object must be deleted
+        return
+    try:
+        wait_for_old_workers(Path(key))
+    except ConfigError:
+        _HELD.pop(key).release()
+        raise
+
+
+#: Seconds a run waits for the workers of a run of the same folder whose driver died (the reaper kills local
+#: ones at once; on a cluster Ray stops a dead driver's workers within seconds).
+OLD_WORKERS_WAIT_S = 60.0
+WORKERS_LOCK = ".workers.lock"
+
+
+def wait_for_old_workers(run_dir: Path, timeout: float | None = None) -> None:
+    """Wait until no worker of an earlier run of ``run_dir`` is alive; ConfigError (exit 2) after ``timeout``.
+
+    Every worker holds a shared ``flock`` on ``run_dir/.workers.lock`` while it trains (:func:`hold_workers_lock`)
+    and the kernel drops it when the worker dies, however it dies; the driver's own lock (``.lock``) dies with the
+    driver, so without this a ``--resume`` right after a killed driver could race with workers still writing.
+    """
+    import fcntl
+
+    timeout = OLD_WORKERS_WAIT_S if timeout is None else timeout
+    try:
+        fd = os.open(Path(run_dir) / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return  # open_run_folder reports an unwritable folder in its own words
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return  # released at once by the finally below: this run's workers take it shared
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    raise ConfigError(
+                        f"run folder {run_dir}: workers of an earlier run of it still hold {WORKERS_LOCK} after "
+                        f"{timeout:.0f} s; stop them (`fuser -v {Path(run_dir) / WORKERS_LOCK}` lists them), then "
+                        f"try again"
+                    ) from None
+                time.sleep(0.2)
+            except OSError:
+                return  # a file system without flock: nothing to wait on
+    finally:
+        os.close(fd)
+
+
+def hold_workers_lock(run_dir: Path | str) -> int | None:
+    """In a worker: a shared ``flock`` on ``run_dir/.workers.lock`` until the returned descriptor is closed."""
+    import fcntl
+
+    if is_uri(run_dir) or not Path(run_dir).is_dir():
+        return None  # a URI: each worker writes through its own staging folder, no shared lock exists
+    try:
+        fd = os.open(Path(run_dir) / WORKERS_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a new driver checks for old workers
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
