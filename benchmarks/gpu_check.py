@@ -378,7 +378,7 @@ def data_rows(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     start = time.perf_counter()
     # First the GPU decode path's own tests (nvJPEG against the CPU path, no host sync): seconds, and a wrong
     # pixel would make the figures below meaningless. They skip on a machine without CUDA.
-    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_decode.py", "-k", "cuda"]
+    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/data/test_gpu_decode.py", "-k", "cuda"]
     tests_rc, tests_tail = _run_logged(tests, out / "gpu_decode_tests.log", min(90.0, seconds / 3))
     result = out / "data_throughput.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--device", args.device]
@@ -472,7 +472,7 @@ def table(info: dict) -> str:
     d = info.get("data")
     if d:
         summary = d["tests_tail"].strip().splitlines()[-1] if d["tests_tail"].strip() else ""
-        lines.append(f"| (d) | tests/test_gpu_decode.py -k cuda | | | | | | rc {d['tests_rc']}: {summary} |")
+        lines.append(f"| (d) | tests/unit/data/test_gpu_decode.py -k cuda | | | | | | rc {d['tests_rc']}: {summary} |")
         if d["rc"] != 0:
             lines.append(f"| (d) | input pipeline (data_throughput.py) | | | | | | failed or stopped, rc {d['rc']} |")
         for r in d["rows"]:

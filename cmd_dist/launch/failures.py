@@ -43,7 +43,7 @@ def lost_workers(error: WorkerGroupError) -> dict[int, str]:
     A dead actor reaches the driver as Ray Train's WorkerHealthCheckFailedError wrapping a
     ``ray.exceptions.RayActorError`` (ActorDiedError: process killed, node lost). Everything else,
     e.g. our TrainingCodeError or a peer's collective failing because its partner died, is not a loss.
-    Pinned by tests/test_faults.py::test_lost_worker_classification_matches_ray.
+    Pinned by tests/integration/test_faults.py::test_lost_worker_classification_matches_ray.
     """
     lost = {}
     for rank, err in error.worker_failures.items():
@@ -68,7 +68,7 @@ def lost_nodes(error: WorkerGroupError, run_dir: Path | str, timeout: float = NO
     fails, and Ray Train reports only those. The workers' records (``workers/rank<r>.json``: ``node_id``,
     written at every start) and the cluster's node table tell whether a worker's node is gone; Ray marks
     it dead within its health-check period, so this waits up to ``timeout``. Other errors return at once.
-    Pinned by tests/test_cluster.py::test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node.
+    Pinned by tests/integration/test_cluster.py::test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node.
     """
     failures = list(error.worker_failures.values())
     if not failures or not all(

@@ -12,7 +12,7 @@ import pytest
 from cmd_dist.config import ConfigError, load_config
 from cmd_dist.launch.preflight import preflight
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 CONFIGS = REPO / "configs"
 PAPER = REPO.parent / "shared" / "paper" / "not-all-knowledge-is-created-equal.md"
 SHARED_CIFAR = REPO.parent / "shared" / "data"

@@ -352,7 +352,7 @@ def test_replicas_per_peer_on_ray_equal_one_process(ray_cluster, tmp_path):
     """2 peers x 2 DDP replicas = 4 Ray Train workers (0.5 CPU each): the same run as both peers in one process.
 
     cnn_small_gn's output does not depend on the batch split (no BatchNorm), so weights agree to 1e-5 (the
-    setting of tests/test_replicas.py: two epochs, ProSelfLC; in the demo's eta = 1 setting a 1e-7 relative
+    setting of tests/unit/train/test_replicas.py: two epochs, ProSelfLC; in the demo's eta = 1 setting a 1e-7 relative
     change of the initial weights already moves them by 1e-3 within two epochs, so no run is bitwise there).
     """
     same = [

@@ -21,7 +21,7 @@ from cmd_dist.data.prepare import check_data
 from cmd_dist.data.resident import safe_unpickle
 from cmd_dist.errors import DataError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "configs" / "demo.yaml"
 
 
@@ -346,7 +346,7 @@ def run_cli(tmp_path):
     """
     fence = tmp_path / "fence" / "ray"
     fence.mkdir(parents=True)
-    (fence / "__init__.py").write_text("raise ImportError('ray is fenced off in tests/test_config.py')\n")
+    (fence / "__init__.py").write_text("raise ImportError('ray is fenced off in tests/unit/config/test_config.py')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k.lower() != "no_proxy"}
     env["PYTHONPATH"] = os.pathsep.join([str(fence.parent), str(REPO)])
     # A missing CIFAR folder makes cmd-dist try a torchvision download: make it fail fast, offline or not.

@@ -27,7 +27,7 @@ from cmd_dist.runs.checkpoint import checkpoint_epoch, load_peer_state
 from cmd_dist.runs.storage import newest_complete_checkpoint
 from cmd_dist.train.local import LocalReporter, run_local
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "configs" / "demo.yaml"
 BASE = [
     "train.epochs=2",

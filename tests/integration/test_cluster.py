@@ -234,7 +234,7 @@ def test_submit_job_runs_on_the_cluster(cluster, tmp_path):
 def test_tune_runs_trials_concurrently_across_nodes(cluster, tmp_path):
     """`cmd-dist tune --address`: 4 trials, 2 at a time, each its own Train run (placement group) on its own
     node; ASHA stops weak trials after epoch 1 (their runs aborted, see tune.driver.stop_train_run) and the next
-    trials start on the freed nodes. The strict leak check is tests/test_tune.py's search on 2 CPUs, one trial at
+    trials start on the freed nodes. The strict leak check is tests/integration/test_tune.py's search on 2 CPUs, one trial at
     a time, where a placement group left behind by a stopped trial blocks the next trial for good."""
     out = _cli(
         ["tune", DEMO, *TINY, "train.epochs=2", "train.milestones=[1]", f"output_dir={tmp_path}", "run_name=search"]
@@ -332,7 +332,7 @@ def test_spread_and_output_dir_keys_are_validated():
         load_config(DEMO, ["ray.spread=true", "ray.placement=together"])
     with pytest.raises(ConfigError, match="ray.spread: expected true or false"):
         load_config(DEMO, ["ray.spread=3"])
-    for uri in ("s3://bucket/runs", "file:///tmp/runs"):  # filesystem URIs: tests/test_storage.py
+    for uri in ("s3://bucket/runs", "file:///tmp/runs"):  # filesystem URIs: tests/unit/runs/test_storage.py
         assert load_config(DEMO, [f"output_dir={uri}"]).output_dir == uri
     with pytest.raises(ConfigError, match=r"output_dir: '://x' is not a filesystem URI"):
         load_config(DEMO, ["output_dir=://x"])
