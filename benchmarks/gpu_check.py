@@ -378,7 +378,8 @@ def data_rows(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     start = time.perf_counter()
     # First the GPU decode path's own tests (nvJPEG against the CPU path, no host sync): seconds, and a wrong
     # pixel would make the figures below meaningless. They skip on a machine without CUDA.
-    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/data/test_gpu_decode.py", "-k", "cuda"]
+    test_file = "tests/unit/data/test_gpu_decode.py"
+    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "cuda"]
     tests_rc, tests_tail = _run_logged(tests, out / "gpu_decode_tests.log", min(90.0, seconds / 3))
     result = out / "data_throughput.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--device", args.device]

@@ -164,7 +164,8 @@ def stop_train_run(controller: Any) -> None:
     enough: its workers die, but the run's placement group stays reserved (tested: the next trial then waits
     forever), while ``abort()`` shuts the worker group down and removes the placement group. ``abort()`` is
     internal (``ray.train.v2._internal...TrainController.abort``), so ``pyproject.toml`` pins Ray to 2.60.0 and
-    tests/integration/test_tune.py and tests/integration/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes fail if it
+    tests/integration/test_tune.py and
+    tests/integration/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes fail if it
     stops freeing the resources (the later trials could not start). See docs/cluster.md.
     """
     if not hasattr(controller, "abort"):

@@ -68,7 +68,8 @@ def lost_nodes(error: WorkerGroupError, run_dir: Path | str, timeout: float = NO
     fails, and Ray Train reports only those. The workers' records (``workers/rank<r>.json``: ``node_id``,
     written at every start) and the cluster's node table tell whether a worker's node is gone; Ray marks
     it dead within its health-check period, so this waits up to ``timeout``. Other errors return at once.
-    Pinned by tests/integration/test_cluster.py::test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node.
+    Pinned by tests/integration/test_cluster.py::
+    test_spread_peers_on_two_nodes_survive_a_lost_node_and_equal_single_node.
     """
     failures = list(error.worker_failures.values())
     if not failures or not all(

@@ -234,8 +234,8 @@ def test_submit_job_runs_on_the_cluster(cluster, tmp_path):
 def test_tune_runs_trials_concurrently_across_nodes(cluster, tmp_path):
     """`cmd-dist tune --address`: 4 trials, 2 at a time, each its own Train run (placement group) on its own
     node; ASHA stops weak trials after epoch 1 (their runs aborted, see tune.driver.stop_train_run) and the next
-    trials start on the freed nodes. The strict leak check is tests/integration/test_tune.py's search on 2 CPUs, one trial at
-    a time, where a placement group left behind by a stopped trial blocks the next trial for good."""
+    trials start on the freed nodes. The strict leak check is tests/integration/test_tune.py's search on 2 CPUs,
+    one trial at a time, where a placement group left behind by a stopped trial blocks the next trial for good."""
     out = _cli(
         ["tune", DEMO, *TINY, "train.epochs=2", "train.milestones=[1]", f"output_dir={tmp_path}", "run_name=search"]
         + ["--trials", "4", "--max-concurrent", "2", "--algo", "random", "--grace-period", "1"]
