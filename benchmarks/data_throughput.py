@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cmd_dist.config import load_config  # noqa: E402
-from cmd_dist.streaming import build_streamed  # noqa: E402
+from cmd_dist.data.streamed import build_streamed  # noqa: E402
 
 
 def _write_jpeg(args: tuple[Path, int, int, int]) -> None:
@@ -132,7 +132,7 @@ def gpu_decode_epoch(paths, labels, size: int, batch: int, workers: int, device:
     from torchvision.io import decode_jpeg
     from torchvision.transforms.v2 import functional as TF
 
-    from cmd_dist.streaming import random_resized_crop_box
+    from cmd_dist.data.views import random_resized_crop_box
 
     loader = torch.utils.data.DataLoader(
         _Bytes(paths, labels), batch_size=batch, shuffle=True, num_workers=workers, collate_fn=_collate_bytes

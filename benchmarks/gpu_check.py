@@ -8,7 +8,7 @@ In order:
       eager and as one whole-step CUDA graph (CUDA only), then two cmd-dist peers in one process
       (CMD-P + Mconf, the engine's real step) with and without the whole-step graph; img/s per peer
       and ratios to the plain loops, measured in the same run;
-  (b) every placement for one short run through Ray (cmd_dist.launcher, the product path): all
+  (b) every placement for one short run through Ray (cmd_dist.launch.job, the product path): all
       peers in one worker (``together``) and one worker per peer sharing the GPU (``separate``,
       0.5 GPU each, gloo); with one GPU, ``separate`` with a GPU each (NCCL) cannot run and is
       listed as such;
@@ -48,10 +48,14 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 from cmd_dist.config import load_config  # noqa: E402
-from cmd_dist.data import SPECS, augment, load_split, normalize, prepare_data  # noqa: E402
-from cmd_dist.engine import Trainer, build_peer  # noqa: E402
-from cmd_dist.exchange import Exchange  # noqa: E402
+from cmd_dist.data.augment import augment, normalize  # noqa: E402
+from cmd_dist.data.prepare import prepare_data  # noqa: E402
+from cmd_dist.data.resident import load_split  # noqa: E402
+from cmd_dist.data.types import SPECS  # noqa: E402
 from cmd_dist.models import build_model  # noqa: E402
+from cmd_dist.train.exchange import Exchange  # noqa: E402
+from cmd_dist.train.peers import build_peer  # noqa: E402
+from cmd_dist.train.trainer import Trainer  # noqa: E402
 
 CMD_P_MCONF = ["method.objective=cmd", "method.knowledge=cmd-p", "method.self_kd=mconf"]
 
@@ -214,7 +218,7 @@ def cmd_row(args: argparse.Namespace, device: torch.device, graph: bool) -> dict
 
 def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) -> list[dict]:
     try:
-        from cmd_dist import launcher
+        from cmd_dist.launch import cluster, job
     except ImportError as e:  # no Ray on this machine
         return [{"setup": "placements through Ray", "error": f"skipped: {e}"}]
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
@@ -247,9 +251,9 @@ def placement_rows(args: argparse.Namespace, device: torch.device, out: Path) ->
         cfg = load_config(None, base + extra + [f"run_name={run_name}"])
         start = time.perf_counter()
         try:
-            run_dir = launcher.resolve_run_dir(cfg)
-            launcher.init_ray(cfg)
-            summary = launcher.train(cfg, run_dir)
+            run_dir = job.resolve_run_dir(cfg)
+            cluster.init_ray(cfg)
+            summary = job.train(cfg, run_dir)
             rows.append(
                 {
                     "setup": f"ray.placement={name}",
@@ -278,7 +282,7 @@ def _rate_from_jsonl(run_dir: Path) -> float:
 
 
 _LOCAL_CELL = (
-    "import sys, torch; from cmd_dist.config import load_config; from cmd_dist.local import run_local; "
+    "import sys, torch; from cmd_dist.config import load_config; from cmd_dist.train.local import run_local; "
     "cfg = load_config(sys.argv[1], sys.argv[3:]); "
     "run_local(cfg, cfg.output_dir + '/' + cfg.run_name, device=sys.argv[2], echo=True)"
 )
@@ -287,7 +291,7 @@ _LOCAL_CELL = (
 def paper_cell(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     """``cmd-dist train CONFIG`` in a subprocess, SIGTERM at the deadline; epochs read from metrics.jsonl.
 
-    ``--cell-local``: the same training loop in one plain process (cmd_dist.local.run_local), no Ray.
+    ``--cell-local``: the same training loop in one plain process (cmd_dist.train.local.run_local), no Ray.
     """
     run_root = args.run_root / "cell"
     overrides = [f"data.root={args.data_root}", f"output_dir={run_root}", "run_name=cell", *args.cell_overrides]
@@ -374,7 +378,8 @@ def data_rows(args: argparse.Namespace, out: Path, seconds: float) -> dict:
     start = time.perf_counter()
     # First the GPU decode path's own tests (nvJPEG against the CPU path, no host sync): seconds, and a wrong
     # pixel would make the figures below meaningless. They skip on a machine without CUDA.
-    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_decode.py", "-k", "cuda"]
+    test_file = "tests/unit/data/test_gpu_decode.py"
+    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", "cuda"]
     tests_rc, tests_tail = _run_logged(tests, out / "gpu_decode_tests.log", min(90.0, seconds / 3))
     result = out / "data_throughput.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--device", args.device]
@@ -468,7 +473,7 @@ def table(info: dict) -> str:
     d = info.get("data")
     if d:
         summary = d["tests_tail"].strip().splitlines()[-1] if d["tests_tail"].strip() else ""
-        lines.append(f"| (d) | tests/test_gpu_decode.py -k cuda | | | | | | rc {d['tests_rc']}: {summary} |")
+        lines.append(f"| (d) | tests/unit/data/test_gpu_decode.py -k cuda | | | | | | rc {d['tests_rc']}: {summary} |")
         if d["rc"] != 0:
             lines.append(f"| (d) | input pipeline (data_throughput.py) | | | | | | failed or stopped, rc {d['rc']} |")
         for r in d["rows"]:

@@ -3,7 +3,7 @@
 
 Accuracy claims need the paper's protocol on CIFAR-100; this is a CPU proxy that shows the *ordering*
 (CE < Mconf < CMD-P + Mconf) and how much the gradient semantics matter. Each run trains two peers in
-this process (``cmd_dist.local.run_local``, no Ray) and reports the final test accuracy, mean of peers.
+this process (``cmd_dist.train.local.run_local``, no Ray) and reports the final test accuracy, mean of peers.
 
     .venv/bin/python benchmarks/gradient_semantics.py --seeds 0 1 2 --rates 0.4 0.6 --out runs/gradsem
 
@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cmd_dist.config import load_config  # noqa: E402
-from cmd_dist.local import run_local  # noqa: E402
+from cmd_dist.train.local import run_local  # noqa: E402
 
 #: (row label, overrides). CMD rows use the demo's CMD-P settings; eta/b2 per --cmd.
 VARIANTS = [

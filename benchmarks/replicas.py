@@ -60,10 +60,12 @@ def _rank_main(rank: int, world: int, init: str, args: argparse.Namespace, out: 
     from torch.nn.parallel import DistributedDataParallel
 
     from cmd_dist.config import load_config
-    from cmd_dist.data import WHOLE, Shard, prepare_data
-    from cmd_dist.engine import Trainer, build_peer
-    from cmd_dist.exchange import Exchange
+    from cmd_dist.data.prepare import prepare_data
+    from cmd_dist.data.types import WHOLE, Shard
     from cmd_dist.models import build_model
+    from cmd_dist.train.exchange import Exchange
+    from cmd_dist.train.peers import build_peer
+    from cmd_dist.train.trainer import Trainer
 
     torch.set_num_threads(1)
     cuda = args.device == "cuda"

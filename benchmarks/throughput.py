@@ -6,7 +6,7 @@ Rows (same architecture, batch size, data and device):
       per-batch augment + normalize, SGD with momentum and weight decay, softmax cross-entropy;
   (b) cmd-dist, N independent peers (knowledge=zero, self_kd=ce) hosted in this process;
   (c) cmd-dist, CMD-P + Mconf, N peers hosted in this process;
-  (d) cmd-dist, CMD-P + Mconf, one Ray Train worker per peer (cmd_dist.launcher): steady-state
+  (d) cmd-dist, CMD-P + Mconf, one Ray Train worker per peer (cmd_dist.launch.job): steady-state
       images/s from the ``images_per_s`` each worker reports (its own train-epoch time) for the
       epochs after the first, and the wall time of the whole fit including Ray start-up.
 
@@ -41,10 +41,14 @@ import torch
 import torch.nn.functional as F
 
 from cmd_dist.config import Config, load_config
-from cmd_dist.data import SPECS, augment, load_split, normalize, prepare_data
-from cmd_dist.engine import build_peer, train_one_epoch
-from cmd_dist.exchange import Exchange
+from cmd_dist.data.augment import augment, normalize
+from cmd_dist.data.prepare import prepare_data
+from cmd_dist.data.resident import load_split
+from cmd_dist.data.types import SPECS
 from cmd_dist.models import build_model
+from cmd_dist.train.exchange import Exchange
+from cmd_dist.train.peers import build_peer
+from cmd_dist.train.trainer import train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
@@ -137,7 +141,7 @@ def cmd_config(args: argparse.Namespace, method: list[str], epochs: int, extra: 
 
 
 def cmd_setup(cfg: Config, device: torch.device) -> tuple[Callable[[], float], int]:
-    """Rows (b), (c): every peer in this process through cmd_dist.engine.train_one_epoch (1-process exchange)."""
+    """Rows (b), (c): every peer in this process through cmd_dist.train.trainer.train_one_epoch (1-process exchange)."""
     data = prepare_data(cfg.data, cfg.noise, device)
     exchange = Exchange(len(cfg.peers))
     peers = [build_peer(cfg, k, data.spec.num_classes, data.spec.channels, device) for k in exchange.local_peers]
@@ -147,10 +151,7 @@ def cmd_setup(cfg: Config, device: torch.device) -> tuple[Callable[[], float], i
         start = time.perf_counter()
         train_one_epoch(cfg, peers, exchange, data, epoch_index[0], device)
         sync(device)
-        seconds = time.perf_counter() - start
-        if cfg.method.self_kd == "mconf":  # run_worker's end-of-epoch bookkeeping, not timed there either
-            for p in peers:
-                p.certainty.end_epoch()
+        seconds = time.perf_counter() - start  # includes Mconf's end-of-epoch r (host arithmetic, negligible)
         epoch_index[0] += 1
         return seconds
 
@@ -192,15 +193,15 @@ def run_in_process(args: argparse.Namespace, device: torch.device) -> list[Row]:
 
 
 def start_ray(cfg: Config, verbose: bool) -> bool:
-    """Start or join Ray as cmd_dist.launcher.init_ray does; unless verbose, without streaming worker logs."""
+    """Start or join Ray as cmd_dist.launch.cluster.init_ray does; unless verbose, without streaming worker logs."""
     import ray
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import cluster
 
     if ray.is_initialized():
         return False
     if verbose:
-        launcher.init_ray(cfg)
+        cluster.init_ray(cfg)
         return True
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"  # never a stale ray_current_cluster
     kwargs: dict[str, Any] = dict(log_to_driver=False, logging_config=ray.LoggingConfig(log_level="ERROR"))
@@ -228,11 +229,11 @@ def report_log(path: str) -> Any:
 
 
 def run_ray(args: argparse.Namespace, device: torch.device, workdir: Path) -> tuple[Row, list[dict]]:
-    """Row (d): a real cmd_dist.launcher fit (placement=separate); every worker's images_per_s is recorded."""
+    """Row (d): a real cmd_dist.launch.job fit (placement=separate); every worker's images_per_s is recorded."""
     t0 = time.perf_counter()
     import ray
 
-    from cmd_dist import launcher
+    from cmd_dist.launch import job
 
     first_timed = max(1, args.warmup) + 1  # epoch 1 (and any further warm-up) is not steady state
     epochs = first_timed - 1 + args.ray_epochs
@@ -260,11 +261,11 @@ def run_ray(args: argparse.Namespace, device: torch.device, workdir: Path) -> tu
         row.note = f"skipped: needs {need:g} CPUs, the Ray cluster has {res.get('CPU', 0):g}"
         return row, []
 
-    run_dir = launcher.resolve_run_dir(cfg)
+    run_dir = job.resolve_run_dir(cfg)
     log = run_dir / "bench_reports.jsonl"
     fit_start = time.perf_counter()
     try:
-        result = launcher.build_trainer(cfg, run_dir, callbacks=[report_log(str(log))]).fit()
+        result = job.build_trainer(cfg, run_dir, callbacks=[report_log(str(log))]).fit()
     finally:
         fit_s = time.perf_counter() - fit_start
         row.wall_s = time.perf_counter() - t0

@@ -4,8 +4,8 @@ The paper's equations as pure tensor functions (import them into your own loop),
 Train engine that trains N peers with them (``cmd-dist train``).
 """
 
-from cmd_dist.noise import NOISE_KINDS, corrupt_labels, split_train_val
-from cmd_dist.objectives import (
+from cmd_dist.data.noise import NOISE_KINDS, corrupt_labels, split_train_val
+from cmd_dist.method.objectives import (
     OBJECTIVES,
     async_mkd_active_peer,
     cmd_losses,
@@ -17,8 +17,8 @@ from cmd_dist.objectives import (
     t2s_kd_loss,
     tfkd_reg_loss,
 )
-from cmd_dist.selection import KNOWLEDGE_MODES, confident_mask, knowledge_threshold, threshold_for_mode
-from cmd_dist.selfkd import (
+from cmd_dist.method.selection import KNOWLEDGE_MODES, confident_mask, knowledge_threshold, threshold_for_mode
+from cmd_dist.method.selfkd import (
     SELF_KD_METHODS,
     ModelCertainty,
     cross_entropy,

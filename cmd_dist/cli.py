@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cmd_dist.config import Config, ConfigError, load_config
-from cmd_dist.data import DataError, check_data
-from cmd_dist.storage import is_uri, join
+from cmd_dist.errors import DataError
+from cmd_dist.launch.preflight import preflight
+from cmd_dist.launch.session import sigterm_as_interrupt, stop_ray
+from cmd_dist.runs.fs import absolute, join
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -25,45 +26,6 @@ EXIT_INTERRUPTED = 130
 def fail(msg: str, code: int = EXIT_USAGE) -> None:
     print(f"cmd-dist: error: {msg}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def preflight(cfg: Config, echo: bool = True) -> None:
-    """Checks that need the data: the files exist and parse, a batch fits the training set, peer weights load.
-
-    Prints the labels trained on and their realised noise rate.
-    """
-    check = check_data(cfg.data, cfg.noise)
-    n_train = check.num_train
-    if cfg.train.batch_size > n_train:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the {n_train} training images; "
-            f"use at most {n_train}"
-        )
-    last, replicas = n_train % cfg.train.batch_size, cfg.ray.replicas_per_peer
-    if 0 < last < replicas:
-        raise ConfigError(
-            f"train.batch_size: {cfg.train.batch_size} leaves a last batch of {last} of the {n_train} training images, "
-            f"fewer than ray.replicas_per_peer={replicas} can split; choose another train.batch_size"
-        )
-    from cmd_dist.models import check_peer_weights
-
-    check_peer_weights(cfg)
-    if echo:
-        print(f"cmd-dist: {check.line()}", flush=True)
-
-
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM and SIGINT (Ctrl-C) both raise KeyboardInterrupt in the main thread: one way out, exit 130."""
-
-    def handler(signum, frame):  # noqa: ARG001
-        # A second signal while shutting down must not print a traceback over the resume hint.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _quiet_ray_shutdown()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -82,30 +44,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.ray.address = args.address
     preflight(cfg)
 
-    from cmd_dist import launcher  # imports Ray: only after the config is known to be good
+    # These import Ray: only after the config is known to be good.
+    from cmd_dist.launch.cluster import init_ray
+    from cmd_dist.launch.console import set_console
+    from cmd_dist.launch.failures import RunFailed
+    from cmd_dist.launch.job import resolve_run_dir, train
+    from cmd_dist.launch.placement import check_placement
+    from cmd_dist.launch.summary import record_resume
+    from cmd_dist.runs.lock import hold_run_lock
 
-    launcher.set_console(verbose=args.verbose)
-    launcher.check_placement(cfg)  # a local Ray's resources are known before it starts
+    set_console(verbose=args.verbose)
+    check_placement(cfg)  # a local Ray's resources are known before it starts
     if run_dir is None:
-        run_dir = launcher.resolve_run_dir(cfg)
+        run_dir = resolve_run_dir(cfg)
     else:
-        launcher.lock_run_dir(run_dir)
+        hold_run_lock(run_dir)
         if resume.writes:  # only now, holding the lock
-            launcher.record_resume(run_dir, resume.text, resume.cfg, resume.changes, resume.done + 1)
+            record_resume(run_dir, resume.text, resume.cfg, resume.changes, resume.done + 1)
             if resume.changes:
                 print(f"cmd-dist: {resume.line()}", flush=True)
     print(f"cmd-dist: run folder {run_dir}", flush=True)
     try:
-        _sigterm_as_interrupt()
-        launcher.init_ray(cfg)
-        _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
-        summary = launcher.train(cfg, run_dir, verbose=args.verbose)
+        sigterm_as_interrupt()
+        init_ray(cfg)
+        sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
+        summary = train(cfg, run_dir, verbose=args.verbose)
     except KeyboardInterrupt:
-        _stop_ray()
+        stop_ray()
         print(f"\n{interrupted_message(run_dir, len(cfg.peers))}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except launcher.RunFailed as e:
-        _stop_ray()
+    except RunFailed as e:
+        stop_ray()
         if e.detail:
             print(e.detail.rstrip(), file=sys.stderr)
         print(f"cmd-dist: error: {e}", file=sys.stderr)
@@ -151,9 +120,10 @@ def _resume_config(resume: str, overrides: list[str], allow_changes: bool = Fals
     import tempfile
 
     from cmd_dist.config import config_changes, dump_yaml, parse_overrides, resume_key_kind
-    from cmd_dist.storage import newest_checkpoint_epoch, read_run_file, split_location
+    from cmd_dist.runs.fs import split_location
+    from cmd_dist.runs.run_folder import newest_checkpoint_epoch, read_run_file
 
-    run_dir: Path | str = resume.rstrip("/") if is_uri(resume) else Path(resume).expanduser().resolve()
+    run_dir = absolute(resume)
     text = read_run_file(run_dir, "config.yaml")
     if text is None:
         fail(f"--resume {resume}: no config.yaml there; pass a run folder written by cmd-dist train")
@@ -194,7 +164,7 @@ def _resume_config(resume: str, overrides: list[str], allow_changes: bool = Fals
 
 def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
     """What an interrupted run kept, and the command that continues it."""
-    from cmd_dist.storage import newest_checkpoint_epoch
+    from cmd_dist.runs.run_folder import newest_checkpoint_epoch
 
     try:
         newest = newest_checkpoint_epoch(run_dir, num_peers)
@@ -208,24 +178,6 @@ def interrupted_message(run_dir: Path | str, num_peers: int) -> str:
         else "what was checkpointed is kept"
     )
     return f"cmd-dist: interrupted; {kept}. Continue with:\n  cmd-dist train --resume {run_dir}"
-
-
-def _quiet_ray_shutdown() -> None:
-    """On Ctrl-C the signal reaches Ray's own processes too; Ray's process code then logs ``ERROR services.py``
-    lines about processes already gone: silence that logger for the way out."""
-    import logging
-
-    logging.getLogger("ray._private.services").setLevel(logging.CRITICAL)
-
-
-def _stop_ray() -> None:
-    _quiet_ray_shutdown()
-    try:
-        import ray
-
-        ray.shutdown()
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: FOLDER/report)")
     r.set_defaults(func=cmd_report)
-    from cmd_dist.submit import add_parser as add_submit_parser
+    from cmd_dist.launch.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
     return parser
@@ -295,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_report(args: argparse.Namespace) -> int:
     from cmd_dist.report import ReportError, write_report  # matplotlib, no Ray
 
-    uris = [p for p in args.paths if is_uri(p)]
+    uris = [p for p in args.paths if not isinstance(absolute(p), Path)]  # absolute(): a str behind a URI
     if uris and not args.out and len(args.paths) > 1:
         fail(f"{uris[0]}: a report over several folders, one of them a URI, needs --out DIR (a local folder)")
     if uris:
@@ -314,18 +266,18 @@ def _report_from_uris(args: argparse.Namespace, write_report, report_error) -> i
     import shutil
     import tempfile
 
-    from cmd_dist.storage import mirror_for_report, upload_folder
+    from cmd_dist.runs.run_folder import mirror_for_report, upload_folder
 
     tmp = Path(tempfile.mkdtemp(prefix="cmd-dist-report-"))
     try:
-        paths = [mirror_for_report(p, tmp / f"in{i}") if is_uri(p) else Path(p) for i, p in enumerate(args.paths)]
+        paths = [mirror_for_report(p, tmp / f"in{i}") for i, p in enumerate(args.paths)]  # a folder: itself
         out = Path(args.out) if args.out else tmp / "report"
         try:
             report = write_report(paths, out)
         except report_error as e:
             message = str(e)
             for i, p in enumerate(args.paths):  # name the URI, not the temporary copy
-                if is_uri(p):
+                if paths[i] != Path(p):
                     message = message.replace(str(paths[i]), p.rstrip("/"))
             fail(message)
         if args.out:

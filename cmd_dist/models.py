@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from cmd_dist.errors import ConfigError, first_line
+
 #: Below this input size the CIFAR stem is used (a 7x7/2 conv + max-pool would leave 8x8 -> 2x2).
 IMAGENET_STEM_MIN_SIZE = 64
-#: Smallest input each architecture accepts (Inception-ResNet-v2's valid convolutions need 75 px).
-MIN_INPUT_SIZE = {"inception_resnet_v2": 75}
 
 
 class WeightsError(ValueError):
@@ -141,9 +141,8 @@ def read_weights_file(path: str | Path, key: str = "weights") -> dict[str, torch
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - refused pickles, truncated files, other formats
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise WeightsError(
-            f"{key}: {path} is not a weights file that torch.load(weights_only=True) can read ({first[:120]})"
+            f"{key}: {path} is not a weights file that torch.load(weights_only=True) can read ({first_line(e)[:120]})"
         ) from None
     if isinstance(obj, dict):  # checkpoints wrap the state dict: ours ("model"), timm/torchvision ("state_dict")
         for wrapper in ("model", "state_dict", "model_state_dict", "net"):
@@ -191,8 +190,8 @@ def load_weights(model: nn.Module, path: str | Path, key: str = "weights") -> st
 
 def check_peer_weights(cfg) -> None:
     """Preflight: every ``peers[k].weights`` file loads into its architecture (ConfigError otherwise)."""
-    from cmd_dist.config import ConfigError
-    from cmd_dist.data import STREAMED, dataset_spec
+    from cmd_dist.data.labels import dataset_spec
+    from cmd_dist.data.types import STREAMED
 
     for k, peer in enumerate(cfg.peers):
         if not peer.weights:
@@ -203,7 +202,7 @@ def check_peer_weights(cfg) -> None:
             spec = dataset_spec(cfg.data, cfg.noise)
             num_classes, channels, size = spec.num_classes, spec.channels, spec.size
         if not num_classes:
-            from cmd_dist.streaming import build_streamed
+            from cmd_dist.data.streamed import build_streamed
 
             num_classes = build_streamed(cfg.data, cfg.noise, workers=0).spec.num_classes
         try:

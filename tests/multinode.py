@@ -1,4 +1,4 @@
-"""A real multi-node Ray cluster on this machine, for the cluster tests (`tests/test_cluster.py`).
+"""A real multi-node Ray cluster on this machine, for the cluster tests (`tests/integration/test_cluster.py`).
 
 ``python -m tests.multinode SPEC.json`` runs in its own process session and hosts the nodes with
 ``ray.cluster_utils.Cluster``: a head (GCS, optionally the dashboard, on 127.0.0.1) and worker nodes, each a

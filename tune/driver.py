@@ -1,7 +1,7 @@
 """The Ray Tune side of ``cmd-dist tune``: each trial hosts one Ray Train job, the same one ``cmd-dist train`` runs.
 
 Ray Train V2 trainers cannot be handed to ``Tuner``; a trial (:class:`CMDTrial`) builds the TorchTrainer
-with ``cmd_dist.launcher.build_trainer`` and fits it in a thread, and a Train callback forwards each
+with ``cmd_dist.launch.job.build_trainer`` and fits it in a thread, and a Train callback forwards each
 epoch's report to the trial, so Tune (and ASHA) sees every epoch. The trial process asks Ray for no
 CPU: its Train workers hold the CPUs and GPUs, and :func:`tune.resources.plan_resources` caps how many
 trials run at once (on a 2-CPU machine a trial that also held a CPU would wait forever for its workers).
@@ -11,29 +11,36 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cmd_dist.config import Config, ConfigError, from_dict
+from cmd_dist.launch import environment  # noqa: F401 - Ray's environment defaults, before Ray is imported
+from cmd_dist.launch.cluster import alive_nodes, cluster_nodes, init_ray
+from cmd_dist.launch.console import CONSOLE, set_console
+from cmd_dist.launch.job import fit_with_restarts, resolve_run_dir, run_interruptibly, train
+from cmd_dist.launch.placement import plan_placement, scaling_for
+from cmd_dist.launch.shared_output import check_shared_output
+from cmd_dist.runs.fs import arrow_storage, join, open_folder
+from cmd_dist.runs.run_folder import read_run_file
+from cmd_dist.runs.storage import remove_dead_staging
+from tune.job import TUNE_EXPERIMENT, SearchJob
+from tune.lines import TrialLines
+from tune.resources import plan_resources
+from tune.results import TrialRow, make_row
+from tune.space import Param, plain_value, trial_config
+
+# isort: split
 import ray
 from ray import tune as ray_tune
 from ray.train import UserCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.queue import Empty, Queue
-
-from cmd_dist import launcher  # also sets Ray's quiet local defaults (read when Ray starts)
-from cmd_dist.config import Config, ConfigError, from_dict
-from cmd_dist.storage import is_uri, join, open_filesystem, read_run_file, remove_dead_staging
-from tune.resources import plan_resources
-from tune.results import TrialRow, make_row
-from tune.search import TUNE_EXPERIMENT, SearchJob
-from tune.space import Param, plain_value, trial_config
 
 #: Seconds a stopped trial's Ray Train run gets to finish (last epoch) or to abort (stopped early).
 ABORT_GRACE_S = 60.0
@@ -74,12 +81,12 @@ class CMDTrial(ray_tune.Trainable):
 
     The trial's cmd-dist run folder is its Tune trial folder: tb/, metrics.jsonl and config.yaml sit
     beside Tune's result.json and event files, and a resumed trial finds its own checkpoints there. Behind a
-    URI the trial is a URI run (its workers stage and upload, see :mod:`cmd_dist.storage`) and Tune uploads its
+    URI the trial is a URI run (its workers stage and upload, see :mod:`cmd_dist.runs.storage`) and Tune uploads its
     own files beside them; the search's lock covers the trial's folder, so the trial takes no lock of its own.
     """
 
     def setup(self, config: dict[str, Any], base: dict[str, Any], experiment_dir: str, verbose: bool = False) -> None:
-        launcher.set_console(verbose=verbose, progress=False)
+        set_console(verbose=verbose, progress=False)
         cfg = trial_config(base, config)
         cfg.output_dir, cfg.run_name = experiment_dir, f"trial_{self.trial_id}"
         self._epochs = cfg.train.epochs
@@ -88,7 +95,7 @@ class CMDTrial(ray_tune.Trainable):
         self._error: BaseException | None = None
         self._last: dict[str, Any] = {}
         self._done = threading.Event()
-        run_dir = launcher.resolve_run_dir(cfg, lock=not is_uri(experiment_dir))
+        run_dir = resolve_run_dir(cfg, lock=open_folder(experiment_dir).local is not None)
         self._hparams = trial_hparams(cfg, config)
         self._thread = threading.Thread(target=self._fit, args=(cfg, run_dir), name="cmd-fit", daemon=True)
         self._thread.start()
@@ -97,7 +104,7 @@ class CMDTrial(ray_tune.Trainable):
         try:
             # The same failure handling as `cmd-dist train`: a lost worker restarts the trial's peer
             # group from its newest checkpoint; an error of the training code fails the trial at once.
-            launcher.fit_with_restarts(
+            fit_with_restarts(
                 cfg,
                 run_dir,
                 callbacks=[_ForwardReports(self._reports)],
@@ -157,7 +164,8 @@ def stop_train_run(controller: Any) -> None:
     enough: its workers die, but the run's placement group stays reserved (tested: the next trial then waits
     forever), while ``abort()`` shuts the worker group down and removes the placement group. ``abort()`` is
     internal (``ray.train.v2._internal...TrainController.abort``), so ``pyproject.toml`` pins Ray to 2.60.0 and
-    tests/test_tune.py and tests/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes fail if it
+    tests/integration/test_tune.py and
+    tests/integration/test_cluster.py::test_tune_runs_trials_concurrently_across_nodes fail if it
     stops freeing the resources (the later trials could not start). See docs/cluster.md.
     """
     if not hasattr(controller, "abort"):
@@ -173,87 +181,6 @@ def trial_hparams(cfg: Config, sampled: dict[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {"method.b1": cfg.method.b1, "method.b2": cfg.method.b2, "method.eta": cfg.method.eta}
     values.update({k: plain_value(v) for k, v in sampled.items()})
     return values
-
-
-class TrialLines(ray_tune.Callback):
-    """The search's console: one line per finished trial and, on a terminal, one live status line.
-
-    Replaces Ray Tune's periodic trial tables (``verbose=0``); the full table is printed at the end.
-    """
-
-    def __init__(self, job: SearchJob, epochs: int, live: bool) -> None:
-        self._job = job
-        self._epochs = epochs
-        self._live = live
-        self._finished = 0
-        self._best: float | None = None
-        self._status_shown = False
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._status(trials)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "")
-        self._status(trials)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._line(trial, "error")
-        self._status(trials)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._clear()
-
-    def _line(self, trial: Any, status: str) -> None:
-        self._finished += 1
-        result = dict(trial.last_result or {})
-        epochs = int(result.get("epoch", 0) or 0)
-        score = _finite(result.get(self._job.score_key))
-        if score is not None and (self._best is None or score > self._best):
-            self._best = score
-        if not status:
-            status = (
-                "non-finite loss"
-                if result.get("nonfinite")
-                else ("completed" if epochs >= self._epochs else "early-stopped")
-            )
-        params = " ".join(f"{k.split('.')[-1]} {_short(trial.config.get(k))}" for k in self._job.space.keys)
-        accs = " ".join(f"{p} {_pct(result.get(f'{p}/val_acc'))}" for p in self._job.peers)
-        self._clear()
-        print(
-            f"trial {self._finished}/{self._job.options.trials} {trial.trial_id} | {params} | val {accs} "
-            f"mean {_pct(result.get('val_acc'))} | {epochs}/{self._epochs} epochs | {status}",
-            flush=True,
-        )
-
-    def _status(self, trials: list) -> None:
-        if not self._live:
-            return
-        running = sum(t.status == "RUNNING" for t in trials)
-        best = "-" if self._best is None else f"{self._best:.2f}%"
-        sys.stdout.write(
-            f"\r\033[K{self._finished}/{self._job.options.trials} trials finished, {running} running, best {best}"
-        )
-        sys.stdout.flush()
-        self._status_shown = True
-
-    def _clear(self) -> None:
-        if self._status_shown:
-            sys.stdout.write("\r\033[K")
-            self._status_shown = False
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _pct(value: Any) -> str:
-    v = _finite(value)
-    return "-" if v is None else f"{v:.2f}%"
-
-
-def _short(value: Any) -> str:
-    value = plain_value(value)
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def tune_domain(param: Param) -> Any:
@@ -281,7 +208,7 @@ def search_setup(job: SearchJob, seed: int, max_concurrent: int = 0) -> tuple[di
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        if not launcher.CONSOLE.verbose:  # "A new study created in memory ..." and Optuna's other INFO lines
+        if not CONSOLE.verbose:  # "A new study created in memory ..." and Optuna's other INFO lines
             optuna.logging.set_verbosity(optuna.logging.WARNING)
         # Optuna's TPE, seeded; the space's start points are enqueued before TPE samples.
         return space, OptunaSearch(points_to_evaluate=start, seed=seed), job.options.trials
@@ -311,37 +238,11 @@ class SearchOutcome:
 def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
     """Start or join Ray, size the trials to the cluster, run (or restore and continue) the Tune experiment."""
     cfg = from_dict(job.base)
-    launcher.init_ray(cfg)
-    probe = trial_config(job.base, {})
-    scaling, _, _ = launcher.scaling_for(probe)
-    # The CPU/GPU and ray.spread node checks with the cluster's real totals (one line, before any trial starts).
-    launcher.plan_placement(probe, launcher.cluster_nodes())
-    # Every trial's workers write into the search folder: on a multi-node cluster every node must see it.
-    launcher.check_shared_output(str(job.search_dir))
-    plan = plan_resources(
-        scaling.num_workers,
-        dict(scaling.resources_per_worker or {"CPU": 1.0}),
-        ray.cluster_resources(),
-        job.options.max_concurrent,
-        job.options.trials,
-    )
-    for note in plan.notes:
-        print(f"cmd-dist: {note}", flush=True)
-    trial_base = copy.deepcopy(job.base)
-    trial_base["ray"]["cpus_per_worker"] = plan.resources_per_worker.get("CPU", cfg.ray.cpus_per_worker)
-    # Trials run inside the cluster already; without the address their run folders' config.yaml stays the
-    # same when a search is resumed with another --address (a changed config would refuse to resume).
-    trial_base["ray"]["address"] = None
-    print(
-        f"cmd-dist: {plan.concurrency} trial(s) at once, each {scaling.num_workers} worker(s) x "
-        f"{plan.resources_per_worker}",
-        flush=True,
-    )
-
+    plan, trial_base = _size_trials(job, cfg)
     # Tune's experiment (its state, each trial's result.json and events) in the search folder: a local folder,
     # or the URI's filesystem (pyarrow), where Tune uploads what it stages in the Ray session folder.
-    storage_fs, storage_path = open_filesystem(str(job.search_dir)) if job.is_uri else (None, str(job.search_dir))
-    experiment_path = str(PurePosixPath(storage_path, TUNE_EXPERIMENT)) if job.is_uri else str(job.experiment_dir)
+    storage_fs, storage_path = arrow_storage(job.search_dir)
+    experiment_path = str(PurePosixPath(storage_path, TUNE_EXPERIMENT))
     trainable = ray_tune.with_resources(
         ray_tune.with_parameters(CMDTrial, base=trial_base, experiment_dir=str(job.experiment_dir), verbose=verbose),
         {"CPU": 0, "memory": 1},
@@ -349,7 +250,7 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
     param_space, searcher, num_samples = search_setup(job, cfg.seed, plan.concurrency)
     epochs = max_epochs(job)
     # Ray Tune's own trial tables (every few seconds, every column) with --verbose; otherwise one line per trial.
-    callbacks = [] if verbose else [TrialLines(job, epochs, live=launcher.CONSOLE.progress)]
+    callbacks = [] if verbose else [TrialLines(job, epochs, live=CONSOLE.progress)]
     if not verbose:
         # Ray Tune's newer console output prints its boxed settings and paths even at verbose=0.
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
@@ -369,46 +270,79 @@ def run_search(job: SearchJob, verbose: bool = False) -> SearchOutcome:
             restored = local.get_run_config()
             restored.callbacks, restored.verbose = callbacks or None, 1 if verbose else 0
     else:
-        scheduler = None
-        if job.options.asha:
-            scheduler = ASHAScheduler(
-                time_attr="epoch",
-                max_t=epochs,
-                grace_period=job.options.grace_period,
-                reduction_factor=job.options.reduction_factor,
-            )
-        tuner = ray_tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=ray_tune.TuneConfig(
-                metric=job.score_key,
-                mode="max",
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                max_concurrent_trials=plan.concurrency,
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=ray_tune.RunConfig(
-                name=TUNE_EXPERIMENT,
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                # Worker failures are retried inside a trial (ray.max_failures); a failed trial stays failed.
-                failure_config=ray_tune.FailureConfig(max_failures=0),
-                checkpoint_config=ray_tune.CheckpointConfig(checkpoint_at_end=False),
-                callbacks=callbacks or None,
-                verbose=1 if verbose else 0,
-            ),
+        tune_config = ray_tune.TuneConfig(
+            metric=job.score_key,
+            mode="max",
+            search_alg=searcher,
+            scheduler=_asha(job, epochs),
+            num_samples=num_samples,
+            max_concurrent_trials=plan.concurrency,
+            trial_dirname_creator=trial_dirname,
         )
+        run_config = ray_tune.RunConfig(
+            name=TUNE_EXPERIMENT,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            # Worker failures are retried inside a trial (ray.max_failures); a failed trial stays failed.
+            failure_config=ray_tune.FailureConfig(max_failures=0),
+            checkpoint_config=ray_tune.CheckpointConfig(checkpoint_at_end=False),
+            callbacks=callbacks or None,
+            verbose=1 if verbose else 0,
+        )
+        tuner = ray_tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     # In a helper thread: Tune's own SIGINT handler (a slow "graceful" stop) stays out of the way, and
     # Ctrl-C / SIGTERM reach the caller at once (it stops Ray and prints the --resume command).
-    grid = launcher.run_interruptibly(tuner.fit)
+    grid = run_interruptibly(tuner.fit)
     if job.is_uri:  # (not after Ctrl-C: the resumed search, or the trial's next run on that node, sweeps)
         sweep_staging(job)
     wall = time.time() - start
     rows = [_row(result, job, trial_base) for result in grid]
     finished = grid.num_terminated + grid.num_errors
     return SearchOutcome(rows, trial_base, wall, unfinished=finished < len(grid) or len(grid) < job.options.trials)
+
+
+def _size_trials(job: SearchJob, cfg: Config) -> tuple[Any, dict[str, Any]]:
+    """Start or join Ray and check a trial's placement against the cluster; (the resource plan, the config the
+    trials are built on: their CPU share sized to this cluster, no address)."""
+    init_ray(cfg)
+    probe = trial_config(job.base, {})
+    scaling, _, _ = scaling_for(probe)
+    # The CPU/GPU and ray.spread node checks with the cluster's real totals (one line, before any trial starts).
+    plan_placement(probe, cluster_nodes())
+    # Every trial's workers write into the search folder: on a multi-node cluster every node must see it.
+    check_shared_output(str(job.search_dir))
+    plan = plan_resources(
+        scaling.num_workers,
+        dict(scaling.resources_per_worker or {"CPU": 1.0}),
+        ray.cluster_resources(),
+        job.options.max_concurrent,
+        job.options.trials,
+    )
+    for note in plan.notes:
+        print(f"cmd-dist: {note}", flush=True)
+    trial_base = copy.deepcopy(job.base)
+    trial_base["ray"]["cpus_per_worker"] = plan.resources_per_worker.get("CPU", cfg.ray.cpus_per_worker)
+    # Trials run inside the cluster already; without the address their run folders' config.yaml stays the
+    # same when a search is resumed with another --address (a changed config would refuse to resume).
+    trial_base["ray"]["address"] = None
+    print(
+        f"cmd-dist: {plan.concurrency} trial(s) at once, each {scaling.num_workers} worker(s) x "
+        f"{plan.resources_per_worker}",
+        flush=True,
+    )
+    return plan, trial_base
+
+
+def _asha(job: SearchJob, epochs: int) -> ASHAScheduler | None:
+    """ASHA (trials stopped early on their score at an epoch) when the search asks for it."""
+    if not job.options.asha:
+        return None
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=epochs,
+        grace_period=job.options.grace_period,
+        reduction_factor=job.options.reduction_factor,
+    )
 
 
 def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
@@ -432,7 +366,7 @@ def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
 
     refs = [
         sweep.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(trials)
-        for n in launcher.alive_nodes()
+        for n in alive_nodes()
     ]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
     removed = 0
@@ -446,10 +380,7 @@ def sweep_staging(job: SearchJob, timeout: float = 30.0) -> int:
 
 def _trial_dirnames(job: SearchJob) -> list[str]:
     """The trials' folder names in the experiment (``trial_<id>``), from the URI's listing."""
-    from cmd_dist.storage import Remote
-
-    remote = Remote.open(str(job.experiment_dir))
-    return [d for d in remote.dirs() if d.startswith("trial_")]
+    return [d for d in open_folder(job.experiment_dir).dirs() if d.startswith("trial_")]
 
 
 def _row(result: Any, job: SearchJob, trial_base: dict[str, Any]) -> TrialRow:
@@ -492,5 +423,5 @@ def final_retrain(cfg: Config, run_dir: Path | str, verbose: bool = False) -> di
             print(f"cmd-dist: final retrain already done: {join(run_dir, 'summary.json')}", flush=True)
             return summary
     print(f"\ncmd-dist: retraining the best config on all training data, testing: {run_dir}", flush=True)
-    run_dir = launcher.resolve_run_dir(cfg)
-    return launcher.train(cfg, run_dir, verbose=verbose)
+    run_dir = resolve_run_dir(cfg)
+    return train(cfg, run_dir, verbose=verbose)

@@ -10,7 +10,7 @@ A search folder holds ``search.yaml`` (what is being searched: enough to ``--res
 included), ``results.csv`` / ``results.md``, ``best.yaml``, ``final/`` (the retrain) and ``summary.json``.
 
 The search folder may be behind a filesystem URI (``output_dir=s3://bucket/runs``, see
-:mod:`cmd_dist.storage`): Tune keeps its experiment there through pyarrow, every trial is a cmd-dist run on
+:mod:`cmd_dist.runs.storage`): Tune keeps its experiment there through pyarrow, every trial is a cmd-dist run on
 the URI (its workers stage and upload as ``cmd-dist train`` does), and the driver writes the search's own files
 in a staging folder of its own and uploads them.
 """
@@ -22,75 +22,26 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cmd_dist.config import Config, ConfigError, from_dict, load_config
-from cmd_dist.storage import Remote, RunStore, UriRunLock, is_uri, join, open_filesystem, read_run_file, write_run_file
+from cmd_dist.errors import RunFolderBusy, first_line
+from cmd_dist.launch.preflight import preflight
+from cmd_dist.launch.session import sigterm_as_interrupt, stop_ray
+from cmd_dist.runs.fs import absolute, join, open_folder
+from cmd_dist.runs.lock import lock_run
+from cmd_dist.runs.run_folder import read_run_file, write_run_file
+from cmd_dist.runs.storage import RunStore
+from tune.job import DEFAULT_REDUCTION_FACTOR, STATE_FILE, TUNE_EXPERIMENT, SearchJob, SearchOptions
 from tune.results import TrialRow, best_row, labels_distilled, ranked, write_best_yaml, write_tables
 from tune.space import SearchSpace, final_config, load_space, parse_space, trial_config
 
 ALGOS = ("optuna", "random", "grid")
 DEFAULT_TRIALS = 16
-DEFAULT_REDUCTION_FACTOR = 3.0
-STATE_FILE = "search.yaml"
-TUNE_EXPERIMENT = "trials"
-
-
-@dataclass
-class SearchOptions:
-    """How to search; saved in search.yaml so ``--resume`` continues with the same settings."""
-
-    trials: int
-    algo: str = "optuna"
-    asha: bool = True
-    grace_period: int = 1
-    reduction_factor: float = DEFAULT_REDUCTION_FACTOR
-    #: ``mean`` (validation accuracy averaged over peers) or one peer's name.
-    metric: str = "mean"
-    #: 0 = as many trials at once as the cluster fits.
-    max_concurrent: int = 0
-
-
-@dataclass
-class SearchJob:
-    #: A folder, or a URI (a str: ``s3://bucket/runs/tune-...``).
-    search_dir: Path | str
-    #: The user's config (overrides applied, paths absolute) as a plain dict; trials vary it.
-    base: dict[str, Any]
-    space: SearchSpace
-    options: SearchOptions
-    resume: bool = False
-
-    @property
-    def config(self) -> Config:
-        return from_dict(self.base)
-
-    @property
-    def peers(self) -> list[str]:
-        return [p.name for p in self.config.peers]
-
-    @property
-    def score_key(self) -> str:
-        return metric_key(self.options.metric)
-
-    @property
-    def experiment_dir(self) -> Path | str:
-        return join(self.search_dir, TUNE_EXPERIMENT)
-
-    @property
-    def is_uri(self) -> bool:
-        return is_uri(self.search_dir)
-
-
-def metric_key(metric: str) -> str:
-    """The reported metric a search maximises: ``val_acc`` (mean over peers) or ``<peer>/val_acc``."""
-    return "val_acc" if metric == "mean" else f"{metric}/val_acc"
-
-
 # ----------------------------------------------------------------------------- checks (no Ray)
 
 
@@ -199,11 +150,8 @@ def nothing_distilled_warning(job: SearchJob, rows: list[TrialRow], read: Any = 
 
 def _absolute_paths(cfg: Config) -> None:
     """Ray workers do not run in the caller's directory: make output_dir (a folder) and data.root absolute."""
-    if is_uri(cfg.output_dir):
-        cfg.output_dir = cfg.output_dir.rstrip("/")
-        open_filesystem(cfg.output_dir)  # an unknown scheme, a URI pyarrow cannot open: one line, before Ray
-    else:
-        cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
+    cfg.output_dir = str(absolute(cfg.output_dir))
+    open_folder(cfg.output_dir)  # an unknown scheme, a URI pyarrow cannot open: one line, before Ray
     if cfg.data.dataset != "digits":
         cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
 
@@ -232,34 +180,22 @@ def prepare(args: argparse.Namespace) -> SearchJob:
 
 def holds_search(search_dir: Path | str) -> bool:
     """A search was started there (its state file or Tune's experiment exists), a folder or a URI."""
-    if is_uri(search_dir):
-        try:
-            remote = Remote.open(str(search_dir))
-            return remote.is_file(STATE_FILE) or remote.is_dir(TUNE_EXPERIMENT)
-        except OSError as e:
-            raise ConfigError(
-                f"output_dir: cannot read {search_dir} ({_first_line(e)}); check the URI and this "
-                f"machine's credentials for it"
-            ) from None
-    return (Path(search_dir) / STATE_FILE).exists() or (Path(search_dir) / TUNE_EXPERIMENT).exists()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    folder = open_folder(search_dir)
+    try:
+        return folder.is_file(STATE_FILE) or folder.is_dir(TUNE_EXPERIMENT)
+    except OSError as e:
+        raise ConfigError(
+            f"output_dir: cannot read {search_dir} ({first_line(e)}); check the URI and this "
+            f"machine's credentials for it"
+        ) from None
 
 
 def _prepare_resume(args: argparse.Namespace) -> SearchJob:
-    if is_uri(args.resume):
-        search_dir: Path | str = str(args.resume).rstrip("/")
-        open_filesystem(search_dir, key="--resume")
-        try:
-            state_text = read_run_file(search_dir, STATE_FILE)
-        except OSError as e:
-            raise ConfigError(f"--resume {args.resume}: cannot read it ({_first_line(e)})") from None
-    else:
-        search_dir = Path(args.resume).expanduser().resolve()
-        state_text = read_run_file(search_dir, STATE_FILE)
+    search_dir = absolute(args.resume)
+    try:
+        state_text = open_folder(search_dir, key="--resume").read_bytes(STATE_FILE)
+    except OSError as e:
+        raise ConfigError(f"--resume {args.resume}: cannot read it ({first_line(e)})") from None
     state_path = join(search_dir, STATE_FILE)
     if state_text is None:
         raise ConfigError(f"--resume {args.resume}: no {STATE_FILE} there; pass a folder written by cmd-dist tune")
@@ -286,7 +222,7 @@ def _prepare_resume(args: argparse.Namespace) -> SearchJob:
         space = parse_space(state["space"], base, where=f"{state_path} space")
         options = SearchOptions(**state["options"])
     except (KeyError, TypeError, yaml.YAMLError) as e:
-        raise ConfigError(f"--resume {args.resume}: {state_path} is incomplete or damaged ({_first_line(e)})") from None
+        raise ConfigError(f"--resume {args.resume}: {state_path} is incomplete or damaged ({first_line(e)})") from None
     if args.address:
         base["ray"]["address"] = args.address
     if getattr(args, "gpus_per_trial", None) is not None:
@@ -302,18 +238,14 @@ def save_state(job: SearchJob) -> None:
 
 def lock_search(search_dir: Path | str) -> Any:
     """The search folder's lock, held until :func:`cmd_tune` ends: a folder's ``flock``, or a URI's best-effort
-    heartbeat lock (:class:`~cmd_dist.storage.UriRunLock`; the trials' run folders on the URI are covered by it)."""
-    from cmd_dist.checkpoint import RunFolderBusy, RunLock
-
+    heartbeat lock (:class:`~cmd_dist.runs.lock.UriRunLock`;
+    the trials' run folders on the URI are covered by it)."""
     try:
-        if is_uri(search_dir):
-            return UriRunLock(str(search_dir)).acquire()
-        Path(search_dir).mkdir(parents=True, exist_ok=True)
-        return RunLock(Path(search_dir)).acquire()
+        return lock_run(search_dir)
     except RunFolderBusy as e:
         raise ConfigError(str(e)) from None
     except OSError as e:
-        why = getattr(e, "strerror", None) or _first_line(e)
+        why = getattr(e, "strerror", None) or first_line(e)
         raise ConfigError(f"output_dir: cannot write the search folder {search_dir} ({why})") from None
 
 
@@ -322,21 +254,20 @@ def lock_search(search_dir: Path | str) -> Any:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Check, search (Ray Tune), write the table and best.yaml, retrain the best on all data and test it."""
-    from cmd_dist.cli import preflight
-
     job = prepare(args)
     # The trials' data: the search protocol reads the training file only, never the test file.
     preflight(trial_config(job.base, {}))
     gpus = getattr(args, "gpus_per_trial", None)
     if gpus is not None:  # checked before the search folder exists, so a refused search leaves nothing behind
-        from cmd_dist import launcher
+        from cmd_dist.launch.cluster import cluster_nodes, init_ray, local_node, ray_address
+        from cmd_dist.launch.console import set_console
 
-        if launcher.ray_address(job.config) is None:
-            nodes = launcher.local_node()  # what a fresh local Ray will have
+        if ray_address(job.config) is None:
+            nodes = local_node()  # what a fresh local Ray will have
         else:
-            launcher.set_console(verbose=bool(getattr(args, "verbose", False)))
-            launcher.init_ray(job.config)
-            nodes = launcher.cluster_nodes()
+            set_console(verbose=bool(getattr(args, "verbose", False)))
+            init_ray(job.config)
+            nodes = cluster_nodes()
         check_gpus_per_trial(gpus, nodes)
     lock = lock_search(job.search_dir)
     # The driver's own files (tables, best.yaml, summary): written here, then uploaded when behind a URI.
@@ -349,8 +280,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStore) -> int:
-    from cmd_dist.cli import _sigterm_as_interrupt, _stop_ray, preflight
-
     save_state(job)
     opts = job.options
     print(f"cmd-dist: search folder {job.search_dir}", flush=True)
@@ -360,18 +289,21 @@ def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStor
         flush=True,
     )
 
-    from cmd_dist import launcher
-    from tune import driver  # imports Ray: only after everything above is known to be good
+    # These import Ray: only after everything above is known to be good.
+    from cmd_dist.launch.cluster import init_ray
+    from cmd_dist.launch.console import set_console
+    from cmd_dist.launch.failures import RunFailed
+    from tune import driver
 
     verbose = bool(getattr(args, "verbose", False))
-    launcher.set_console(verbose=verbose)
+    set_console(verbose=verbose)
     try:
-        _sigterm_as_interrupt()
-        launcher.init_ray(job.config)
-        _sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
+        sigterm_as_interrupt()
+        init_ray(job.config)
+        sigterm_as_interrupt()  # again: ray.init installs a SIGTERM handler of its own
         outcome = driver.run_search(job, verbose=verbose)
     except KeyboardInterrupt:
-        _stop_ray()
+        stop_ray()
         return _interrupted(job)
     if outcome.unfinished:
         return _interrupted(job)
@@ -414,9 +346,9 @@ def _search_and_retrain(args: argparse.Namespace, job: SearchJob, store: RunStor
         try:
             final = driver.final_retrain(final_cfg, join(job.search_dir, "final"), verbose=args.verbose)
         except KeyboardInterrupt:
-            _stop_ray()
+            stop_ray()
             return _interrupted(job)
-        except launcher.RunFailed as e:
+        except RunFailed as e:
             if e.detail:
                 print(e.detail.rstrip(), file=sys.stderr)
             print(f"cmd-dist: error: final retrain: {e}", file=sys.stderr)
