@@ -36,7 +36,6 @@ from cmd_dist.runs.checkpoint import CHECKPOINT_PREFIX, check_checkpoint, peer_f
 from cmd_dist.runs.fs import (
     Folder,
     LocalFolder,
-    is_uri,  # noqa: F401 - cmd_dist/train/local.py imports it from here
     open_folder,
     split_location,
 )

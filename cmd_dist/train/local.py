@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from cmd_dist.config import Config
-from cmd_dist.runs.storage import RunStore, is_uri
+from cmd_dist.runs.storage import RunStore
 from cmd_dist.train.monitor import Monitor
 from cmd_dist.train.worker import run_worker
 
@@ -21,7 +21,7 @@ class LocalReporter:
     """Collects each epoch's metrics (checkpoints are written into the run folder by the worker)."""
 
     def __init__(self, run_dir: Path | str, show_progress: bool = False) -> None:
-        self.run_dir = run_dir if is_uri(run_dir) else Path(run_dir)
+        self.run_dir = run_dir  # a folder's Path, or a URI's str (RunStore.location)
         self.show_progress = show_progress
         self.reports: list[dict[str, Any]] = []
 
