@@ -37,31 +37,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR = os.path.join(REPO, "..", "shared", "data")
 
 
-@contextlib.contextmanager
-def _without_env(*names: str):
-    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray with 2 CPUs (CI's machine), shared by every Ray test and shut down at the end."""
     import ray
 
     if not ray.is_initialized():
-        # Ray's processes inherit this process's environment as it is now: a test's fault injection
-        # (CMD_DIST_TEST_FAULT, set with monkeypatch by the test that happens to start the cluster) must not
-        # become every later trial's environment.
-        with _without_env("CMD_DIST_TEST_FAULT"):
-            ray.init(
-                num_cpus=2,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                logging_config=ray.LoggingConfig(log_level="ERROR"),
-            )
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+        )
     yield ray
     ray.shutdown()
 

@@ -14,7 +14,6 @@ traceback, and the run folder as it was.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import traceback
@@ -79,6 +78,12 @@ def resolve_run_dir(cfg: Config, lock: bool = True) -> Path | str:
     return open_run_folder(cfg.output_dir, cfg.run_name, dump_yaml(cfg), git_revision(), lock=lock)
 
 
+#: A fault the tests inject into the training code, ``raise:<rank>:<epoch>`` (see cmd_dist.launch.worker). A
+#: module attribute of the process that builds the trainer, set with monkeypatch: an environment variable leaked
+#: from the test that set it into later Tune trials of the shared test cluster.
+TEST_FAULT = ""
+
+
 def build_trainer(
     cfg: Config,
     run_dir: Path | str,
@@ -131,8 +136,7 @@ def build_trainer(
         train_worker,
         train_loop_config={
             **loop_config,
-            # Tests inject a fault in the training code with CMD_DIST_TEST_FAULT (see cmd_dist.launch.worker).
-            "test_fault": os.environ.get("CMD_DIST_TEST_FAULT", ""),
+            "test_fault": TEST_FAULT,
         },
         scaling_config=scaling,
         run_config=run_config,

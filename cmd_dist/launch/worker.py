@@ -21,7 +21,7 @@ import ray.train.torch
 
 
 def _test_fault_hook(spec: str) -> Callable[[int, int], None]:
-    """``CMD_DIST_TEST_FAULT=raise:<rank>:<epoch>``: that rank raises before that epoch (tests only)."""
+    """``job.TEST_FAULT = "raise:<rank>:<epoch>"``: that rank raises before that epoch (tests only)."""
     kind, rank, epoch = spec.split(":")
 
     def hook(r: int, e: int) -> None:

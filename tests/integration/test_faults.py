@@ -187,7 +187,7 @@ def test_an_exception_in_the_training_code_fails_at_once(ray_cluster, tmp_path, 
     """Rank 1 raises before epoch 2: no retry, the worker's traceback, the run folder as it was."""
     from cmd_dist.launch import failures, job
 
-    monkeypatch.setenv("CMD_DIST_TEST_FAULT", "raise:1:2")
+    monkeypatch.setattr(job, "TEST_FAULT", "raise:1:2")
     cfg = load_config(DEMO, [*FAST, "train.epochs=3", f"output_dir={tmp_path}", "run_name=bug"])
     run_dir = job.resolve_run_dir(cfg)
     notices: list[str] = []
