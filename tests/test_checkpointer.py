@@ -164,3 +164,16 @@ def test_evaluate_reads_the_device_once_and_matches_the_per_batch_count(monkeypa
     monkeypatch.undo()
     assert acc == 100.0 * hits / 40
     assert len(reads) <= 1, reads  # one read at the end, not one per batch
+
+
+def test_a_best_epoch_that_is_a_checkpoint_epoch_takes_no_second_copy(tmp_path, monkeypatch):
+    import cmd_dist.train.checkpointer as module
+
+    copies: list = []
+    monkeypatch.setattr(module, "to_cpu", lambda obj: copies.append(obj) or obj)
+    ckpt = _checkpointer(tmp_path, [], epochs=4, every=2)
+    assert ckpt.save(2, {0: _state(2, 2.0)}, {"eval_split": "test", "test_acc": 60.0, "epoch": 2}, 60.0)
+    assert copies == []  # written from the states handed in, not from a held copy
+    assert checkpoint_epoch(tmp_path / "best_checkpoint") == 2
+    assert not ckpt.save(3, {0: _state(3, 3.0)}, {"eval_split": "test", "test_acc": 70.0, "epoch": 3}, 70.0)
+    assert len(copies) == 1  # off a checkpoint epoch the best is held as a copy until it is written
