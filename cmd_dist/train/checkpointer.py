@@ -5,7 +5,8 @@ A checkpoint ``run_dir/checkpoint_<epoch>`` is complete once its marker ``epoch.
 marker is written last: every worker writes (and, for a URI, uploads) its peers' files, then all meet at a
 barrier, then rank 0 writes ``metrics.json`` and the marker (and uploads them, the marker last) and applies
 retention (``ray.keep_checkpoints``, never the newest complete checkpoint). ``best_checkpoint/`` holds the
-epoch with the best mean accuracy on the eval split: held in host memory until the next checkpoint epoch,
+epoch with the best mean accuracy on the eval split: on a checkpoint epoch written from the same states
+as the checkpoint (no second copy), otherwise held as a host copy until the next checkpoint epoch,
 then written the same way, its old marker removed first. Resuming takes the newest complete checkpoint
 (rank 0 chooses, every rank follows) and clears the folders past it, locally and on the URI, before anyone
 writes. The file format, the marker and retention's rule are :mod:`cmd_dist.runs.checkpoint`'s; the copies
@@ -114,10 +115,11 @@ class Checkpointer:
         """After ``epoch`` epochs: ``states`` (this worker's peers that write files), the epoch's gathered
         ``metrics`` and its ``score`` (mean eval-split accuracy). A better score is held as the best; on a
         checkpoint epoch the held best is written, then the checkpoint. Returns whether one was written."""
-        if score > self.best_score:  # kept in host memory, written with the next checkpoint
+        checkpoint_now = not (epoch % self.every and epoch != self.epochs)
+        if score > self.best_score:  # written now from ``states`` itself, or held as a host copy until then
             self.best_score = score
-            self.best_pending = (to_cpu(states), metrics, epoch)
-        if epoch % self.every and epoch != self.epochs:
+            self.best_pending = (states if checkpoint_now else to_cpu(states), metrics, epoch)
+        if not checkpoint_now:
             return False
         if self.best_pending is not None:
             self._save_best(*self.best_pending)

@@ -128,3 +128,52 @@ def test_a_finished_run_is_restored_as_finished_and_nothing_is_cleared(tmp_path)
     restored = _checkpointer(tmp_path, events, epochs=1).load_latest()
     assert restored.finished and restored.epoch == 1 and restored.metrics["test_acc"] == 70.0
     assert (tmp_path / "checkpoint_000002").exists()
+
+
+# ----------------------------------------------------------------------------- evaluation: one host read
+
+
+class _Data:
+    """Eight eval batches of random images; the labels are what a per-batch reference scores against."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.batches = [(torch.randn(5, 4, generator=g), torch.randint(0, 3, (5,), generator=g)) for _ in range(8)]
+
+    def eval_batches(self, batch_size, **_):
+        yield from self.batches
+
+
+def test_evaluate_reads_the_device_once_and_matches_the_per_batch_count(monkeypatch):
+    from types import SimpleNamespace
+
+    from cmd_dist.train.trainer import evaluate
+
+    torch.manual_seed(0)
+    peer = SimpleNamespace(model=torch.nn.Linear(4, 3), fast=False)
+    data = _Data()
+    with torch.no_grad():  # the old path: one host read (.item()) per batch
+        hits = sum(int((peer.model(x).argmax(1) == y).sum().item()) for x, y in data.batches)
+    reads = []
+    for name in ("item", "tolist", "cpu", "__float__", "__int__"):
+        orig = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _o=orig, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1]
+        )
+    acc = evaluate(peer, data, 5)
+    monkeypatch.undo()
+    assert acc == 100.0 * hits / 40
+    assert len(reads) <= 1, reads  # one read at the end, not one per batch
+
+
+def test_a_best_epoch_that_is_a_checkpoint_epoch_takes_no_second_copy(tmp_path, monkeypatch):
+    import cmd_dist.train.checkpointer as module
+
+    copies: list = []
+    monkeypatch.setattr(module, "to_cpu", lambda obj: copies.append(obj) or obj)
+    ckpt = _checkpointer(tmp_path, [], epochs=4, every=2)
+    assert ckpt.save(2, {0: _state(2, 2.0)}, {"eval_split": "test", "test_acc": 60.0, "epoch": 2}, 60.0)
+    assert copies == []  # written from the states handed in, not from a held copy
+    assert checkpoint_epoch(tmp_path / "best_checkpoint") == 2
+    assert not ckpt.save(3, {0: _state(3, 3.0)}, {"eval_split": "test", "test_acc": 70.0, "epoch": 3}, 70.0)
+    assert len(copies) == 1  # off a checkpoint epoch the best is held as a copy until it is written
