@@ -14,10 +14,9 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from cmd_dist.data.image_lists import ImageList
-from cmd_dist.data.views import EVAL_CROP_FRACTION, BatchRequest, decode_reason, random_resized_crop_box
+from cmd_dist.data.views import EVAL_CROP_FRACTION, BatchDataset, BatchRequest, decode_reason, random_resized_crop_box
 
 #: Per view and image: y (start, length, resized length, offset), x (the same), flip. See resample_weights.
 VIEW_PARAMS = 9
@@ -156,16 +155,8 @@ def _decode_one(blob: torch.Tensor, dev: torch.device) -> torch.Tensor | str:
             return decode_reason(e)
 
 
-class BatchReader(Dataset):
+class BatchReader(BatchDataset):
     """data.decode on the device: a loader process reads one batch's files and draws its views (see above)."""
-
-    def __init__(self, images: ImageList, size: int, augment: bool = True) -> None:
-        self.images = images
-        self.size = size
-        self.augment = augment
-
-    def __len__(self) -> int:  # pragma: no cover - items come from the request sampler
-        return 0
 
     def __getitem__(self, req: BatchRequest) -> dict:
         ids, data, hw, params, bad = [], [], [], [], []

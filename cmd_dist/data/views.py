@@ -91,8 +91,9 @@ class BatchRequest:
     peers: tuple[int, ...]  # () = evaluation view
 
 
-class BatchDecoder(Dataset):
-    """Map-style dataset whose items are whole batches: a DataLoader worker decodes one batch per request."""
+class BatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches (one :class:`BatchRequest` each), read in DataLoader
+    workers: the CPU decoder below and the device decoder's reader share this."""
 
     def __init__(self, images: ImageList, size: int, augment: bool = True) -> None:
         self.images = images
@@ -101,6 +102,10 @@ class BatchDecoder(Dataset):
 
     def __len__(self) -> int:  # pragma: no cover - items come from the request sampler
         return 0
+
+
+class BatchDecoder(BatchDataset):
+    """A DataLoader worker decodes one batch per request on the CPU."""
 
     def __getitem__(self, req: BatchRequest) -> dict:
         views, keep, bad = [], [], []
