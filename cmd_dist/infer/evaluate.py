@@ -22,7 +22,7 @@ import torch
 from cmd_dist.config import Config, load_config, parse_overrides
 from cmd_dist.data.scoring import ScoringSet, scoring_set
 from cmd_dist.errors import RunError
-from cmd_dist.infer.loading import TrainedRun, open_trained_run, warn
+from cmd_dist.infer.loading import BEST, TrainedRun, open_trained_run, warn
 from cmd_dist.infer.metrics import ECE_BINS, Scores, ensemble_log_probs
 from cmd_dist.runs.fs import atomic_write_bytes
 
@@ -104,7 +104,8 @@ def evaluate_run(
     trained = open_trained_run(run, checkpoint, log)
     try:
         cfg = scoring_config(trained, list(overrides or []))
-        split = split or trained.summary.get("eval_split") or ("val" if cfg.data.protocol == "search" else "test")
+        run_split = trained.summary.get("eval_split") or ("val" if trained.cfg.data.protocol == "search" else "test")
+        split = split or run_split
         data = scoring_set(cfg.data, cfg.noise, split, dev)
         check_fits(trained, data, cfg)
         rows = score(trained, data, cfg.train.eval_batch_size, dev)
@@ -122,6 +123,8 @@ def evaluate_run(
         "images": data.size,
         "skipped_images": data.skipped(),
         "ece_bins": ECE_BINS,
+        # best_checkpoint is the epoch with the best mean accuracy on the run's eval split (selected on it)
+        "selected_on": run_split if trained.checkpoint == BEST else None,
         "device": str(dev),
         "class_names": trained.class_names,
         "models": rows,
@@ -144,6 +147,11 @@ def format_table(result: dict) -> str:
         loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
         lines.append(
             f"{r['name']:<{width}}  {_pct(r['top1']):>8}  {_pct(r['top5']):>8}  {loss:>7}  {_pct(r['ece']):>13}"
+        )
+    if result.get("selected_on") == result["split"]:
+        lines.append(
+            f"note: best_checkpoint is the epoch chosen by accuracy on this {result['split']} split, so these numbers "
+            f"are optimistic; --checkpoint last gives the run's final ones"
         )
     if result.get("skipped_images"):
         lines.append(f"skipped {result['skipped_images']} unreadable images")

@@ -93,10 +93,17 @@ def describe(trained: TrainedRun, peer: str, fmt: str) -> dict:
         "input": {"layout": "NCHW", "dtype": "float32", "range": [0.0, 1.0], "channels": spec.channels,
                   "height": spec.size, "width": spec.size, "view": view},
         "normalisation": {"mean": list(spec.mean), "std": list(spec.std), "inside": fmt != "safetensors"},
-        "output": "class probabilities [N, classes]: " + (
-            "the mean of the peers' softmax outputs" if peer == ENSEMBLE else "the peer's softmax"
-        ) + (" (safetensors holds the weights only: the networks give logits)" if fmt == "safetensors" else ""),
+        "output": _output(peer, fmt),
     }  # fmt: skip
+
+
+def _output(peer: str, fmt: str) -> str:
+    ensemble = "the mean of the peers' softmax outputs"
+    if fmt == "safetensors":
+        return "weights only: each network takes (x - mean) / std and gives logits [N, classes]" + (
+            f"; the ensemble is {ensemble}" if peer == ENSEMBLE else ""
+        )
+    return "class probabilities [N, classes]: " + (ensemble if peer == ENSEMBLE else "the peer's softmax")
 
 
 def default_out(trained: TrainedRun, peer: str, fmt: str) -> Path:

@@ -12,7 +12,7 @@ import torch
 
 from cmd_dist.cli import main
 from cmd_dist.data.scoring import scoring_set
-from cmd_dist.infer.evaluate import ENSEMBLE, evaluate_run, write_json
+from cmd_dist.infer.evaluate import ENSEMBLE, evaluate_run, format_table, write_json
 from cmd_dist.infer.loading import open_trained_run
 from cmd_dist.infer.metrics import calibration_bins, expected_calibration_error
 
@@ -37,8 +37,11 @@ def test_best_is_best_checkpoints_metrics_and_an_epoch_is_its_checkpoint(trained
         assert rows[name]["top1"] == pytest.approx(best[f"{name}/test_acc"], abs=1e-6)
     epoch2 = _rows(evaluate_run(str(trained_run), "2"))
     assert all(epoch2[n] == rows[n] for n in rows)  # the same files: every number the same
-    last = _rows(evaluate_run(str(trained_run), "last"))
-    assert last["peerA"]["top1"] != rows["peerA"]["top1"]  # epochs 2 and 3 differ in this run
+    last = evaluate_run(str(trained_run), "last")
+    assert _rows(last)["peerA"]["top1"] != rows["peerA"]["top1"]  # epochs 2 and 3 differ in this run
+    # best was chosen on the test split of this final-protocol run: the table says its numbers are optimistic
+    assert result["selected_on"] == "test" and "note: best_checkpoint is the epoch chosen" in format_table(result)
+    assert last["selected_on"] is None and "note:" not in format_table(last)
 
 
 def test_the_ensemble_is_the_mean_of_the_peers_softmax(trained_run):
