@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from cmd_dist.config import Config, load_config, parse_overrides
+from cmd_dist.data.class_names import class_names as dataset_class_names
+from cmd_dist.data.class_names import numbered
 from cmd_dist.data.scoring import ScoringSet, scoring_set
 from cmd_dist.errors import RunError
 from cmd_dist.infer.loading import BEST, TrainedRun, open_trained_run, warn
@@ -71,8 +73,24 @@ def check_fits(trained: TrainedRun, data: ScoringSet, cfg: Config) -> None:
         )
 
 
+def scored_class_names(trained: TrainedRun, cfg: Config, log=warn) -> list[str]:
+    """The names of the scored dataset's labels (per-class accuracy is by its labels); a dataset moved by an
+    override whose names differ from the run's gets a warning (the classifier's class i is compared with label i)."""
+    if cfg is trained.cfg:
+        return trained.class_names
+    names = dataset_class_names(cfg.data, cfg.noise, trained.spec.num_classes)
+    if names != trained.class_names and names != numbered(len(names)) and trained.class_names != numbered(len(names)):
+        log(
+            f"warning: the classes of data.root={cfg.data.root} are not named as the run's "
+            f"({', '.join(names[:3])}, ... vs {', '.join(trained.class_names[:3])}, ...); label i is scored as class i"
+        )
+    return names if names != numbered(len(names)) else trained.class_names
+
+
 @torch.no_grad()
-def score(trained: TrainedRun, data: ScoringSet, batch_size: int, device: torch.device) -> list[dict]:
+def score(
+    trained: TrainedRun, data: ScoringSet, batch_size: int, device: torch.device, class_names: list[str]
+) -> list[dict]:
     """Every peer's and the ensemble's results (:meth:`Scores.result`), in that order."""
     models = trained.models(device)
     names = [*models, ENSEMBLE]
@@ -86,7 +104,7 @@ def score(trained: TrainedRun, data: ScoringSet, batch_size: int, device: torch.
     rows = []
     for name in names:
         row = {"name": name, "arch": archs.get(name, " + ".join(archs.values()))}
-        rows.append({**row, **scores[name].result(trained.class_names)})
+        rows.append({**row, **scores[name].result(class_names)})
     return rows
 
 
@@ -108,7 +126,8 @@ def evaluate_run(
         split = split or run_split
         data = scoring_set(cfg.data, cfg.noise, split, dev)
         check_fits(trained, data, cfg)
-        rows = score(trained, data, cfg.train.eval_batch_size, dev)
+        names = scored_class_names(trained, cfg, log)
+        rows = score(trained, data, cfg.train.eval_batch_size, dev, names)
     finally:
         trained.close()
     return {
@@ -126,7 +145,7 @@ def evaluate_run(
         # best_checkpoint is the epoch with the best mean accuracy on the run's eval split (selected on it)
         "selected_on": run_split if trained.checkpoint == BEST else None,
         "device": str(dev),
-        "class_names": trained.class_names,
+        "class_names": names,
         "models": rows,
     }
 

@@ -140,3 +140,17 @@ def test_overrides_may_move_the_data_not_change_what_was_trained(trained_run, tm
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cmd-dist: error: data.protocol: evaluate scores the peers as they")
+
+
+def test_scoring_keeps_no_autograd_graph(trained_run, monkeypatch):
+    from cmd_dist.infer import metrics
+
+    seen, update = [], metrics.Scores.update
+
+    def spy(self, log_probs, y):
+        seen.append((torch.is_grad_enabled(), log_probs.requires_grad))
+        update(self, log_probs, y)
+
+    monkeypatch.setattr(metrics.Scores, "update", spy)
+    evaluate_run(str(trained_run), "last")
+    assert seen and set(seen) == {(False, False)}
