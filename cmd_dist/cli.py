@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cmd_dist.launch.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
+    from cmd_dist.launch.predict import add_parser as add_predict_parser
+
+    add_predict_parser(sub)
     return parser
 
 
