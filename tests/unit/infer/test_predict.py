@@ -279,3 +279,15 @@ def test_a_jpeg_folder_of_a_streamed_run_shape(tmp_path):
     spec = DatasetSpec(5, 3, 16, 0, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     view = eval_transform(read_image((tmp_path / "a" / "x.jpg").read_bytes()), spec, streamed=True)
     assert view.shape == (3, 16, 16) and view.dtype == torch.uint8
+
+
+def test_only_unreadable_files_is_one_error_and_no_csv(trained_run, tmp_path, capsys):
+    from cmd_dist.cli import main
+
+    _bad_files(tmp_path / "imgs")
+    with pytest.raises(SystemExit) as e:
+        main(["predict", str(trained_run), str(tmp_path / "imgs"), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 3  # the two files, then the error
+    assert err[-1] == "cmd-dist: error: none of the 2 files under INPUT is a readable image (listed above)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no CSV, no temporary file
