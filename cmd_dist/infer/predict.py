@@ -2,8 +2,9 @@
 peers' ensemble), the top-k rows, the CSV they go to, and the local path (a torch DataLoader in this process).
 
 **The ensemble** is the mean of the peers' softmax outputs, p = (1/N) sum_k softmax(f_k(x)): two peers trained
-together are a ready ensemble (DivideMix tests with its two networks' summed outputs, Li et al. 2020, Sec. 3.1;
-the mean is that sum over N, a probability again). ``--peer NAME`` takes one peer's softmax alone.
+together are a ready ensemble (DivideMix, Li et al., ICLR 2020, tests with its two networks' outputs combined, as
+issue 20 notes; the paper's Sec. 2 recalls KDCL [13], whose teacher is the ensemble of all its students; the mean
+over N keeps a probability). ``--peer NAME`` takes one peer's softmax alone.
 
 **The CSV** follows timm's ``inference.py`` with ``--results-separate-col`` (one column per rank, so a spreadsheet
 reads it): ``filename`` (the path as listed, timm's ``--fullname``), then ``index_0 .. index_{k-1}`` (class
