@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub).set_defaults(func=cmd_evaluate)
     add_export_parser(sub)
+    from cmd_dist.launch.predict import add_parser as add_predict_parser
+
+    add_predict_parser(sub)
     return parser
 
 

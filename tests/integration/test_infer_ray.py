@@ -9,7 +9,6 @@ import pytest
 
 from cmd_dist.errors import CheckpointError
 from cmd_dist.infer.evaluate import evaluate_run
-from tests.unit.infer.conftest import trained_run  # noqa: F401 - the tiny run, trained once per session
 
 
 @pytest.mark.ray

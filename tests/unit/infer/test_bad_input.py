@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from cmd_dist.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, SHARED_CIFAR
 
-SHARED_DATA = Path("/work/shared/data")
+SHARED_DATA = Path(SHARED_CIFAR)
 
 
 def _one_line_exit_2(argv: list[str], capsys) -> str:

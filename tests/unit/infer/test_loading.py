@@ -17,8 +17,9 @@ from cmd_dist.data.class_names import class_names
 from cmd_dist.errors import CheckpointError, ConfigError, RunError
 from cmd_dist.infer.loading import open_trained_run
 from cmd_dist.runs.checkpoint import load_peer_state
+from tests.conftest import SHARED_CIFAR
 
-SHARED_DATA = Path("/work/shared/data")
+SHARED_DATA = Path(SHARED_CIFAR)
 
 
 def _weights_equal(a: dict, b: dict) -> bool:
