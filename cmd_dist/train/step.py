@@ -302,6 +302,8 @@ class TrainStep:
             bad = ~torch.isfinite(loss.detach()) & (st.bad_step[slot] < 0)
             st.bad_step[slot].copy_(torch.where(bad, st.step, st.bad_step[slot]))
             st.entropies[slot].index_copy_(0, ids, h)
+            if p.dynamics is not None:  # per-sample record (issue 21): in place at ids, graph-safe
+                p.dynamics.record(ids, logits, prob, h, y, st.chi)
             if self.active is None or p.index == self.active:
                 total = loss if total is None else total + loss
         st.acc.add_(torch.stack(rows))
