@@ -17,6 +17,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated or altered."""
 
 
+class RunError(ConfigError):
+    """A path or URI named as a trained run that is not one (no config.yaml), or a run's file that does not fit the
+    run (a dataset of another class count): a user error, one line, exit code 2."""
+
+
 class RunFolderBusy(RuntimeError):
     """Another live process holds this run folder."""
 

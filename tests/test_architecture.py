@@ -26,7 +26,15 @@ MAX_FILE_LINES = 500
 #: Only the exchange crosses process boundaries (STYLE.md, "One place crosses process boundaries").
 DISTRIBUTED_OWNER = "cmd_dist.train.exchange"
 #: Where Ray may be imported: the launch layer, the Tune driver and the CLI (which stops Ray on the way out).
-RAY_FREE = ("cmd_dist.method", "cmd_dist.data", "cmd_dist.train", "cmd_dist.runs", "cmd_dist.config", "cmd_dist.models")
+RAY_FREE = (
+    "cmd_dist.method",
+    "cmd_dist.data",
+    "cmd_dist.train",
+    "cmd_dist.infer",
+    "cmd_dist.runs",
+    "cmd_dist.config",
+    "cmd_dist.models",
+)
 
 
 def module_name(root: Path, path: Path) -> str:

@@ -218,6 +218,12 @@ def streamed_num_classes(data_cfg, lists: dict) -> int:
     return len(lists["classes"])  # Food-101's 101 from its class list; imagefolder's folders
 
 
+def streamed_spec(data_cfg, num_classes: int) -> DatasetSpec:
+    """What the peers of a streamed dataset take: RGB ``data.image_size`` crops (random-resized when training,
+    resize + centre crop when evaluating), normalised with ImageNet's mean and std; no pad-crop."""
+    return DatasetSpec(num_classes, 3, data_cfg.image_size, 0, True, IMAGENET_MEAN, IMAGENET_STD)
+
+
 def read_lists(data_cfg) -> dict:
     root = Path(data_cfg.root).expanduser()
     if not root.is_dir():
@@ -297,7 +303,7 @@ def build_streamed(
     decode = "cpu" if device is None else decode_mode(data_cfg.decode, device)
     lists = read_lists(data_cfg)
     c = streamed_num_classes(data_cfg, lists)
-    spec = DatasetSpec(c, 3, data_cfg.image_size, 0, True, IMAGENET_MEAN, IMAGENET_STD)
+    spec = streamed_spec(data_cfg, c)
     train: ImageList = _subset(lists["train"], data_cfg.train_subset, noise_cfg.seed)
     ds = data_cfg.dataset
     if ds == "imagefolder" and noise_cfg.kind not in ("none", "human"):
