@@ -1,0 +1,109 @@
+"""``cmd-dist label-issues RUN`` (issue 21 points 2 and 5): the flipped labels of a tiny real run ranked first,
+the identity of each sample in the dataset as shipped, the files it writes, and a run without a record refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from cmd_dist.cli import main
+from cmd_dist.config import load_config
+from cmd_dist.data.noise import corrupt_labels
+from cmd_dist.infer.labels import score_samples
+from cmd_dist.runs.checkpoint import load_peer_state, save_peer_state
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_flipped_labels_of_a_tiny_run_rank_above_the_rest(trained_run, tmp_path, capsys):
+    out = tmp_path / "issues.csv"
+    assert main(["label-issues", str(trained_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "flagged" in printed and "score AUROC" in printed
+    rows = _rows(out)
+    assert len(rows) == 600 and [int(r["rank"]) for r in rows] == list(range(1, 601))
+    # The truth, rebuilt independently: digits' training part (1,438 = 80% of load_digits(), split seeded 0)
+    # corrupted by the run's noise, its first 600 images trained on; each named by its index in load_digits().
+    cfg = load_config(trained_run / "config.yaml")
+    clean = torch.as_tensor(load_digits().target)
+    train_idx = torch.randperm(1797, generator=torch.Generator().manual_seed(0))[359:].sort().values
+    noisy, flipped = corrupt_labels(clean[train_idx], 10, cfg.noise.kind, cfg.noise.rate, cfg.noise.seed)
+    truth = {int(i): (int(y), bool(f)) for i, y, f in zip(train_idx[:600], noisy[:600], flipped[:600])}
+    index = [int(r["sample"]) for r in rows]
+    assert set(index) == set(truth)
+    # every row's identity: its given and clean labels are those of that load_digits() image
+    assert [int(r["clean_label"]) for r in rows] == clean[index].tolist()
+    assert [int(r["given_label"]) for r in rows] == [truth[i][0] for i in index]
+    is_flipped = np.array([truth[i][1] for i in index])
+    assert 0.25 < is_flipped.mean() < 0.55
+    # Ranked first: the flipped labels fill the top of the ranking far beyond their share.
+    n_noisy = int(is_flipped.sum())
+    assert is_flipped[:n_noisy].mean() > 0.8, is_flipped[:n_noisy].mean()
+    summary = json.loads((tmp_path / "label_issues.json").read_text())
+    assert summary["metrics"]["score_auroc"] > 0.9
+    assert summary["metrics"]["noisy"] == n_noisy
+    assert sum(summary["score_histogram"]["noisy"]) == n_noisy
+    det = np.load(tmp_path / "detection.npy")
+    assert det.dtype == bool and det.shape == (1797,)
+    flagged = {int(r["sample"]) for r in rows if r["flag"] == "1"}
+    assert set(np.nonzero(det)[0].tolist()) == flagged and len(flagged) == summary["flagged"]
+
+
+def test_top_k_the_default_output_folder_and_the_report(trained_run, run_copy, capsys):
+    assert main(["label-issues", str(run_copy), "--top", "5", "--checkpoint", "best"]) == 0
+    folder = run_copy / "label_issues"
+    assert len(_rows(folder / "issues.csv")) == 5
+    summary = json.loads((folder / "label_issues.json").read_text())
+    assert summary["checkpoint"] == "best_checkpoint" and summary["epoch"] == 2
+    assert np.load(folder / "detection.npy").shape == (1797,)
+    # cmd-dist report shows the detection figures (label_issues.json's numbers) and the score histogram.
+    assert main(["report", str(run_copy)]) == 0
+    text = (run_copy / "report" / "report.md").read_text()
+    m = summary["metrics"]
+    assert f"{summary['flagged']:,} of 600 training labels flagged" in text
+    flag_row = (
+        f"| flag | {m['flag_precision']:.3f} | {m['flag_recall']:.3f} | {m['flag_f1']:.3f} | {m['flag_auroc']:.3f} |"
+    )
+    assert flag_row in text
+    assert f"{m['score_auroc']:.3f}" in text
+    (png,) = re.findall(r"\]\(([^)]*_label_scores\.png)\)", text)
+    assert (run_copy / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_trained_before_the_record_gets_one_line_and_exit_2(run_copy, capsys):
+    folder = run_copy / "checkpoint_000003"
+    for k in (0, 1):
+        state = load_peer_state(folder, k)
+        del state["dynamics"]
+        save_peer_state(folder, k, state)
+    with pytest.raises(SystemExit) as e:
+        main(["label-issues", str(run_copy)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no per-sample record" in err[0] and err[0].startswith("cmd-dist: error:")
+    assert not (run_copy / "label_issues").exists()
+
+
+def test_score_ranks_low_aum_and_confident_disagreement_first():
+    """Hand-made records: sample 0 contradicted confidently with a negative AUM, sample 2 agreed with."""
+    seen = np.full(3, 4.0)
+    rec = {
+        "margin_sum": np.array([-8.0, 0.4, 12.0]),
+        "seen": seen,
+        "disagree": np.array([4.0, 1.0, 0.0]),
+        "last_pred": np.array([1, 1, 2]),
+        "last_prob": np.array([0.9, 0.5, 0.95]),
+    }
+    s = score_samples([rec, rec], np.array([0, 1, 2]), 3)
+    assert s.order.tolist() == [0, 1, 2]
+    assert s.agreed_label.tolist() == [1, 1, 2] and s.agreed_prob.tolist() == pytest.approx([0.9, 0.5, 0.95])
+    assert s.n_est == 1 and s.flag.tolist() == [True, False, False]
