@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,12 +108,13 @@ class Scores:
 
 def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_classes: int) -> Scores:
     """Scores, flags and the peers' agreed labels of every training sample from the peers' records."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean AUM of a sample no peer ever saw: NaN
         aum = np.stack([r["margin_sum"] / r["seen"] for r in records])
         seen = np.sum([r["seen"] for r in records], axis=0)
         disagree = np.sum([r["disagree"] for r in records], axis=0)
         frac = np.where(seen > 0, disagree / seen, np.nan)
-        mean_aum = np.nanmean(np.where(np.isnan(aum), np.nan, aum), axis=0) if len(records) else aum
+        mean_aum = np.nanmean(aum, axis=0)
     n = labels.shape[0]
     votes = np.zeros((n, num_classes))
     for r in records:

@@ -107,3 +107,17 @@ def test_score_ranks_low_aum_and_confident_disagreement_first():
     assert s.order.tolist() == [0, 1, 2]
     assert s.agreed_label.tolist() == [1, 1, 2] and s.agreed_prob.tolist() == pytest.approx([0.9, 0.5, 0.95])
     assert s.n_est == 1 and s.flag.tolist() == [True, False, False]
+
+
+def test_a_sample_never_trained_on_is_neither_scored_nor_flagged():
+    """An unreadable image (streamed data) is never seen: score 0, no flag, no agreed label."""
+    rec = {
+        "margin_sum": np.array([-8.0, 0.0]),
+        "seen": np.array([4.0, 0.0]),
+        "disagree": np.array([4.0, 0.0]),
+        "last_pred": np.array([1, -1]),
+        "last_prob": np.array([0.9, 0.0]),
+    }
+    s = score_samples([rec], np.array([0, 0]), 2)
+    assert s.score[1] == 0.0 and not s.flag[1] and s.agreed_label[1] == -1 and s.seen[1] == 0
+    assert s.flag[0] and s.n_est == 1
