@@ -1,5 +1,5 @@
-"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]``, ``cmd-dist submit CONFIG [...]``
-and ``cmd-dist report DIR...``.
+"""``cmd-dist train CONFIG [key=value ...]``, ``cmd-dist tune CONFIG [...]``, ``cmd-dist submit CONFIG [...]``,
+``cmd-dist report DIR...``, ``cmd-dist evaluate RUN [...]`` and ``cmd-dist export RUN [...]``.
 
 User mistakes (config, data files) print one line and exit with code 2, before Ray starts.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cmd_dist.config import Config, ConfigError, load_config
-from cmd_dist.errors import DataError
+from cmd_dist.errors import CheckpointError, DataError
 from cmd_dist.launch.preflight import preflight
 from cmd_dist.launch.session import sigterm_as_interrupt, stop_ray
 from cmd_dist.runs.fs import absolute, join
@@ -247,7 +247,29 @@ def build_parser() -> argparse.ArgumentParser:
     from cmd_dist.launch.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
+    from cmd_dist.infer.commands import add_evaluate_parser, add_export_parser
+
+    add_evaluate_parser(sub).set_defaults(func=cmd_evaluate)
+    add_export_parser(sub)
     return parser
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """In this process, or with ``--address`` in a Ray task on that cluster (cmd_dist/launch/evaluate.py)."""
+    from cmd_dist.infer.commands import report_evaluation
+
+    if args.config is None:
+        fail("a RUN folder is required (a run folder or URI written by cmd-dist train)")
+    if args.address:
+        from cmd_dist.launch.evaluate import evaluate_on_cluster
+
+        result = evaluate_on_cluster(args.address, args.config, args.checkpoint, args.split, args.overrides)
+    else:
+        from cmd_dist.infer.evaluate import evaluate_run
+
+        result = evaluate_run(args.config, args.checkpoint, args.split, args.overrides)
+    report_evaluation(result, args.out)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -351,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         fail(str(e))
     return 0
 

@@ -47,6 +47,22 @@ def trained_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def search_run(tmp_path_factory) -> Path:
+    """A 1-epoch run of the search protocol (90% of the 600 training images trained on, 10% held out as val)."""
+    from cmd_dist.config import load_config
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import summarize
+    from cmd_dist.train.local import run_local
+
+    out = tmp_path_factory.mktemp("infer-search")
+    cfg = load_config(DEMO, [*TINY, "train.epochs=1", "data.protocol=search", f"output_dir={out}", "run_name=search"])
+    run_dir = Path(job.resolve_run_dir(cfg, lock=False))
+    metrics, _ = run_local(cfg, run_dir)
+    summarize(cfg, metrics, run_dir, wall_s=1.0)
+    return run_dir
+
+
 @pytest.fixture
 def run_copy(trained_run, tmp_path) -> Path:
     """A private copy of the run folder, to damage."""
