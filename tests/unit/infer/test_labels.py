@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from cmd_dist.config import load_config
 from cmd_dist.data.noise import corrupt_labels
 from cmd_dist.infer.labels import score_samples
 from cmd_dist.runs.checkpoint import load_peer_state, save_peer_state
+from tests.conftest import SHARED_CIFAR
 
 
 def _rows(path) -> list[dict]:
@@ -121,3 +123,64 @@ def test_a_sample_never_trained_on_is_neither_scored_nor_flagged():
     s = score_samples([rec], np.array([0, 0]), 2)
     assert s.score[1] == 0.0 and not s.flag[1] and s.agreed_label[1] == -1 and s.seen[1] == 0
     assert s.flag[0] and s.n_est == 1
+
+
+def test_an_image_folder_run_names_each_sample_by_its_file(tmp_path, capsys):
+    """Streamed data: the batch ids are positions in the training file list, and the CSV names each file."""
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import summarize
+    from cmd_dist.train.local import run_local
+    from tests.image_fixtures import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "images", per_class=6)
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=imagefolder",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.workers=0",
+            "noise.rate=0.4",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.log_every=0",
+            f"output_dir={tmp_path}",
+            "run_name=pets",
+        ],
+    )
+    run_dir = job.resolve_run_dir(cfg, lock=False)
+    metrics, _ = run_local(cfg, run_dir)
+    summarize(cfg, metrics, run_dir, wall_s=1.0)
+    assert main(["label-issues", str(run_dir)]) == 0
+    rows = _rows(run_dir / "label_issues" / "issues.csv")
+    files = sorted(str(p) for p in (root / "train").rglob("*.*"))
+    assert sorted(r["sample"] for r in rows) == files and len(files) == 21  # every training file once
+    classes = ["cat", "dog", "fox"]
+    for r in rows:  # the clean label is the file's class folder; every file was trained on in both epochs
+        assert classes[int(r["clean_label"])] == Path(r["sample"]).parent.name and r["epochs_seen"] == "4"
+    assert any(r["given_label"] != r["clean_label"] for r in rows)
+    assert np.load(run_dir / "label_issues" / "detection.npy").shape == (21,)
+
+
+@pytest.mark.skipif(not (Path(SHARED_CIFAR) / "cifar-100-python").is_dir(), reason="shared CIFAR-100 not present")
+def test_cifar_training_positions_map_back_to_the_train_pickle():
+    """The search protocol holds out 10% of a subset: each training image is the pickle's image at its origin."""
+    from cmd_dist.data.prepare import prepare_data
+    from cmd_dist.data.resident import load_cifar
+
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=cifar100",
+            f"data.root={SHARED_CIFAR}",
+            "data.protocol=search",
+            "data.train_subset=3000",
+            "noise.rate=0.4",
+            "noise.seed=3",
+        ],
+    )
+    data = prepare_data(cfg.data, cfg.noise)
+    x, y = load_cifar("cifar100", SHARED_CIFAR, "train")
+    assert data.shipped_train == 50000 and data.num_train == 2700
+    assert torch.equal(x[data.train_origin], data.train_x) and torch.equal(y[data.train_origin], data.train_clean)
+    assert len(set(data.train_origin.tolist())) == 2700 and int(data.train_origin.max()) < 3000
