@@ -289,7 +289,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_label_issues(args: argparse.Namespace) -> int:
-    from cmd_dist.errors import CheckpointError
     from cmd_dist.infer.labels import label_issues, summary_lines
     from cmd_dist.infer.loading import open_trained_run
 
@@ -297,14 +296,11 @@ def cmd_label_issues(args: argparse.Namespace) -> int:
         fail(f"--top {args.top}: give a number of rows of at least 1, or leave --top out for every sample")
     if args.out is None and not isinstance(absolute(args.run), Path):
         fail(f"{args.run}: a run behind a URI needs --out CSV (a local file)")
+    run = open_trained_run(args.run, args.checkpoint)  # a user error: one line, exit 2 (main)
     try:
-        run = open_trained_run(args.run, args.checkpoint)
-        try:
-            found = label_issues(run, Path(args.out or Path(args.run) / "label_issues" / "issues.csv"), args.top)
-        finally:
-            run.close()
-    except CheckpointError as e:
-        fail(str(e))
+        found = label_issues(run, Path(args.out or Path(args.run) / "label_issues" / "issues.csv"), args.top)
+    finally:
+        run.close()
     print("\n".join(summary_lines(run, found)))
     return 0
 

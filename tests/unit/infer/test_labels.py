@@ -184,3 +184,19 @@ def test_cifar_training_positions_map_back_to_the_train_pickle():
     assert data.shipped_train == 50000 and data.num_train == 2700
     assert torch.equal(x[data.train_origin], data.train_x) and torch.equal(y[data.train_origin], data.train_clean)
     assert len(set(data.train_origin.tolist())) == 2700 and int(data.train_origin.max()) < 3000
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--top", "0"], "--top 0: give a number of rows of at least 1"),
+        (["--checkpoint", "99"], "--checkpoint 99:"),
+        (["--checkpoint", "worst"], "is not best, last or an epoch number"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(run_copy, capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(["label-issues", str(run_copy), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not (run_copy / "label_issues").exists()
