@@ -189,9 +189,8 @@ def _csv_bytes(run: TrainedRun, samples: TrainingSamples, s: Scores, top: int | 
     rows = s.order if top is None else s.order[:top]
     for rank, i in enumerate(rows, 1):
         given, agreed = int(samples.labels[i]), int(s.agreed_label[i])
-        row = [rank, samples.keys[i], given, names[given], agreed, names[agreed] if agreed >= 0 else "", ""]
-        row[-1] = f"{s.agreed_prob[i]:.4f}"
-        row += [f"{a:.4f}" for a in s.aum[:, i]]
+        row = [rank, samples.keys[i], given, names[given], agreed, names[agreed] if agreed >= 0 else ""]
+        row += [f"{s.agreed_prob[i]:.4f}", *(f"{a:.4f}" for a in s.aum[:, i])]
         row += [int(s.disagree[i]), int(s.seen[i]), f"{s.score[i]:.6f}", int(s.flag[i])]
         if known.any():
             row.append(int(samples.clean[i]))
