@@ -210,6 +210,10 @@ def cmd_row(args: argparse.Namespace, device: torch.device, graph: bool) -> dict
     }
     if trainer.graphed is not None:
         row["graph_captures"], row["graph_replays"] = trainer.graphed.captures, trainer.graphed.replays
+    # The per-sample record (issue 21) under the graph: after 2 epochs every sample counted exactly twice (a replay
+    # with stale ids, or a capture that also ran, would count some samples more and others less).
+    seen = [p.dynamics.seen for p in ps]
+    row["record_ok"] = all(bool((s == 2).all()) and bool((p.dynamics.last_pred >= 0).all()) for s, p in zip(seen, ps))
     return row
 
 
@@ -437,7 +441,8 @@ def table(info: dict) -> str:
         v = r["images_per_s_per_peer"]
         lines.append(
             f"| (a) | {r['setup']} | {r['peers']} | {r['ms_per_step']:.2f} | {v:,.0f} | {ratio(v, eager)} | "
-            f"{ratio(v, graph)} | {'captures ' + str(r['graph_captures']) if 'graph_captures' in r else ''} |"
+            f"{ratio(v, graph)} | {'captures ' + str(r['graph_captures']) if 'graph_captures' in r else ''}"
+            f"{'' if 'record_ok' not in r else ' per-sample record ' + ('ok' if r['record_ok'] else 'WRONG')} |"
         )
     for r in info["placements"]:
         if "error" in r:

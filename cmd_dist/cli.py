@@ -238,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--out", metavar="DIR", help="where report.md and the PNGs go (default: FOLDER/report)")
     r.set_defaults(func=cmd_report)
+    li = sub.add_parser("label-issues", help="rank the training labels that look wrong, from a run's per-sample record")
+    li.add_argument("run", metavar="RUN", help="a run folder (or URI) trained by cmd-dist train")
+    li.add_argument("--out", metavar="CSV", help="the ranked CSV (default RUN/label_issues/issues.csv)")
+    li.add_argument("--top", type=int, metavar="K", help="only the K most likely wrong labels in the CSV")
+    li.add_argument("--checkpoint", default="last", help="last (default: the longest record), best, or an epoch")
+    li.set_defaults(func=cmd_label_issues)
     from cmd_dist.launch.submit import add_parser as add_submit_parser
 
     add_submit_parser(sub)
@@ -282,6 +288,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ReportError as e:
         fail(str(e))
     print(f"report: {report}")
+    return 0
+
+
+def cmd_label_issues(args: argparse.Namespace) -> int:
+    from cmd_dist.infer.labels import label_issues, summary_lines
+    from cmd_dist.infer.loading import open_trained_run
+
+    if args.top is not None and args.top < 1:
+        fail(f"--top {args.top}: give a number of rows of at least 1, or leave --top out for every sample")
+    if args.out is None and not isinstance(absolute(args.run), Path):
+        fail(f"{args.run}: a run behind a URI needs --out CSV (a local file)")
+    run = open_trained_run(args.run, args.checkpoint)  # a user error: one line, exit 2 (main)
+    try:
+        found = label_issues(run, Path(args.out or Path(args.run) / "label_issues" / "issues.csv"), args.top)
+    finally:
+        run.close()
+    print("\n".join(summary_lines(run, found)))
     return 0
 
 

@@ -112,9 +112,21 @@ def load_digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     d = sk_digits()
     x = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     y = torch.as_tensor(d.target, dtype=torch.int64)
-    train_idx, test_idx = split_train_val(len(y), 0.2, seed=0)
-    idx = train_idx if split == "train" else test_idx
+    idx = shipped_index("digits", "train" if split == "train" else "test", len(y))
     return x[idx], y[idx]
+
+
+#: scikit-learn's ``load_digits()`` holds 1,797 images; cmd-dist's digits "train" is a fixed 80% of them.
+DIGITS_SHIPPED = 1797
+
+
+def shipped_index(dataset: str, split: str, n: int) -> torch.Tensor:
+    """The index in the dataset as shipped of each image of ``load_split(dataset, ..., split)``: digits, the
+    fixed 80/20 split of ``load_digits()`` (``n`` = 1,797); CIFAR, the position in the pickles (0..n-1)."""
+    if dataset == "digits":
+        train_idx, test_idx = split_train_val(n, 0.2, seed=0)
+        return train_idx if split == "train" else test_idx
+    return torch.arange(n)
 
 
 def load_split(dataset: str, root: str | Path, split: str, coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +155,10 @@ class PeerData:
     std: torch.Tensor | None = None
     augment: bool = True
     skipped: dict[str, str] = field(default_factory=dict)  # never filled: in-memory data has no unreadable images
+    #: Per training position: the image's index in the training set as shipped (CIFAR: in the train pickles;
+    #: digits: in ``load_digits()``), and that set's size (issue 21: ``cmd-dist label-issues``).
+    train_origin: torch.Tensor | None = None
+    shipped_train: int = 0
 
     @property
     def num_train(self) -> int:
@@ -209,15 +225,18 @@ def prepare_resident(data_cfg, noise_cfg, device: torch.device | str = "cpu") ->
     spec = dataset_spec(data_cfg, noise_cfg)
     coarse = uses_coarse_labels(noise_cfg)
     x, clean = load_split(data_cfg.dataset, data_cfg.root, "train", coarse)
+    shipped = DIGITS_SHIPPED if data_cfg.dataset == "digits" else len(clean)
+    origin = shipped_index(data_cfg.dataset, "train", shipped)
     # Human labels are matched to the whole training set in file order, before any subset.
     noisy = training_labels(data_cfg, noise_cfg, clean, spec.num_classes)
     if data_cfg.train_subset:
-        x, clean, noisy = x[: data_cfg.train_subset], clean[: data_cfg.train_subset], noisy[: data_cfg.train_subset]
+        n = data_cfg.train_subset
+        x, clean, noisy, origin = x[:n], clean[:n], noisy[:n], origin[:n]
     read = ["train"]
     if data_cfg.protocol == "search":
         train_idx, val_idx = split_train_val(len(clean), data_cfg.val_fraction, seed=noise_cfg.seed)
         ex, ey, split = x[val_idx], clean[val_idx], "val"
-        x, noisy, clean = x[train_idx], noisy[train_idx], clean[train_idx]
+        x, noisy, clean, origin = x[train_idx], noisy[train_idx], clean[train_idx], origin[train_idx]
     else:
         ex, ey = load_split(data_cfg.dataset, data_cfg.root, "test", coarse)
         if data_cfg.test_subset:
@@ -238,4 +257,6 @@ def prepare_resident(data_cfg, noise_cfg, device: torch.device | str = "cpu") ->
         mean=torch.tensor(spec.mean, device=dev).view(shape),
         std=torch.tensor(spec.std, device=dev).view(shape),
         augment=data_cfg.augment,
+        train_origin=origin,
+        shipped_train=shipped,
     )

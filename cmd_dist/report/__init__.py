@@ -10,7 +10,9 @@ Reads only what runs leave behind (``config.yaml``, ``metrics.jsonl``, ``summary
 - the self-KD trust eps and Mconf's certainty r per epoch (Eq. 5-6), and the training entropies' quantiles
   against chi (Eq. 12: a prediction is distilled when its entropy is below chi), when the run logged them;
 - several runs: one table (config, paper, final, best, delta, wall time) and one overlaid accuracy plot;
-- a search folder: the trials' table and the search's score (``--metric``) against every searched value.
+- a search folder: the trials' table and the search's score (``--metric``) against every searched value;
+- after ``cmd-dist label-issues RUN``: its ``label_issues/label_issues.json`` (issue 21), the labels flagged and, where
+  the clean labels are known, the detection figures and a histogram of the score for clean vs. wrong labels.
 
 The paper's number is shown only beside a run that reproduces its cell: a finished run tested on the test split
 (protocol ``final``) whose dataset, noise (kind and rate, or CIFAR-N label set), method, architectures and epochs

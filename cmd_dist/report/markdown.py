@@ -19,6 +19,7 @@ from cmd_dist.report.plots import (
     fig_accuracy,
     fig_entropy,
     fig_exchange,
+    fig_label_scores,
     fig_memorisation,
     fig_runs,
     fig_search,
@@ -55,9 +56,39 @@ def run_section(run: Run, out: Path, stem: str, level: str = "##") -> list[str]:
         lines += ["No summary.json: the run has not finished; the figures show the epochs logged so far.", ""]
     else:
         lines += _summary_lines(run, run.summary)
+    if run.label_issues is not None:
+        lines += _label_issue_lines(run, out, stem)
     if not any(run.rows.get(p) for p in run.peers):
         return lines + ["metrics.jsonl holds no epoch yet: no figures.", ""]
     return lines + _figure_lines(run, out, stem)
+
+
+def _label_issue_lines(run: Run, out: Path, stem: str) -> list[str]:
+    """``cmd-dist label-issues``' summary: flagged count, and where clean labels are known the detection figures
+    and the score's histogram for clean vs wrong labels."""
+    li = run.label_issues
+    lines = [
+        f"Label issues ({li['checkpoint']}, epoch {li['epoch']}): {li['flagged']:,} of {li['num_train']:,} training "
+        f"labels flagged (estimated noise rate {100 * li['estimated_noise_rate']:.2f}%).",
+        "",
+    ]
+    m = li.get("metrics")
+    if not m:
+        return lines + ["No clean labels known: no detection figures.", ""]
+    lines += _table(
+        ["", "precision", "recall", "F1", "AUROC", "average precision"],
+        [
+            ["flag", *(f"{m[f'flag_{k}']:.3f}" for k in ("precision", "recall", "f1", "auroc")), ""],
+            [
+                f"score, top {m['noisy']:,}",
+                *(f"{m[f'score_top_{k}']:.3f}" for k in ("precision", "recall", "f1")),
+                f"{m['score_auroc']:.3f}",
+                f"{m['score_average_precision']:.3f}",
+            ],
+        ],
+    )
+    path = fig_label_scores(run, out / f"{stem}_label_scores.png")
+    return lines + ["", f"![label-issue score, clean vs wrong labels]({_rel(path, out)})", ""]
 
 
 def _summary_lines(run: Run, s: dict[str, Any]) -> list[str]:

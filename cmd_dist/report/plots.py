@@ -212,3 +212,18 @@ def fig_search(search: Search, out: Path) -> Path:
     axes[0][0].set_ylabel(f"score: validation accuracy, {search.metric_text} (%)")
     axes[0][0].legend(fontsize=8)
     return _save(fig, out)
+
+
+def fig_label_scores(run: Run, out: Path) -> Path:
+    """Histogram of ``cmd-dist label-issues``' score for the clean and the wrong labels (clean labels known)."""
+    plt = _pyplot()
+    hist = run.label_issues["score_histogram"]
+    edges = hist["edges"]
+    width = [b - a for a, b in zip(edges, edges[1:])]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ax.bar(edges[:-1], hist["clean"], width=width, align="edge", alpha=0.6, color="C0", label="clean label")
+    ax.bar(edges[:-1], hist["noisy"], width=width, align="edge", alpha=0.6, color="C3", label="wrong label")
+    ax.set_xlabel("label-issue score (1 = most likely wrong)")
+    ax.set_ylabel("training samples")
+    ax.legend()
+    return _save(fig, out)

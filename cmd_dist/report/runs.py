@@ -20,6 +20,9 @@ from cmd_dist.errors import first_line
 from cmd_dist.report.numbers import as_float, num, signed
 from cmd_dist.report.paper import paper_omission
 
+#: Where ``cmd-dist label-issues RUN`` writes its summary by default (read when present).
+LABEL_ISSUES = "label_issues/label_issues.json"
+
 
 class ReportError(ConfigError):
     """A folder that holds no run or search, or an output folder that cannot be written (one line, exit 2)."""
@@ -36,6 +39,8 @@ class Run:
     label: str = ""
     #: What the report left out of this run's files (e.g. a cut last line of metrics.jsonl).
     notes: list[str] = field(default_factory=list)
+    #: ``label_issues/label_issues.json`` when ``cmd-dist label-issues RUN`` wrote one (issue 21), else None.
+    label_issues: dict[str, Any] | None = None
 
     @property
     def peers(self) -> list[str]:
@@ -170,6 +175,13 @@ def load_run(path: Path, label: str = "") -> Run:
         raise ReportError(f"{summary_path}: not a cmd-dist run summary")
     run = Run(path, cfg, rows, summary, label or path.name)
     run.notes = notes
+    found = path / LABEL_ISSUES
+    if found.is_file():
+        issues = _json_file(found)
+        if isinstance(issues, dict) and isinstance(issues.get("num_train"), int):
+            run.label_issues = issues
+        else:
+            run.notes.append(f"{LABEL_ISSUES} is not what cmd-dist label-issues writes: left out.")
     return run
 
 

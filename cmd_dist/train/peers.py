@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from cmd_dist.config import Config
+from cmd_dist.method.dynamics import SampleDynamics
 from cmd_dist.method.selfkd import ModelCertainty
 from cmd_dist.models import build_model, load_weights
 from cmd_dist.train.exchange import Exchange
@@ -32,6 +33,8 @@ class Peer:
     fast: bool = False
     #: What the training step calls: the model, or its DDP wrapper when the peer has replicas.
     net: nn.Module | None = None
+    #: Per-sample record over training (issue 21): made by the Trainer, or restored from the checkpoint.
+    dynamics: SampleDynamics | None = None
 
 
 def fast_path_enabled(cfg: Config, device: torch.device) -> bool:
@@ -157,6 +160,7 @@ def peer_state(p: Peer, next_epoch: int) -> dict[str, Any]:
         "best_eval_acc": p.best_eval_acc,
         "best_epoch": p.best_epoch,
         "torch_rng": torch.get_rng_state(),
+        **({"dynamics": p.dynamics.state_dict()} if p.dynamics is not None else {}),
     }
 
 
@@ -169,4 +173,18 @@ def load_into_peer(p: Peer, state: dict[str, Any]) -> int:
     p.best_eval_acc = float(state["best_eval_acc"])
     p.best_epoch = int(state["best_epoch"])
     torch.set_rng_state(state["torch_rng"])
+    if "dynamics" in state:  # a checkpoint written before the record existed has none: it starts empty
+        p.dynamics = SampleDynamics.from_state(state["dynamics"], next(p.model.parameters()).device)
     return int(state["epoch"])
+
+
+def attach_dynamics(peers: list[Peer], num_train: int, device: torch.device) -> None:
+    """Give every peer its per-sample record (an empty one unless a checkpoint restored it)."""
+    for p in peers:
+        if p.dynamics is None:
+            p.dynamics = SampleDynamics(num_train, device)
+        elif p.dynamics.num_train != num_train:
+            raise ValueError(
+                f"peer {p.name!r}: the checkpoint's per-sample record holds {p.dynamics.num_train} training samples, "
+                f"this run's training set {num_train}; the data changed since the checkpoint was written"
+            )

@@ -6,7 +6,8 @@ The step is then a straight line and never branches on a name:
 
     forward every local peer -> trusts and refined labels -> exchange -> objective -> backward -> steps
 
-It reads nothing back to the host. Per-step numbers are added in place into device accumulators
+It reads nothing back to the host. Per-step numbers, and each peer's per-sample record at the batch's ids
+(:class:`~cmd_dist.method.dynamics.SampleDynamics`, issue 21), are added in place into device accumulators
 (read once per epoch), the per-epoch scalars (chi, Mconf's r, t/Gamma, the step index) live in
 device tensors filled before each step, so the very same step can be captured as one CUDA graph
 (:class:`GraphedStep`) when a worker hosts every peer on a GPU.
@@ -302,6 +303,8 @@ class TrainStep:
             bad = ~torch.isfinite(loss.detach()) & (st.bad_step[slot] < 0)
             st.bad_step[slot].copy_(torch.where(bad, st.step, st.bad_step[slot]))
             st.entropies[slot].index_copy_(0, ids, h)
+            if p.dynamics is not None:  # per-sample record (issue 21): in place at ids, graph-safe
+                p.dynamics.record(ids, logits, prob, h, y, st.chi)
             if self.active is None or p.index == self.active:
                 total = loss if total is None else total + loss
         st.acc.add_(torch.stack(rows))
@@ -337,7 +340,8 @@ class GraphedStep:
     A CUDA graph bakes in Python floats such as each optimizer's learning rate, so the graph is
     recaptured whenever the learning rates or the exchange on/off state change (twice in the paper's
     step schedule). A last, smaller batch runs eagerly. Outputs are never read from the graph: the
-    step writes only in place into :class:`StepState`, so nothing can be overwritten by a replay.
+    step writes only in place into :class:`StepState` and each peer's per-sample record buffer (the batch ids
+    are a static input: copied in before every replay), so nothing can be overwritten by a replay.
     """
 
     def __init__(self, step: TrainStep, batch_size: int, warmup: int = 3) -> None:

@@ -22,7 +22,14 @@ from cmd_dist.data.types import WHOLE, Shard, TrainData
 from cmd_dist.method.selection import chi_schedule
 from cmd_dist.method.selfkd import uniform_entropy
 from cmd_dist.train.exchange import Exchange
-from cmd_dist.train.peers import LocalForward, Peer, cuda_graph_enabled, resolved_compile_mode, wrap_replicas
+from cmd_dist.train.peers import (
+    LocalForward,
+    Peer,
+    attach_dynamics,
+    cuda_graph_enabled,
+    resolved_compile_mode,
+    wrap_replicas,
+)
 from cmd_dist.train.step import (
     ACC_COLUMNS,
     GraphedStep,
@@ -88,6 +95,7 @@ class Trainer:
         graphed = cuda_graph_enabled(cfg, device, exchange.world_size, self.objective)
         self.forward = LocalForward(peers, resolved_compile_mode(cfg, device, graphed, replicas))
         self.state = StepState(len(peers), len(cfg.peers), data.num_train, device)
+        attach_dynamics(peers, data.num_train, device)  # before the step (and its graph) binds the buffers
         self.step = TrainStep(peers, len(cfg.peers), c, exchange, self.selfkd, self.objective, self.state, self.forward)
         self.graphed = GraphedStep(self.step, t.batch_size) if graphed else None
         self.extra_sets = extra_eval_sets(data)
@@ -97,6 +105,8 @@ class Trainer:
         st, n_peers = self.state, len(self.cfg.peers)
         chi = self.chi(epoch)
         st.reset()
+        for p in self.peers:
+            p.dynamics.begin_epoch()
         st.chi.fill_(chi if not math.isnan(chi) else math.inf)
         st.certainty.copy_(torch.tensor([p.certainty.r for p in self.peers], dtype=torch.float32))
         # Zero knowledge (chi = -inf, the same on every rank for the whole epoch) needs no exchange at all.
@@ -109,6 +119,8 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         self._sum_over_replicas()
+        for p in self.peers:  # the per-sample record takes the whole epoch (every replica's slices)
+            p.dynamics.end_epoch()
         return self._epoch_result(chi, steps, seconds)
 
     def _run_steps(self, epoch: int, progress: Callable[[int, str], Any] | None) -> int:
@@ -169,7 +181,8 @@ class Trainer:
         """The epoch's counters over the whole global batch: each replica counted its slices only.
 
         Sums (losses weighted by each slice's share, hits, entropies: every sample's entropy lands in one
-        replica's row, zeros elsewhere); the first non-finite step is the minimum over the replicas.
+        replica's row, zeros elsewhere; the same for each peer's per-sample record of the epoch,
+        :class:`~cmd_dist.method.dynamics.SampleDynamics`); the first non-finite step is the minimum over the replicas.
         """
         ex, st = self.exchange, self.state
         if getattr(ex, "replicas", 1) == 1:
@@ -177,6 +190,8 @@ class Trainer:
         ex.sum_over_replicas(st.acc)
         ex.sum_over_replicas(st.distilled)
         ex.sum_over_replicas(st.entropies)
+        for p in self.peers:  # each sample is in one replica's buffer per epoch (zeros in the others)
+            ex.sum_over_replicas(p.dynamics.epoch)
         never = torch.iinfo(torch.long).max
         first = torch.where(st.bad_step < 0, torch.full_like(st.bad_step, never), st.bad_step)
         ex.min_over_replicas(first)

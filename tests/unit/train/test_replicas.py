@@ -94,6 +94,10 @@ def _weights(run_dir: Path, k: int) -> dict[str, torch.Tensor]:
     return load_peer_state(folder, k)["model"]
 
 
+def _record(run_dir: Path, k: int) -> dict[str, torch.Tensor]:
+    return load_peer_state(newest_complete_checkpoint(run_dir, 2), k)["dynamics"]
+
+
 @pytest.mark.parametrize(
     ("placement", "world"), [("separate", 4), ("together", 2)], ids=["2peers-x-2replicas", "together-x-2replicas"]
 )
@@ -111,6 +115,14 @@ def test_replicas_train_exactly_like_one_worker_per_peer(tmp_path: Path, referen
                 key,
                 (have[key] - want[key]).abs().max(),
             )
+    # The per-sample record (issue 21): each replica recorded its slices; summed over them, one worker's record.
+    for k in (0, 1):
+        want, have = _record(ref_dir, k), _record(run_dir, k)
+        assert float(want["seen"].min()) == 2.0 and float(want["disagree"].sum()) > 0
+        for key in ("seen", "disagree", "last_pred"):
+            assert torch.equal(have[key], want[key]), (k, key)
+        for key in ("margin_sum", "last_prob"):
+            assert torch.allclose(have[key], want[key], atol=1e-4, rtol=0), (k, key)
     # Knowledge flowed: every training image's label from each peer (summed over the replicas' slices).
     assert ref["peerA/distilled_from"] == ref["peerB/distilled_from"] == 1438
     for name in ("peerA", "peerB"):

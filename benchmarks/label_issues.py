@@ -1,0 +1,228 @@
+"""Label-issue detection: cmd-dist's single-run detector against cleanlab on K-fold out-of-sample probabilities.
+
+Issue 21 point 3. The same data (scikit-learn's digits, the 1,438-image training part, corrupted by cmd-dist's own
+synthetic noise, Sec. 5.1) and the same network (``cnn_small``, SGD with the demo's learning rate, momentum, weight
+decay, schedule, batch size and augmentation), per noise setting and seed:
+
+  (a) **cmd-dist**: one CMD run of two peers (``configs/demo.yaml``: CMD-P + Mconf) in this process
+      (:func:`cmd_dist.train.local.run_local`, no Ray), then :mod:`cmd_dist.infer.labels` on its last checkpoint:
+      the flag (its threshold chosen without the clean labels) and the score;
+  (b) **cleanlab**: ``cleanlab.filter.find_label_issues(labels, pred_probs)`` (its defaults: prune by noise rate)
+      on out-of-sample probabilities from K-fold cross-validation (stratified, K = ``--folds``): K networks, each
+      trained with cross entropy on the other K-1 folds for the same epochs, predicting its held-out fold; its score
+      for AUROC is ``cleanlab.rank.get_label_quality_scores`` (self-confidence, low first).
+
+  (c) **cmd-dist at 1/K of cleanlab's cost**: (a) again with E' = (K-1) E / (2K) epochs (8 of 20 for K = 5), so
+      its 2 peers x E' passes over the data are 1/K of (b)'s K x (K-1)/K x E.
+
+Reported per setting (mean over seeds): F1 of the flag and AUROC of the score of each detector against the known
+flipped labels, wall time of training, and the training cost in passes over the data of one network ("passes").
+The issue's goal: at least (b)'s F1 at 1/K of (b)'s training cost, judged on (c). Writes
+``benchmarks/results/<date>-label-issues/summary.json`` and prints a Markdown table.
+
+cleanlab is AGPL-3.0: an optional dependency of this benchmark only (``pip install cmd-dist[bench]``), never
+imported by cmd_dist.
+
+    .venv/bin/python benchmarks/label_issues.py                  # 4 settings x 3 seeds, 20 epochs, K = 5
+    .venv/bin/python benchmarks/label_issues.py --seeds 0 --epochs 5 --folds 3 --settings symmetric:0.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cmd_dist.config import dump_yaml, load_config  # noqa: E402
+from cmd_dist.data.augment import normalize  # noqa: E402
+from cmd_dist.data.prepare import prepare_data  # noqa: E402
+from cmd_dist.infer.labels import detection_metrics, peer_records, score_samples  # noqa: E402
+from cmd_dist.infer.loading import open_trained_run  # noqa: E402
+from cmd_dist.models import build_model  # noqa: E402
+from cmd_dist.runs.fs import atomic_write_bytes  # noqa: E402
+from cmd_dist.train.local import run_local  # noqa: E402
+
+SETTINGS = [("symmetric", 0.2), ("symmetric", 0.4), ("pairflip", 0.2), ("pairflip", 0.4)]
+
+
+def overrides(kind: str, rate: float, seed: int, epochs: int) -> list[str]:
+    milestones = [round(epochs * 0.7), round(epochs * 0.9)]  # the demo's [14, 18] of 20, scaled
+    return [
+        f"noise.kind={kind}",
+        f"noise.rate={rate}",
+        f"noise.seed={seed}",
+        f"seed={seed}",
+        f"train.epochs={epochs}",
+        f"train.milestones={milestones}",
+        "train.log_every=0",
+        f"train.checkpoint_every={epochs}",  # one checkpoint, after the last epoch: the one label-issues reads
+    ]
+
+
+def ours(cfg, tmp: Path) -> dict:
+    """(a): one CMD run, then the detector on its last checkpoint."""
+    start = time.perf_counter()
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.yaml").write_text(dump_yaml(cfg))  # what cmd-dist train writes first
+    run_local(cfg, tmp / "run")
+    train_s = time.perf_counter() - start
+    run = open_trained_run(str(tmp / "run"), "last")
+    data = prepare_data(cfg.data, cfg.noise)
+    labels, clean = data.train_labels.numpy(), data.train_clean.numpy()
+    s = score_samples(peer_records(run), labels, run.spec.num_classes)
+    m = detection_metrics(s.score, s.flag, labels != clean)
+    return {"train_s": train_s, "total_s": time.perf_counter() - start, **m, "passes": 2 * cfg.train.epochs}
+
+
+def _train_fold(cfg, data, idx: torch.Tensor, seed: int) -> torch.nn.Module:
+    """One network, cross entropy on the noisy labels of ``idx``, the demo's optimiser, schedule and augmentation."""
+    t = cfg.train
+    torch.manual_seed(seed)
+    net = build_model(cfg.peers[0].arch, data.spec.num_classes, data.spec.channels, data.spec.size)
+    opt = torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=t.milestones, gamma=t.gamma)
+    fold = dataclasses.replace(
+        data, train_x=data.train_x[idx], train_labels=data.train_labels[idx], train_clean=data.train_clean[idx]
+    )
+    net.train()
+    for epoch in range(t.epochs):
+        for b in fold.epoch_batches(epoch, [0], t.batch_size, seed):
+            loss = F.cross_entropy(net(b.xs[0]), b.y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return net.eval()
+
+
+def cleanlab_kfold(cfg, folds: int, seed: int) -> dict:
+    """(b): K-fold out-of-sample probabilities, then cleanlab's find_label_issues."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+    from sklearn.model_selection import StratifiedKFold
+
+    start = time.perf_counter()
+    data = prepare_data(cfg.data, cfg.noise)
+    labels, clean = data.train_labels.numpy(), data.train_clean.numpy()
+    probs = np.zeros((len(labels), data.spec.num_classes), dtype=np.float32)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for f, (train_idx, held_idx) in enumerate(split.split(np.zeros(len(labels)), labels)):
+        net = _train_fold(cfg, data, torch.from_numpy(train_idx), seed * 100 + f)
+        with torch.no_grad():
+            x = normalize(data.train_x[torch.from_numpy(held_idx)], data.mean, data.std)
+            probs[held_idx] = torch.softmax(net(x), 1).numpy()
+    train_s = time.perf_counter() - start
+    issues = find_label_issues(labels, probs)
+    quality = get_label_quality_scores(labels, probs)
+    m = detection_metrics(-quality, issues, labels != clean)
+    return {"train_s": train_s, "total_s": time.perf_counter() - start, **m, "passes": (folds - 1) * cfg.train.epochs}
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def table(results: dict, folds: int, epochs: int) -> list[str]:
+    """One row per noise setting, means over the seeds; the goal is judged on the 1/K-cost cmd-dist run."""
+    lines = [
+        f"| noise | cmd-dist F1 ({epochs} ep.) | cmd-dist F1 (1/K cost) | cleanlab F1 ({folds}-fold) | "
+        "cmd-dist AUROC | cmd-dist AUROC (1/K cost) | cleanlab AUROC | train s: cmd-dist / 1/K / cleanlab | "
+        "time ratio (1/K run) | goal met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        a, c, b = r["cmd-dist"], r["cmd-dist 1/K"], r["cleanlab"]
+        f1a, f1c, f1b = _mean(a, "flag_f1"), _mean(c, "flag_f1"), _mean(b, "flag_f1")
+        ta, tc, tb = _mean(a, "train_s"), _mean(c, "train_s"), _mean(b, "train_s")
+        met = f1c >= f1b
+        lines.append(
+            f"| {name} | {f1a:.3f} | {f1c:.3f} | {f1b:.3f} | {_mean(a, 'score_auroc'):.3f} | "
+            f"{_mean(c, 'score_auroc'):.3f} | {_mean(b, 'score_auroc'):.3f} | {ta:.1f} / {tc:.1f} / {tb:.1f} | "
+            f"{tc / tb:.2f} | {'yes' if met else 'no'} (F1 {f1c:.3f} {'>=' if met else '<'} {f1b:.3f} at "
+            f"{c[0]['passes'] / b[0]['passes']:.2f} of its passes) |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--settings", nargs="+", default=[f"{k}:{r}" for k, r in SETTINGS], help="kind:rate ...")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (both detectors alike)")
+    ap.add_argument("--out", default=None, help="folder (default benchmarks/results/<date>-label-issues)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    date = datetime.date.today().isoformat()
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"{date}-label-issues")
+    results: dict[str, dict[str, list[dict]]] = {}
+    started = time.perf_counter()
+    for setting in args.settings:
+        kind, rate = setting.split(":")
+        name = f"{kind} {float(rate):.0%}"
+        for seed in args.seeds:
+            cfg = load_config(REPO / "configs" / "demo.yaml", overrides(kind, float(rate), seed, args.epochs))
+            with tempfile.TemporaryDirectory(prefix="cmd-dist-bench-") as tmp:
+                a = ours(cfg, Path(tmp))
+            # cmd-dist again at 1/K of cleanlab's training cost: 2 peers x E' = (K-1) E / K passes
+            cheap_epochs = max(1, round(args.epochs * (args.folds - 1) / (2 * args.folds)))
+            cheap_cfg = load_config(REPO / "configs" / "demo.yaml", overrides(kind, float(rate), seed, cheap_epochs))
+            with tempfile.TemporaryDirectory(prefix="cmd-dist-bench-") as tmp:
+                c = ours(cheap_cfg, Path(tmp))
+            b = cleanlab_kfold(cfg, args.folds, seed)
+            results.setdefault(name, {"cmd-dist": [], "cmd-dist 1/K": [], "cleanlab": []})
+            results[name]["cmd-dist"].append({"seed": seed, **a})
+            results[name]["cmd-dist 1/K"].append({"seed": seed, "epochs": cheap_epochs, **c})
+            results[name]["cleanlab"].append({"seed": seed, **b})
+            write_summary(out, args, date, started, results)  # after every cell: an interrupted run keeps its rows
+            print(
+                f"{name} seed {seed}: cmd-dist F1 {a['flag_f1']:.3f} AUROC {a['score_auroc']:.3f} "
+                f"{a['train_s']:.1f} s | cmd-dist {cheap_epochs} epochs F1 {c['flag_f1']:.3f} "
+                f"AUROC {c['score_auroc']:.3f} {c['train_s']:.1f} s | cleanlab F1 {b['flag_f1']:.3f} "
+                f"AUROC {b['score_auroc']:.3f} {b['train_s']:.1f} s",
+                flush=True,
+            )
+    print("\n".join(table(results, args.folds, args.epochs)))
+    print(f"wrote {write_summary(out, args, date, started, results)}")
+
+
+def write_summary(out: Path, args: argparse.Namespace, date: str, started: float, results: dict) -> Path:
+    import cleanlab
+
+    lines = table(results, args.folds, args.epochs)
+    summary = {
+        "date": date,
+        "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.1f} at the end), {torch.get_num_threads()} torch thread(s), no GPU",
+        "torch": torch.__version__,
+        "cleanlab": cleanlab.__version__,
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "folds": args.folds,
+        "wall_s": time.perf_counter() - started,
+        "results": results,
+        "table": lines,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
+    return out / "summary.json"
+
+
+if __name__ == "__main__":
+    main()

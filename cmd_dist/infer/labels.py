@@ -1,0 +1,271 @@
+"""The training labels that look wrong, ranked and scored from one run's per-sample record (issue 21).
+
+Every peer's checkpoint holds its :class:`~cmd_dist.method.dynamics.SampleDynamics` record: per training sample
+the sum of its AUM margins, the epochs it was trained on, the epochs a confident prediction of the peer (H(p) < chi,
+Eq. 8-9) contradicted the given label, and the last epoch's prediction. From these, per sample:
+
+- ``aum_<peer>``: the area under the margin (Pleiss et al., NeurIPS 2020), the peer's mean margin of the given label;
+- ``disagree_epochs``: the epochs, summed over the peers, in which a peer's confident prediction disagreed;
+- ``agreed_label``, ``agreed_prob``: the peers' last predictions, each weighted by its probability (the class with
+  the largest sum), and that sum divided by the number of peers (a peer predicting another class adds 0);
+- ``score`` in [0, 1], higher = the label more likely wrong: the mean of two percentile ranks, that of the peers'
+  mean AUM (low first) and that of the fraction of peer-epochs with a confident disagreement (high first). AUM alone
+  is Pleiss et al.'s ranking; the disagreement count is CMD's own evidence (the exchange's confidence test) and breaks
+  AUM's ties among the samples a peer memorised late;
+- ``flag``: the ``n_est`` highest scores, ``n_est`` estimated without the clean labels as the number of samples whose
+  agreed label is not the given one (the peers' own estimate of the noise rate, cleanlab's "prune by noise rate"
+  rule of Northcutt et al., JAIR 2021, with the peers' last predictions in place of out-of-sample ones).
+
+Where the clean labels are known (synthetic noise, CIFAR-N), :func:`detection_metrics` scores the flag (precision,
+recall, F1, AUROC) and the score (AUROC, average precision, and precision/recall/F1 of its top-n at the true count).
+Ray-free: the CLI calls :func:`label_issues`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cmd_dist.data.prepare import prepare_data
+from cmd_dist.data.types import STREAMED
+from cmd_dist.errors import RunError
+from cmd_dist.infer.loading import TrainedRun
+from cmd_dist.runs.fs import atomic_write_bytes
+
+#: Bins of the score histograms (clean vs noisy samples) stored for ``cmd-dist report``.
+HIST_BINS = 20
+
+
+@dataclass
+class TrainingSamples:
+    """A run's training set as the record indexes it: who each position is in the dataset as shipped."""
+
+    keys: list[Any]  # per position: the index in the shipped training set (int) or the image's path (str)
+    labels: np.ndarray  # the given (trained-on) labels
+    clean: np.ndarray  # the clean labels, -1 where unknown
+    origin: np.ndarray | None  # per position: the index in the shipped training set (None: streamed data)
+    shipped: int  # the shipped training set's size (detection.npy's length)
+
+
+def training_samples(cfg) -> TrainingSamples:
+    """Rebuild the run's training set (labels, split and subset exactly as its workers did; no image decoded for
+    streamed datasets) and each position's identity in the dataset as shipped."""
+    data = prepare_data(cfg.data, cfg.noise, "cpu")
+    if cfg.data.dataset in STREAMED:
+        train = data.train
+        keys = [str(train.path(i)) for i in range(len(train))]
+        return TrainingSamples(keys, train.labels.copy(), train.clean.copy(), None, len(train))
+    origin = data.train_origin.numpy()
+    return TrainingSamples(
+        [int(i) for i in origin], data.train_labels.numpy(), data.train_clean.numpy(), origin, data.shipped_train
+    )
+
+
+def peer_records(run: TrainedRun) -> list[dict[str, np.ndarray]]:
+    """Every peer's per-sample record in the chosen checkpoint; RunError (one line) when the run has none."""
+    records = []
+    for k in range(len(run.peer_names)):
+        dyn = run.states[k].get("dynamics")
+        if not isinstance(dyn, dict):
+            raise RunError(
+                f"{run.run}: {run.checkpoint} holds no per-sample record (the run was trained before cmd-dist "
+                f"recorded one); train it again, or resume it (cmd-dist train --resume) to record the epochs it trains"
+            )
+        records.append({key: v.numpy() if hasattr(v, "numpy") else v for key, v in dyn.items()})
+    return records
+
+
+def _percentile_rank(values: np.ndarray) -> np.ndarray:
+    """Average ranks scaled to [0, 1] (ties share their mean rank); NaN ranks lowest."""
+    from scipy.stats import rankdata
+
+    v = np.where(np.isnan(values), -np.inf, values)
+    return (rankdata(v) - 1) / max(len(v) - 1, 1)
+
+
+@dataclass
+class Scores:
+    """Per training sample (see the module docstring)."""
+
+    aum: np.ndarray  # [peers, n]
+    disagree: np.ndarray  # [n] epochs summed over the peers
+    seen: np.ndarray  # [n] epochs summed over the peers
+    agreed_label: np.ndarray
+    agreed_prob: np.ndarray
+    score: np.ndarray
+    flag: np.ndarray
+    n_est: int
+    order: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # most likely wrong first
+
+
+def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_classes: int) -> Scores:
+    """Scores, flags and the peers' agreed labels of every training sample from the peers' records."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean AUM of a sample no peer ever saw: NaN
+        aum = np.stack([r["margin_sum"] / r["seen"] for r in records])
+        seen = np.sum([r["seen"] for r in records], axis=0)
+        disagree = np.sum([r["disagree"] for r in records], axis=0)
+        frac = np.where(seen > 0, disagree / seen, np.nan)
+        mean_aum = np.nanmean(aum, axis=0)
+    n = labels.shape[0]
+    votes = np.zeros((n, num_classes))
+    for r in records:
+        pred = r["last_pred"].astype(np.int64)
+        ok = pred >= 0
+        np.add.at(votes, (np.nonzero(ok)[0], pred[ok]), r["last_prob"][ok])
+    agreed = votes.argmax(1)
+    agreed_prob = votes.max(1) / max(len(records), 1)
+    never = seen == 0
+    agreed[never] = -1
+    score = 0.5 * (_percentile_rank(-mean_aum) + _percentile_rank(frac))
+    score[never] = 0.0  # nothing is known of a sample never trained on (e.g. an unreadable image)
+    n_est = int(((agreed != labels) & ~never).sum())
+    order = np.argsort(-score, kind="stable")
+    flag = np.zeros(n, dtype=bool)
+    flag[order[:n_est]] = True
+    return Scores(aum, disagree, seen, agreed, agreed_prob, score, flag, n_est, order)
+
+
+def detection_metrics(score: np.ndarray, flag: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
+    """Precision, recall, F1 and AUROC of the flag; AUROC, average precision and top-n P/R/F1 of the score (n = the
+    true number of noisy labels). ``noisy``: the truth, over the samples whose clean label is known."""
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+    out: dict[str, float] = {"samples": int(noisy.size), "noisy": int(noisy.sum())}
+    both = 0 < noisy.sum() < noisy.size
+    p, r, f, _ = precision_recall_fscore_support(noisy, flag, average="binary", zero_division=0)
+    out.update(flag_precision=float(p), flag_recall=float(r), flag_f1=float(f), flagged=int(flag.sum()))
+    out["flag_auroc"] = float(roc_auc_score(noisy, flag)) if both else math.nan
+    out["score_auroc"] = float(roc_auc_score(noisy, score)) if both else math.nan
+    out["score_average_precision"] = float(average_precision_score(noisy, score)) if both else math.nan
+    top = np.zeros_like(flag)
+    top[np.argsort(-score, kind="stable")[: int(noisy.sum())]] = True
+    p, r, f, _ = precision_recall_fscore_support(noisy, top, average="binary", zero_division=0)
+    out.update(score_top_precision=float(p), score_top_recall=float(r), score_top_f1=float(f))
+    return out
+
+
+def score_histograms(score: np.ndarray, noisy: np.ndarray, bins: int = HIST_BINS) -> dict[str, list]:
+    """Counts of the score in ``bins`` bins on [0, 1], for the clean and the noisy labels (the report's figure)."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return {
+        "edges": edges.tolist(),
+        "clean": np.histogram(score[~noisy], edges)[0].tolist(),
+        "noisy": np.histogram(score[noisy], edges)[0].tolist(),
+    }
+
+
+@dataclass
+class LabelIssues:
+    """What :func:`label_issues` found and wrote."""
+
+    csv: Path
+    detection: Path
+    summary: Path
+    rows: int
+    n_est: int
+    num_train: int
+    metrics: dict[str, float] | None  # None where no clean label is known
+
+
+def _csv_bytes(run: TrainedRun, samples: TrainingSamples, s: Scores, top: int | None) -> tuple[bytes, int]:
+    names = run.class_names
+    known = samples.clean >= 0
+    header = ["rank", "sample", "given_label", "given_class", "agreed_label", "agreed_class", "agreed_prob"]
+    header += [f"aum_{p}" for p in run.peer_names] + ["disagree_epochs", "epochs_seen", "score", "flag"]
+    if known.any():
+        header += ["clean_label"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    rows = s.order if top is None else s.order[:top]
+    for rank, i in enumerate(rows, 1):
+        given, agreed = int(samples.labels[i]), int(s.agreed_label[i])
+        row = [rank, samples.keys[i], given, names[given], agreed, names[agreed] if agreed >= 0 else ""]
+        row += [f"{s.agreed_prob[i]:.4f}", *(f"{a:.4f}" for a in s.aum[:, i])]
+        row += [int(s.disagree[i]), int(s.seen[i]), f"{s.score[i]:.6f}", int(s.flag[i])]
+        if known.any():
+            row.append(int(samples.clean[i]))
+        w.writerow(row)
+    return buf.getvalue().encode(), len(rows)
+
+
+def _detection_bytes(samples: TrainingSamples, flag: np.ndarray) -> bytes:
+    """CIFAR-N's detection format: a boolean "is noisy" per image of the shipped training set, in its order; images
+    outside the run's training split (held out for validation, digits' test part, past ``data.train_subset``) are
+    False. Streamed datasets: one per training position (the CSV's ``sample`` column names its file)."""
+    if samples.origin is None:
+        out = flag.astype(bool)
+    else:
+        out = np.zeros(samples.shipped, dtype=bool)
+        out[samples.origin] = flag
+    buf = io.BytesIO()
+    np.save(buf, out)
+    return buf.getvalue()
+
+
+def label_issues(run: TrainedRun, out: Path, top: int | None = None) -> LabelIssues:
+    """Rank every training sample of ``run`` by how likely its label is wrong; write ``out`` (CSV),
+    ``detection.npy`` and ``label_issues.json`` (the counts, the metrics and the score histograms) beside it,
+    each atomically."""
+    records = peer_records(run)
+    samples = training_samples(run.cfg)
+    n = samples.labels.shape[0]
+    if any(r["seen"].shape[0] != n for r in records):
+        raise RunError(
+            f"{run.run}: the per-sample record holds {records[0]['seen'].shape[0]} training samples, the run's "
+            f"dataset now {n}; the data changed since the run trained (data.root, the label files)"
+        )
+    s = score_samples(records, samples.labels, run.spec.num_classes)
+    known = samples.clean >= 0
+    metrics = hists = None
+    if known.any():
+        noisy = samples.labels[known] != samples.clean[known]
+        metrics = detection_metrics(s.score[known], s.flag[known], noisy)
+        hists = score_histograms(s.score[known], noisy)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data, rows = _csv_bytes(run, samples, s, top)
+    atomic_write_bytes(out, data)
+    detection = out.parent / "detection.npy"
+    atomic_write_bytes(detection, _detection_bytes(samples, s.flag))
+    summary = {
+        "run": run.run,
+        "checkpoint": run.checkpoint,
+        "epoch": run.epoch,
+        "num_train": n,
+        "flagged": int(s.flag.sum()),
+        "estimated_noise_rate": s.n_est / n if n else math.nan,
+        "threshold": "the top n_est scores, n_est = samples whose agreed label is not the given one",
+        "metrics": metrics,
+        "score_histogram": hists,
+        "csv": out.name,
+    }
+    path = out.parent / "label_issues.json"
+    atomic_write_bytes(path, json.dumps(summary, indent=1, allow_nan=True).encode())
+    return LabelIssues(out, detection, path, rows, s.n_est, n, metrics)
+
+
+def summary_lines(run: TrainedRun, found: LabelIssues) -> list[str]:
+    """What ``cmd-dist label-issues`` prints."""
+    lines = [
+        f"label-issues: {found.num_train:,} training labels of {run.run} ({run.checkpoint}, epoch {run.epoch}): "
+        f"{found.n_est:,} flagged (estimated noise rate {100 * found.n_est / max(found.num_train, 1):.2f}%)"
+    ]
+    m = found.metrics
+    if m is not None:
+        lines.append(
+            f"detection against the {m['samples']:,} known clean labels ({m['noisy']:,} wrong): flag precision "
+            f"{m['flag_precision']:.3f} recall {m['flag_recall']:.3f} F1 {m['flag_f1']:.3f} AUROC {m['flag_auroc']:.3f}"
+            f"; score AUROC {m['score_auroc']:.3f} average precision {m['score_average_precision']:.3f}"
+        )
+    lines.append(f"wrote {found.csv} ({found.rows:,} rows), {found.detection.name}, {found.summary.name}")
+    return lines

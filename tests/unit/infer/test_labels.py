@@ -1,0 +1,202 @@
+"""``cmd-dist label-issues RUN`` (issue 21 points 2 and 5): the flipped labels of a tiny real run ranked first,
+the identity of each sample in the dataset as shipped, the files it writes, and a run without a record refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from cmd_dist.cli import main
+from cmd_dist.config import load_config
+from cmd_dist.data.noise import corrupt_labels
+from cmd_dist.infer.labels import score_samples
+from cmd_dist.runs.checkpoint import load_peer_state, save_peer_state
+from tests.conftest import SHARED_CIFAR
+
+
+def _rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_the_flipped_labels_of_a_tiny_run_rank_above_the_rest(trained_run, tmp_path, capsys):
+    out = tmp_path / "issues.csv"
+    assert main(["label-issues", str(trained_run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "flagged" in printed and "score AUROC" in printed
+    rows = _rows(out)
+    assert len(rows) == 600 and [int(r["rank"]) for r in rows] == list(range(1, 601))
+    # The truth, rebuilt independently: digits' training part (1,438 = 80% of load_digits(), split seeded 0)
+    # corrupted by the run's noise, its first 600 images trained on; each named by its index in load_digits().
+    cfg = load_config(trained_run / "config.yaml")
+    clean = torch.as_tensor(load_digits().target)
+    train_idx = torch.randperm(1797, generator=torch.Generator().manual_seed(0))[359:].sort().values
+    noisy, flipped = corrupt_labels(clean[train_idx], 10, cfg.noise.kind, cfg.noise.rate, cfg.noise.seed)
+    truth = {int(i): (int(y), bool(f)) for i, y, f in zip(train_idx[:600], noisy[:600], flipped[:600])}
+    index = [int(r["sample"]) for r in rows]
+    assert set(index) == set(truth)
+    # every row's identity: its given and clean labels are those of that load_digits() image
+    assert [int(r["clean_label"]) for r in rows] == clean[index].tolist()
+    assert [int(r["given_label"]) for r in rows] == [truth[i][0] for i in index]
+    is_flipped = np.array([truth[i][1] for i in index])
+    assert 0.25 < is_flipped.mean() < 0.55
+    # Ranked first: the flipped labels fill the top of the ranking far beyond their share.
+    n_noisy = int(is_flipped.sum())
+    assert is_flipped[:n_noisy].mean() > 0.8, is_flipped[:n_noisy].mean()
+    summary = json.loads((tmp_path / "label_issues.json").read_text())
+    assert summary["metrics"]["score_auroc"] > 0.9
+    assert summary["metrics"]["noisy"] == n_noisy
+    assert sum(summary["score_histogram"]["noisy"]) == n_noisy
+    det = np.load(tmp_path / "detection.npy")
+    assert det.dtype == bool and det.shape == (1797,)
+    flagged = {int(r["sample"]) for r in rows if r["flag"] == "1"}
+    assert set(np.nonzero(det)[0].tolist()) == flagged and len(flagged) == summary["flagged"]
+
+
+def test_top_k_the_default_output_folder_and_the_report(trained_run, run_copy, capsys):
+    assert main(["label-issues", str(run_copy), "--top", "5", "--checkpoint", "best"]) == 0
+    folder = run_copy / "label_issues"
+    assert len(_rows(folder / "issues.csv")) == 5
+    summary = json.loads((folder / "label_issues.json").read_text())
+    assert summary["checkpoint"] == "best_checkpoint" and summary["epoch"] == 2
+    assert np.load(folder / "detection.npy").shape == (1797,)
+    # cmd-dist report shows the detection figures (label_issues.json's numbers) and the score histogram.
+    assert main(["report", str(run_copy)]) == 0
+    text = (run_copy / "report" / "report.md").read_text()
+    m = summary["metrics"]
+    assert f"{summary['flagged']:,} of 600 training labels flagged" in text
+    flag_row = (
+        f"| flag | {m['flag_precision']:.3f} | {m['flag_recall']:.3f} | {m['flag_f1']:.3f} | {m['flag_auroc']:.3f} |"
+    )
+    assert flag_row in text
+    assert f"{m['score_auroc']:.3f}" in text
+    (png,) = re.findall(r"\]\(([^)]*_label_scores\.png)\)", text)
+    assert (run_copy / "report" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_trained_before_the_record_gets_one_line_and_exit_2(run_copy, capsys):
+    folder = run_copy / "checkpoint_000003"
+    for k in (0, 1):
+        state = load_peer_state(folder, k)
+        del state["dynamics"]
+        save_peer_state(folder, k, state)
+    with pytest.raises(SystemExit) as e:
+        main(["label-issues", str(run_copy)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no per-sample record" in err[0] and err[0].startswith("cmd-dist: error:")
+    assert not (run_copy / "label_issues").exists()
+
+
+def test_score_ranks_low_aum_and_confident_disagreement_first():
+    """Hand-made records: sample 0 contradicted confidently with a negative AUM, sample 2 agreed with."""
+    seen = np.full(3, 4.0)
+    rec = {
+        "margin_sum": np.array([-8.0, 0.4, 12.0]),
+        "seen": seen,
+        "disagree": np.array([4.0, 1.0, 0.0]),
+        "last_pred": np.array([1, 1, 2]),
+        "last_prob": np.array([0.9, 0.5, 0.95]),
+    }
+    s = score_samples([rec, rec], np.array([0, 1, 2]), 3)
+    assert s.order.tolist() == [0, 1, 2]
+    assert s.agreed_label.tolist() == [1, 1, 2] and s.agreed_prob.tolist() == pytest.approx([0.9, 0.5, 0.95])
+    assert s.n_est == 1 and s.flag.tolist() == [True, False, False]
+
+
+def test_a_sample_never_trained_on_is_neither_scored_nor_flagged():
+    """An unreadable image (streamed data) is never seen: score 0, no flag, no agreed label."""
+    rec = {
+        "margin_sum": np.array([-8.0, 0.0]),
+        "seen": np.array([4.0, 0.0]),
+        "disagree": np.array([4.0, 0.0]),
+        "last_pred": np.array([1, -1]),
+        "last_prob": np.array([0.9, 0.0]),
+    }
+    s = score_samples([rec], np.array([0, 0]), 2)
+    assert s.score[1] == 0.0 and not s.flag[1] and s.agreed_label[1] == -1 and s.seen[1] == 0
+    assert s.flag[0] and s.n_est == 1
+
+
+def test_an_image_folder_run_names_each_sample_by_its_file(tmp_path, capsys):
+    """Streamed data: the batch ids are positions in the training file list, and the CSV names each file."""
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import summarize
+    from cmd_dist.train.local import run_local
+    from tests.image_fixtures import make_imagefolder
+
+    root = make_imagefolder(tmp_path / "images", per_class=6)
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=imagefolder",
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.workers=0",
+            "noise.rate=0.4",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.log_every=0",
+            f"output_dir={tmp_path}",
+            "run_name=pets",
+        ],
+    )
+    run_dir = job.resolve_run_dir(cfg, lock=False)
+    metrics, _ = run_local(cfg, run_dir)
+    summarize(cfg, metrics, run_dir, wall_s=1.0)
+    assert main(["label-issues", str(run_dir)]) == 0
+    rows = _rows(run_dir / "label_issues" / "issues.csv")
+    files = sorted(str(p) for p in (root / "train").rglob("*.*"))
+    assert sorted(r["sample"] for r in rows) == files and len(files) == 21  # every training file once
+    classes = ["cat", "dog", "fox"]
+    for r in rows:  # the clean label is the file's class folder; every file was trained on in both epochs
+        assert classes[int(r["clean_label"])] == Path(r["sample"]).parent.name and r["epochs_seen"] == "4"
+    assert any(r["given_label"] != r["clean_label"] for r in rows)
+    assert np.load(run_dir / "label_issues" / "detection.npy").shape == (21,)
+
+
+@pytest.mark.skipif(not (Path(SHARED_CIFAR) / "cifar-100-python").is_dir(), reason="shared CIFAR-100 not present")
+def test_cifar_training_positions_map_back_to_the_train_pickle():
+    """The search protocol holds out 10% of a subset: each training image is the pickle's image at its origin."""
+    from cmd_dist.data.prepare import prepare_data
+    from cmd_dist.data.resident import load_cifar
+
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=cifar100",
+            f"data.root={SHARED_CIFAR}",
+            "data.protocol=search",
+            "data.train_subset=3000",
+            "noise.rate=0.4",
+            "noise.seed=3",
+        ],
+    )
+    data = prepare_data(cfg.data, cfg.noise)
+    x, y = load_cifar("cifar100", SHARED_CIFAR, "train")
+    assert data.shipped_train == 50000 and data.num_train == 2700
+    assert torch.equal(x[data.train_origin], data.train_x) and torch.equal(y[data.train_origin], data.train_clean)
+    assert len(set(data.train_origin.tolist())) == 2700 and int(data.train_origin.max()) < 3000
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--top", "0"], "--top 0: give a number of rows of at least 1"),
+        (["--checkpoint", "99"], "--checkpoint 99:"),
+        (["--checkpoint", "worst"], "is not best, last or an epoch number"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(run_copy, capsys, argv, words):
+    with pytest.raises(SystemExit) as e:
+        main(["label-issues", str(run_copy), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not (run_copy / "label_issues").exists()
