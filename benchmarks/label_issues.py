@@ -74,8 +74,8 @@ def overrides(kind: str, rate: float, seed: int, epochs: int) -> list[str]:
     ]
 
 
-def ours(cfg, tmp: Path) -> dict:
-    """(a): one CMD run, then the detector on its last checkpoint."""
+def ours(cfg, tmp: Path, save: Path | None = None) -> dict:
+    """(a): one CMD run, then the detector on its last checkpoint; ``save``: an .npz of its per-sample record."""
     start = time.perf_counter()
     (tmp / "run").mkdir()
     (tmp / "run" / "config.yaml").write_text(dump_yaml(cfg))  # what cmd-dist train writes first
@@ -84,9 +84,47 @@ def ours(cfg, tmp: Path) -> dict:
     run = open_trained_run(str(tmp / "run"), "last")
     data = prepare_data(cfg.data, cfg.noise)
     labels, clean = data.train_labels.numpy(), data.train_clean.numpy()
-    s = score_samples(peer_records(run), labels, run.spec.num_classes)
+    records = peer_records(run)
+    s = score_samples(records, labels, run.spec.num_classes)
     m = detection_metrics(s.score, s.flag, labels != clean)
-    return {"train_s": train_s, "total_s": time.perf_counter() - start, **m, "passes": 2 * cfg.train.epochs}
+    total_s = time.perf_counter() - start
+    if save is not None:  # the per-sample record, to compute other thresholds from the same trained run
+        save.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"peer{k}_{key}": v for k, r in enumerate(records) for key, v in r.items()}
+        np.savez_compressed(save, labels=labels, clean=clean, score=s.score, **arrays)
+    return {
+        "train_s": train_s,
+        "total_s": total_s,
+        **m,
+        "passes": 2 * cfg.train.epochs,
+        "thresholds": threshold_variants(s, labels != clean),
+    }
+
+
+def threshold_variants(s, noisy: np.ndarray) -> dict:
+    """The flag's F1 under three clean-label-free counts n (each flags the top n scores), from the same run:
+    ``confident_joint`` (the CLI's rule), ``agreed_differs`` (the samples whose agreed label is not the given one, the
+    rule before), ``gmm_aum`` (DivideMix's rule, Li et al., ICLR 2020, Sec. 3.1: a two-component Gaussian mixture
+    fitted to the per-sample mean AUM, n = the samples whose posterior of the low-mean component exceeds 0.5)."""
+    from sklearn.metrics import precision_recall_fscore_support
+    from sklearn.mixture import GaussianMixture
+
+    aum = np.nanmean(s.aum, axis=0)
+    ok = ~np.isnan(aum)
+    gmm = GaussianMixture(2, max_iter=100, tol=1e-3, reg_covar=1e-4, random_state=0).fit(aum[ok, None])
+    low = int(np.argmin(gmm.means_[:, 0]))
+    counts = {
+        "confident_joint": s.n_est,
+        "agreed_differs": s.n_disagree,
+        "gmm_aum": int((gmm.predict_proba(aum[ok, None])[:, low] > 0.5).sum()),
+    }
+    out = {}
+    for name, n in counts.items():
+        flag = np.zeros(noisy.size, dtype=bool)
+        flag[s.order[:n]] = True
+        p, r, f, _ = precision_recall_fscore_support(noisy, flag, average="binary", zero_division=0)
+        out[name] = {"n": n, "precision": float(p), "recall": float(r), "f1": float(f)}
+    return out
 
 
 def _train_fold(cfg, data, idx: torch.Tensor, seed: int) -> torch.nn.Module:
@@ -159,6 +197,22 @@ def table(results: dict, folds: int, epochs: int) -> list[str]:
     return lines
 
 
+def variants_table(results: dict) -> list[str]:
+    """The flag's F1 (mean over seeds) under each clean-label-free threshold, from the same runs, beside cleanlab's."""
+    names = ["confident_joint", "agreed_differs", "gmm_aum"]
+    lines = [
+        "| noise | run | " + " | ".join(f"F1 ({n})" for n in names) + " | F1 (top n = true count) | cleanlab F1 |",
+        "|---|---|" + "---|" * (len(names) + 2),
+    ]
+    for setting, r in results.items():
+        for run in ("cmd-dist", "cmd-dist 1/K"):
+            f1 = [statistics.fmean(x["thresholds"][n]["f1"] for x in r[run]) for n in names]
+            cells = [f"{v:.3f}" for v in f1]
+            cells += [f"{_mean(r[run], 'score_top_f1'):.3f}", f"{_mean(r['cleanlab'], 'flag_f1'):.3f}"]
+            lines.append(f"| {setting} | {run} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -167,6 +221,7 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=[f"{k}:{r}" for k, r in SETTINGS], help="kind:rate ...")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both detectors alike)")
     ap.add_argument("--out", default=None, help="folder (default benchmarks/results/<date>-label-issues)")
+    ap.add_argument("--save-records", default=None, help="folder for each cmd-dist run's per-sample record (.npz)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
@@ -178,13 +233,15 @@ def main() -> None:
         name = f"{kind} {float(rate):.0%}"
         for seed in args.seeds:
             cfg = load_config(REPO / "configs" / "demo.yaml", overrides(kind, float(rate), seed, args.epochs))
+            saved = Path(args.save_records) if args.save_records else None
+            tag = f"{kind}{rate}_seed{seed}"
             with tempfile.TemporaryDirectory(prefix="cmd-dist-bench-") as tmp:
-                a = ours(cfg, Path(tmp))
+                a = ours(cfg, Path(tmp), saved and saved / f"{tag}_ep{args.epochs}.npz")
             # cmd-dist again at 1/K of cleanlab's training cost: 2 peers x E' = (K-1) E / K passes
             cheap_epochs = max(1, round(args.epochs * (args.folds - 1) / (2 * args.folds)))
             cheap_cfg = load_config(REPO / "configs" / "demo.yaml", overrides(kind, float(rate), seed, cheap_epochs))
             with tempfile.TemporaryDirectory(prefix="cmd-dist-bench-") as tmp:
-                c = ours(cheap_cfg, Path(tmp))
+                c = ours(cheap_cfg, Path(tmp), saved and saved / f"{tag}_ep{cheap_epochs}.npz")
             b = cleanlab_kfold(cfg, args.folds, seed)
             results.setdefault(name, {"cmd-dist": [], "cmd-dist 1/K": [], "cleanlab": []})
             results[name]["cmd-dist"].append({"seed": seed, **a})
@@ -199,6 +256,7 @@ def main() -> None:
                 flush=True,
             )
     print("\n".join(table(results, args.folds, args.epochs)))
+    print("\n".join(variants_table(results)))
     print(f"wrote {write_summary(out, args, date, started, results)}")
 
 
@@ -218,6 +276,9 @@ def write_summary(out: Path, args: argparse.Namespace, date: str, started: float
         "wall_s": time.perf_counter() - started,
         "results": results,
         "table": lines,
+        "threshold": "cmd-dist's flag: the top n scores, n = the off-diagonal of the calibrated confident joint of the "
+        "peers' last probabilities (Northcutt et al., JAIR 2021); the other counts in variants_table, same runs",
+        "variants_table": variants_table(results),
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())

@@ -12,9 +12,14 @@ Eq. 8-9) contradicted the given label, and the last epoch's prediction. From the
   mean AUM (low first) and that of the fraction of peer-epochs with a confident disagreement (high first). AUM alone
   is Pleiss et al.'s ranking; the disagreement count is CMD's own evidence (the exchange's confidence test) and breaks
   AUM's ties among the samples a peer memorised late;
-- ``flag``: the ``n_est`` highest scores, ``n_est`` estimated without the clean labels as the number of samples whose
-  agreed label is not the given one (the peers' own estimate of the noise rate, cleanlab's "prune by noise rate"
-  rule of Northcutt et al., JAIR 2021, with the peers' last predictions in place of out-of-sample ones).
+- ``flag``: the ``n_est`` highest scores, ``n_est`` estimated without the clean labels by Confident Learning's count
+  of label issues (Northcutt et al., "Confident Learning", JAIR 2021, Sec. 3.1, Eq. 1-3): the off-diagonal of the
+  calibrated confident joint, computed as ``cleanlab.count.compute_confident_joint`` does, on the peers' last
+  probabilities (:func:`confident_joint_count`). A sample counts only where its probability of the class it is
+  counted in reaches that class's threshold, the mean self-confidence of the samples given that class; each given
+  class's counts are then scaled to its size. The plain count of samples whose agreed label is not the given one
+  (``n_disagree``, the "C_confusion" baseline of that paper) counts every low-confidence mistake of an underfit
+  network as a wrong label and overestimates the noise after short training (docs/label_issues.md).
 
 Where the clean labels are known (synthetic noise, CIFAR-N), :func:`detection_metrics` scores the flag (precision,
 recall, F1, AUROC) and the score (AUROC, average precision, and precision/recall/F1 of its top-n at the true count).
@@ -102,7 +107,8 @@ class Scores:
     agreed_prob: np.ndarray
     score: np.ndarray
     flag: np.ndarray
-    n_est: int
+    n_est: int  # the confident joint's estimate of the number of wrong labels: the flag's size
+    n_disagree: int  # the samples whose agreed label is not the given one
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # most likely wrong first
 
 
@@ -127,11 +133,40 @@ def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_
     agreed[never] = -1
     score = 0.5 * (_percentile_rank(-mean_aum) + _percentile_rank(frac))
     score[never] = 0.0  # nothing is known of a sample never trained on (e.g. an unreadable image)
-    n_est = int(((agreed != labels) & ~never).sum())
+    n_disagree = int(((agreed != labels) & ~never).sum())
+    n_est = confident_joint_count(votes[~never] / max(len(records), 1), labels[~never], num_classes)
     order = np.argsort(-score, kind="stable")
     flag = np.zeros(n, dtype=bool)
     flag[order[:n_est]] = True
-    return Scores(aum, disagree, seen, agreed, agreed_prob, score, flag, n_est, order)
+    return Scores(aum, disagree, seen, agreed, agreed_prob, score, flag, n_est, n_disagree, order)
+
+
+def confident_joint_count(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> int:
+    """The number of wrong labels estimated by Confident Learning (Northcutt et al., JAIR 2021, Eq. 1-3; the code
+    of ``cleanlab.count.compute_confident_joint`` with ``calibrate=True`` and ``num_label_issues``'s
+    ``"off_diagonal_calibrated"``), without the clean labels.
+
+    ``probs[i, j]``: the peers' mean last-epoch probability of class j where a peer predicted j, else 0 (the record
+    keeps each peer's argmax probability only, so this is a lower bound of the mean probability). Per class j the
+    threshold t_j is the mean of ``probs[:, j]`` over the samples given j (no sample given j: never confident). A
+    sample is confidently of class j where ``probs[i, j] >= t_j`` (and a peer predicted j); of several such classes,
+    the most probable. The confident joint C[given, confident class] counts these samples, its diagonal at least 1;
+    each row is then scaled to the number of samples given that class, and the estimate is the rounded sum off the
+    diagonal."""
+    if labels.size == 0:
+        return 0
+    given = np.arange(num_classes)[:, None] == labels[None, :]  # [classes, n]
+    count = given.sum(1)
+    thresholds = np.where(count > 0, (probs.T * given).sum(1) / np.maximum(count, 1), 2.0)
+    confident = (probs >= thresholds - 1e-6) & (probs > 0)
+    several = confident.sum(1) > 1
+    guess = np.where(several, probs.argmax(1), confident.argmax(1))
+    some = confident.any(1)
+    joint = np.zeros((num_classes, num_classes))
+    np.add.at(joint, (labels[some], guess[some]), 1.0)
+    np.fill_diagonal(joint, np.maximum(joint.diagonal(), 1.0))
+    calibrated = joint / joint.sum(1, keepdims=True) * count[:, None]
+    return int(round(float(calibrated.sum() - np.trace(calibrated))))
 
 
 def detection_metrics(score: np.ndarray, flag: np.ndarray, noisy: np.ndarray) -> dict[str, float]:
@@ -244,7 +279,9 @@ def label_issues(run: TrainedRun, out: Path, top: int | None = None) -> LabelIss
         "num_train": n,
         "flagged": int(s.flag.sum()),
         "estimated_noise_rate": s.n_est / n if n else math.nan,
-        "threshold": "the top n_est scores, n_est = samples whose agreed label is not the given one",
+        "agreed_label_differs": s.n_disagree,
+        "threshold": "the top n_est scores, n_est = the off-diagonal of the calibrated confident joint of the peers' "
+        "last probabilities (Northcutt et al., JAIR 2021)",
         "metrics": metrics,
         "score_histogram": hists,
         "csv": out.name,

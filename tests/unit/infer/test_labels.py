@@ -108,21 +108,60 @@ def test_score_ranks_low_aum_and_confident_disagreement_first():
     s = score_samples([rec, rec], np.array([0, 1, 2]), 3)
     assert s.order.tolist() == [0, 1, 2]
     assert s.agreed_label.tolist() == [1, 1, 2] and s.agreed_prob.tolist() == pytest.approx([0.9, 0.5, 0.95])
-    assert s.n_est == 1 and s.flag.tolist() == [True, False, False]
+    # One sample per class: Confident Learning keeps at least one correct label per class in its joint, so the one
+    # sample given 0 counts as half wrong, rounded to none (sample 0's agreed label still differs).
+    assert s.n_disagree == 1 and s.n_est == 0 and not s.flag.any()
 
 
 def test_a_sample_never_trained_on_is_neither_scored_nor_flagged():
     """An unreadable image (streamed data) is never seen: score 0, no flag, no agreed label."""
     rec = {
-        "margin_sum": np.array([-8.0, 0.0]),
-        "seen": np.array([4.0, 0.0]),
-        "disagree": np.array([4.0, 0.0]),
-        "last_pred": np.array([1, -1]),
-        "last_prob": np.array([0.9, 0.0]),
+        "margin_sum": np.array([-8.0, 0.0, 8.0, 8.0]),
+        "seen": np.array([4.0, 0.0, 4.0, 4.0]),
+        "disagree": np.array([4.0, 0.0, 0.0, 0.0]),
+        "last_pred": np.array([1, -1, 1, 0]),
+        "last_prob": np.array([0.9, 0.0, 0.8, 0.9]),
     }
-    s = score_samples([rec], np.array([0, 0]), 2)
+    s = score_samples([rec], np.array([0, 0, 1, 0]), 2)
     assert s.score[1] == 0.0 and not s.flag[1] and s.agreed_label[1] == -1 and s.seen[1] == 0
-    assert s.flag[0] and s.n_est == 1
+    assert s.flag.tolist() == [True, False, False, False] and s.n_est == 1
+
+
+def _records(given, pred, prob, margin):
+    """Two identical peers (their mean probability is each one's), every sample seen in 4 epochs."""
+    n = len(given)
+    rec = {
+        "margin_sum": np.array(margin, dtype=float),
+        "seen": np.full(n, 4.0),
+        "disagree": np.where(np.array(pred) != np.array(given), 4.0, 0.0),
+        "last_pred": np.array(pred),
+        "last_prob": np.array(prob),
+    }
+    return [rec, rec], np.array(given)
+
+
+def test_the_flag_counts_only_confident_disagreements_scaled_to_each_class():
+    """The flag's size is Confident Learning's estimate (Northcutt et al., JAIR 2021), not the count of samples whose
+    agreed label differs from the given one: a disagreement below the predicted class's threshold (the mean
+    probability of that class over the samples given it) is an underfit network's mistake, not a wrong label."""
+    # Given 0: three predicted 0 at 0.9 and one predicted 1 at 0.95 (t_0 = 2.7 / 4 = 0.675). Given 1: three
+    # predicted 1 at 0.9 and one predicted 0 at 0.3, below t_0 (t_1 = 2.7 / 4 = 0.675).
+    records, given = _records(
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1, 1, 0],
+        [0.9, 0.9, 0.9, 0.95, 0.9, 0.9, 0.9, 0.3],
+        [8.0, 8.0, 8.0, -8.0, 8.0, 8.0, 8.0, -4.0],
+    )
+    s = score_samples(records, given, 3)
+    assert s.n_disagree == 2 and s.n_est == 1
+    assert s.order[:2].tolist() == [3, 7] and s.flag.tolist() == [False] * 3 + [True] + [False] * 4
+    # Each given class's confident counts are scaled to its size: of the 4 samples given 0, two are confident
+    # (A of class 0, B of class 1 at 0.9 >= t_1 = 0.8) and two are not (0.1 < t_0 = 1.1 / 4): 1/2 x 4 = 2 wrong.
+    records, given = _records(
+        [0, 0, 0, 0, 1, 1], [0, 1, 0, 0, 1, 1], [0.9, 0.9, 0.1, 0.1, 0.8, 0.8], [8, -8, 1, 1, 8, 8]
+    )
+    s = score_samples(records, given, 2)
+    assert s.n_disagree == 1 and s.n_est == 2 and s.flag.sum() == 2 and s.flag[1]
 
 
 def test_an_image_folder_run_names_each_sample_by_its_file(tmp_path, capsys):
