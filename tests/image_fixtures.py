@@ -159,3 +159,22 @@ def make_cifar10(root: Path, labels: np.ndarray, test_labels: np.ndarray | None 
             protocol=2,
         )
     return root
+
+
+def train_imagefolder_run(base: Path, overrides: list[str]) -> tuple[Path, Path]:
+    """A tiny image-folder run (3 classes, 6 JPEGs + 1 PNG each, 2 epochs) trained in this process with the
+    worker's own code (``run_local``, no Ray), its folder made and summarised as ``cmd-dist train`` leaves it;
+    ``overrides`` add to the settings (noise, lr). Returns (run folder, image root)."""
+    from cmd_dist.config import load_config
+    from cmd_dist.launch import job
+    from cmd_dist.launch.summary import summarize
+    from cmd_dist.train.local import run_local
+
+    root = make_imagefolder(base / "images", per_class=6)
+    settings = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=32", "data.workers=0"]
+    settings += ["train.epochs=2", "train.batch_size=8", "train.log_every=0", f"output_dir={base}", "run_name=pets"]
+    cfg = load_config(None, [*settings, *overrides])
+    run_dir = Path(job.resolve_run_dir(cfg, lock=False))
+    metrics, _ = run_local(cfg, run_dir)
+    summarize(cfg, metrics, run_dir, wall_s=1.0)
+    return run_dir, root

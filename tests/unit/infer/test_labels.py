@@ -166,30 +166,9 @@ def test_the_flag_counts_only_confident_disagreements_scaled_to_each_class():
 
 def test_an_image_folder_run_names_each_sample_by_its_file(tmp_path, capsys):
     """Streamed data: the batch ids are positions in the training file list, and the CSV names each file."""
-    from cmd_dist.launch import job
-    from cmd_dist.launch.summary import summarize
-    from cmd_dist.train.local import run_local
-    from tests.image_fixtures import make_imagefolder
+    from tests.image_fixtures import train_imagefolder_run
 
-    root = make_imagefolder(tmp_path / "images", per_class=6)
-    cfg = load_config(
-        None,
-        [
-            "data.dataset=imagefolder",
-            f"data.root={root}",
-            "data.image_size=32",
-            "data.workers=0",
-            "noise.rate=0.4",
-            "train.epochs=2",
-            "train.batch_size=8",
-            "train.log_every=0",
-            f"output_dir={tmp_path}",
-            "run_name=pets",
-        ],
-    )
-    run_dir = job.resolve_run_dir(cfg, lock=False)
-    metrics, _ = run_local(cfg, run_dir)
-    summarize(cfg, metrics, run_dir, wall_s=1.0)
+    run_dir, root = train_imagefolder_run(tmp_path, ["noise.rate=0.4"])
     assert main(["label-issues", str(run_dir)]) == 0
     rows = _rows(run_dir / "label_issues" / "issues.csv")
     files = sorted(str(p) for p in (root / "train").rglob("*.*"))

@@ -12,38 +12,12 @@ import pytest
 
 from cmd_dist.infer.evaluate import evaluate_run
 from cmd_dist.infer.loading import open_trained_run
-from tests.image_fixtures import make_imagefolder
+from tests.image_fixtures import train_imagefolder_run
 
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory) -> tuple[Path, Path]:
-    from cmd_dist.config import load_config
-    from cmd_dist.launch import job
-    from cmd_dist.launch.summary import summarize
-    from cmd_dist.train.local import run_local
-
-    base = tmp_path_factory.mktemp("folder-run")
-    root = make_imagefolder(base / "images", per_class=6)
-    cfg = load_config(
-        None,
-        [
-            "data.dataset=imagefolder",
-            f"data.root={root}",
-            "data.image_size=32",
-            "data.workers=0",
-            "noise.rate=0.2",
-            "train.epochs=2",
-            "train.batch_size=8",
-            "train.lr=0.05",
-            "train.log_every=0",
-            f"output_dir={base}",
-            "run_name=pets",
-        ],
-    )
-    run_dir = Path(job.resolve_run_dir(cfg, lock=False))
-    metrics, _ = run_local(cfg, run_dir)
-    summarize(cfg, metrics, run_dir, wall_s=1.0)
-    return run_dir, root
+    return train_imagefolder_run(tmp_path_factory.mktemp("folder-run"), ["noise.rate=0.2", "train.lr=0.05"])
 
 
 def test_evaluate_reads_the_streamed_test_split_as_training_did(folder_run):
