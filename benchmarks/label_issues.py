@@ -105,11 +105,12 @@ def threshold_variants(s, noisy: np.ndarray) -> dict:
     """The flag's F1 under three clean-label-free counts n (each flags the top n scores), from the same run:
     ``confident_joint`` (the CLI's rule), ``agreed_differs`` (the samples whose agreed label is not the given one, the
     rule before), ``gmm_aum`` (DivideMix's rule, Li et al., ICLR 2020, Sec. 3.1: a two-component Gaussian mixture
-    fitted to the per-sample mean AUM, n = the samples whose posterior of the low-mean component exceeds 0.5)."""
+    fitted to the peers' mean late-weighted AUM, the score's quantity, n = the samples whose posterior of the
+    low-mean component exceeds 0.5)."""
     from sklearn.metrics import precision_recall_fscore_support
     from sklearn.mixture import GaussianMixture
 
-    aum = np.nanmean(s.aum, axis=0)
+    aum = np.nanmean(s.late_aum, axis=0)
     ok = ~np.isnan(aum)
     gmm = GaussianMixture(2, max_iter=100, tol=1e-3, reg_covar=1e-4, random_state=0).fit(aum[ok, None])
     low = int(np.argmin(gmm.means_[:, 0]))

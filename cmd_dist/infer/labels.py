@@ -8,10 +8,13 @@ Eq. 8-9) contradicted the given label, and the last epoch's prediction. From the
 - ``disagree_epochs``: the epochs, summed over the peers, in which a peer's confident prediction disagreed;
 - ``agreed_label``, ``agreed_prob``: the peers' last predictions, each weighted by its probability (the class with
   the largest sum), and that sum divided by the number of peers (a peer predicting another class adds 0);
-- ``score`` in [0, 1], higher = the label more likely wrong: the mean of two percentile ranks, that of the peers'
-  mean AUM (low first) and that of the fraction of peer-epochs with a confident disagreement (high first). AUM alone
-  is Pleiss et al.'s ranking; the disagreement count is CMD's own evidence (the exchange's confidence test) and breaks
-  AUM's ties among the samples a peer memorised late;
+- ``late_aum_<peer>``: the peer's late-weighted AUM (epoch e of E weighted 2^(e / (E/5)), method/dynamics.py);
+- ``score`` in [0, 1], higher = the label more likely wrong: the percentile rank of the peers' mean late-weighted
+  AUM, lowest first. Plain AUM weighs the first epochs, when every margin is small, as much as the last; chosen on
+  digits seeds 10-12 among plain AUM, the plain AUM mixed with the disagreement fraction (this command's first
+  score), exponential and linear weightings and the last epochs' margins, and checked on the benchmark's seeds 0-2
+  (docs/label_issues.md). The confident-disagreement fraction is not in the score: mixed in, it ranked worse at
+  5% noise and no better elsewhere; it stays in the CSV as CMD's own evidence;
 - ``flag``: the ``n_est`` highest scores, ``n_est`` estimated without the clean labels by Confident Learning's count
   of label issues (Northcutt et al., "Confident Learning", JAIR 2021, Sec. 3.1, Eq. 1-3): the off-diagonal of the
   calibrated confident joint, computed as ``cleanlab.count.compute_confident_joint`` does, on the peers' last
@@ -101,6 +104,7 @@ class Scores:
     """Per training sample (see the module docstring)."""
 
     aum: np.ndarray  # [peers, n]
+    late_aum: np.ndarray  # [peers, n], the late-weighted AUM
     disagree: np.ndarray  # [n] epochs summed over the peers
     seen: np.ndarray  # [n] epochs summed over the peers
     agreed_label: np.ndarray
@@ -117,10 +121,10 @@ def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the mean AUM of a sample no peer ever saw: NaN
         aum = np.stack([r["margin_sum"] / r["seen"] for r in records])
+        late = np.stack([_late_aum(r) for r in records])
         seen = np.sum([r["seen"] for r in records], axis=0)
         disagree = np.sum([r["disagree"] for r in records], axis=0)
-        frac = np.where(seen > 0, disagree / seen, np.nan)
-        mean_aum = np.nanmean(aum, axis=0)
+        mean_late = np.nanmean(late, axis=0)
     n = labels.shape[0]
     votes = np.zeros((n, num_classes))
     for r in records:
@@ -131,14 +135,21 @@ def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_
     agreed_prob = votes.max(1) / max(len(records), 1)
     never = seen == 0
     agreed[never] = -1
-    score = 0.5 * (_percentile_rank(-mean_aum) + _percentile_rank(frac))
+    score = _percentile_rank(-mean_late)
     score[never] = 0.0  # nothing is known of a sample never trained on (e.g. an unreadable image)
     n_disagree = int(((agreed != labels) & ~never).sum())
     n_est = confident_joint_count(votes[~never] / max(len(records), 1), labels[~never], num_classes)
     order = np.argsort(-score, kind="stable")
     flag = np.zeros(n, dtype=bool)
     flag[order[:n_est]] = True
-    return Scores(aum, disagree, seen, agreed, agreed_prob, score, flag, n_est, n_disagree, order)
+    return Scores(aum, late, disagree, seen, agreed, agreed_prob, score, flag, n_est, n_disagree, order)
+
+
+def _late_aum(record: dict[str, np.ndarray]) -> np.ndarray:
+    """The late-weighted AUM of one peer's record; a record saved before it existed gives the plain AUM."""
+    if "weighted_margin_sum" not in record:
+        return record["margin_sum"] / record["seen"]
+    return record["weighted_margin_sum"] / record["weight_sum"]
 
 
 def confident_joint_count(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> int:
@@ -215,7 +226,8 @@ def _csv_bytes(run: TrainedRun, samples: TrainingSamples, s: Scores, top: int | 
     names = run.class_names
     known = samples.clean >= 0
     header = ["rank", "sample", "given_label", "given_class", "agreed_label", "agreed_class", "agreed_prob"]
-    header += [f"aum_{p}" for p in run.peer_names] + ["disagree_epochs", "epochs_seen", "score", "flag"]
+    header += [f"aum_{p}" for p in run.peer_names] + [f"late_aum_{p}" for p in run.peer_names]
+    header += ["disagree_epochs", "epochs_seen", "score", "flag"]
     if known.any():
         header += ["clean_label"]
     buf = io.StringIO()
@@ -225,7 +237,7 @@ def _csv_bytes(run: TrainedRun, samples: TrainingSamples, s: Scores, top: int | 
     for rank, i in enumerate(rows, 1):
         given, agreed = int(samples.labels[i]), int(s.agreed_label[i])
         row = [rank, samples.keys[i], given, names[given], agreed, names[agreed] if agreed >= 0 else ""]
-        row += [f"{s.agreed_prob[i]:.4f}", *(f"{a:.4f}" for a in s.aum[:, i])]
+        row += [f"{s.agreed_prob[i]:.4f}", *(f"{a:.4f}" for a in s.aum[:, i]), *(f"{a:.4f}" for a in s.late_aum[:, i])]
         row += [int(s.disagree[i]), int(s.seen[i]), f"{s.score[i]:.6f}", int(s.flag[i])]
         if known.any():
             row.append(int(samples.clean[i]))
@@ -280,6 +292,8 @@ def label_issues(run: TrainedRun, out: Path, top: int | None = None) -> LabelIss
         "flagged": int(s.flag.sum()),
         "estimated_noise_rate": s.n_est / n if n else math.nan,
         "agreed_label_differs": s.n_disagree,
+        "score": "the percentile rank of the peers' mean late-weighted AUM (epoch e of E weighted 2^(e/(E/5))), "
+        "lowest first (AUM: Pleiss et al., NeurIPS 2020)",
         "threshold": "the top n_est scores, n_est = the off-diagonal of the calibrated confident joint of the peers' "
         "last probabilities (Northcutt et al., JAIR 2021)",
         "metrics": metrics,

@@ -19,6 +19,7 @@ import torch
 
 from cmd_dist.config import Config
 from cmd_dist.data.types import WHOLE, Shard, TrainData
+from cmd_dist.method.dynamics import epoch_weight
 from cmd_dist.method.selection import chi_schedule
 from cmd_dist.method.selfkd import uniform_entropy
 from cmd_dist.train.exchange import Exchange
@@ -119,8 +120,9 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         self._sum_over_replicas()
+        weight = epoch_weight(epoch, self.cfg.train.epochs)  # the late-weighted AUM's (method/dynamics.py)
         for p in self.peers:  # the per-sample record takes the whole epoch (every replica's slices)
-            p.dynamics.end_epoch()
+            p.dynamics.end_epoch(weight)
         return self._epoch_result(chi, steps, seconds)
 
     def _run_steps(self, epoch: int, progress: Callable[[int, str], Any] | None) -> int:

@@ -95,8 +95,9 @@ def test_a_run_trained_before_the_record_gets_one_line_and_exit_2(run_copy, caps
     assert not (run_copy / "label_issues").exists()
 
 
-def test_score_ranks_low_aum_and_confident_disagreement_first():
-    """Hand-made records: sample 0 contradicted confidently with a negative AUM, sample 2 agreed with."""
+def test_score_ranks_low_aum_first_and_a_record_without_weighted_sums_uses_the_plain_aum():
+    """Hand-made records of the first record's shape (no late-weighted sums): sample 0 contradicted with a negative
+    AUM, sample 2 agreed with."""
     seen = np.full(3, 4.0)
     rec = {
         "margin_sum": np.array([-8.0, 0.4, 12.0]),
@@ -111,6 +112,23 @@ def test_score_ranks_low_aum_and_confident_disagreement_first():
     # One sample per class: Confident Learning keeps at least one correct label per class in its joint, so the one
     # sample given 0 counts as half wrong, rounded to none (sample 0's agreed label still differs).
     assert s.n_disagree == 1 and s.n_est == 0 and not s.flag.any()
+
+
+def test_the_score_follows_the_late_weighted_aum_not_the_plain_mean():
+    """Sample 0 was contradicted early and fitted late (a clean label learned slowly); sample 1 was fitted early and
+    contradicted late (the network unlearned a wrong label). Plain AUM ranks 0 first; the late-weighted AUM, 1."""
+    rec = {
+        "margin_sum": np.array([-6.0 + 2.0, 3.0 - 2.0, 8.0]),  # two epochs: (-6, 2), (3, -2), (4, 4)
+        "seen": np.full(3, 2.0),
+        "weighted_margin_sum": np.array([-6.0 + 4 * 2.0, 3.0 + 4 * -2.0, 4.0 + 4 * 4.0]),  # weights 1 and 4
+        "weight_sum": np.full(3, 5.0),
+        "disagree": np.array([1.0, 1.0, 0.0]),
+        "last_pred": np.array([0, 0, 2]),
+        "last_prob": np.array([0.6, 0.6, 0.9]),
+    }
+    s = score_samples([rec], np.array([0, 1, 2]), 3)
+    assert (s.aum[0, 0] < s.aum[0, 1]) and (s.late_aum[0].tolist() == pytest.approx([0.4, -1.0, 4.0]))
+    assert s.order.tolist() == [1, 0, 2]
 
 
 def test_a_sample_never_trained_on_is_neither_scored_nor_flagged():

@@ -10,6 +10,7 @@ import torch
 
 from cmd_dist.config import load_config
 from cmd_dist.data.prepare import prepare_data
+from cmd_dist.method.dynamics import RECORD_KEYS
 from cmd_dist.runs.checkpoint import load_peer_state, save_peer_state
 from cmd_dist.runs.storage import newest_complete_checkpoint
 from cmd_dist.train.exchange import Exchange
@@ -30,17 +31,21 @@ RUN = [
     "method.b2=0",
     "peers=[{arch: cnn_small, name: alpha}, {arch: cnn_small_gn, name: beta}]",
 ]
-KEYS = ("margin_sum", "seen", "disagree", "last_pred", "last_prob")
 
 
 def _host_reference(log: list, n: int, peers: int) -> list[dict]:
-    """One sample at a time, in float64, from the (epoch chi, ids, labels, logits per peer) the step saw."""
-    out = [{"margin": [0.0] * n, "seen": [0] * n, "disagree": [0] * n, "last": [-1] * n} for _ in range(peers)]
-    for chi, ids, labels, logits in log:
+    """One sample at a time, in float64, from the (epoch, chi, ids, labels, logits per peer) the step saw; epoch e of
+    the 3 planned weighted 2^(e / (3/5)) in the late-weighted sums."""
+    out = [
+        {"margin": [0.0] * n, "seen": [0] * n, "disagree": [0] * n, "last": [-1] * n, "weighted": [0.0] * n}
+        for _ in range(peers)
+    ]
+    for epoch, chi, ids, labels, logits in log:
         for k in range(peers):
             rec = out[k]
             for i, y, z in zip(ids, labels, logits[k].double().tolist()):
                 rec["margin"][i] += z[y] - max(v for c, v in enumerate(z) if c != y)
+                rec["weighted"][i] += 2.0 ** (epoch / 0.6) * (z[y] - max(v for c, v in enumerate(z) if c != y))
                 rec["seen"][i] += 1
                 m = max(z)
                 e = [math.exp(v - m) for v in z]
@@ -65,7 +70,7 @@ def test_the_steps_record_equals_a_per_sample_host_reference():
     def spy_forward(xs):
         out = forward(xs)
         b = batches[-1]
-        log.append((chi_now[0], b.ids.tolist(), b.y.tolist(), [o.detach().clone() for o in out]))
+        log.append((epoch_now[0], chi_now[0], b.ids.tolist(), b.y.tolist(), [o.detach().clone() for o in out]))
         return out
 
     def spy_batches(*a, **kw):
@@ -75,9 +80,9 @@ def test_the_steps_record_equals_a_per_sample_host_reference():
 
     trainer.step.forward = spy_forward
     data.epoch_batches = spy_batches
-    chi_now = [0.0]
+    chi_now, epoch_now = [0.0], [0]
     for epoch in range(3):
-        chi_now[0] = trainer.chi(epoch)
+        chi_now[0], epoch_now[0] = trainer.chi(epoch), epoch
         trainer.train_one_epoch(epoch)
     ref = _host_reference(log, data.num_train, 2)
     assert any(0 < sum(r["disagree"]) < sum(r["seen"]) for r in ref)  # the threshold splits the predictions
@@ -88,6 +93,13 @@ def test_the_steps_record_equals_a_per_sample_host_reference():
         assert d.disagree.tolist() == r["disagree"]
         assert d.last_pred.tolist() == r["last"]
         assert torch.allclose(d.margin_sum.double(), torch.tensor(r["margin"], dtype=torch.float64), atol=1e-3)
+        weighted = torch.tensor(r["weighted"], dtype=torch.float64)
+        assert torch.allclose(d.weighted_margin_sum.double(), weighted, atol=1e-2, rtol=1e-5)
+        assert torch.allclose(
+            d.weight_sum.double(),
+            torch.full((data.num_train,), 1.0 + 2 ** (1 / 0.6) + 2 ** (2 / 0.6), dtype=torch.float64),
+            rtol=1e-6,
+        )
 
 
 def _record(run_dir, k: int) -> dict:
@@ -115,7 +127,7 @@ def test_resume_gives_the_record_of_an_uninterrupted_run(tmp_path):
     for k in (0, 1):
         want, got = _record(tmp_path / "whole", k), _record(tmp_path / "cut", k)
         assert float(want["seen"].min()) == 3
-        for key in KEYS:
+        for key in RECORD_KEYS:
             assert torch.allclose(got[key].float(), want[key].float(), atol=1e-5), (k, key)
 
 
