@@ -161,16 +161,19 @@ def make_cifar10(root: Path, labels: np.ndarray, test_labels: np.ndarray | None 
     return root
 
 
-def train_imagefolder_run(base: Path, overrides: list[str]) -> tuple[Path, Path]:
+def train_imagefolder_run(
+    base: Path, overrides: list[str], splits: tuple[str, ...] = ("train", "val", "test")
+) -> tuple[Path, Path]:
     """A tiny image-folder run (3 classes, 6 JPEGs + 1 PNG each, 2 epochs) trained in this process with the
     worker's own code (``run_local``, no Ray), its folder made and summarised as ``cmd-dist train`` leaves it;
-    ``overrides`` add to the settings (noise, lr). Returns (run folder, image root)."""
+    ``overrides`` add to the settings (noise, lr); ``splits``: the folders made (no ``val/``: the search protocol
+    holds out 10% of train/). Returns (run folder, image root)."""
     from cmd_dist.config import load_config
     from cmd_dist.launch import job
     from cmd_dist.launch.summary import summarize
     from cmd_dist.train.local import run_local
 
-    root = make_imagefolder(base / "images", per_class=6)
+    root = make_imagefolder(base / "images", per_class=6, splits=splits)
     settings = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=32", "data.workers=0"]
     settings += ["train.epochs=2", "train.batch_size=8", "train.log_every=0", f"output_dir={base}", "run_name=pets"]
     cfg = load_config(None, [*settings, *overrides])

@@ -3,10 +3,25 @@
 Only the lists live in memory (paths as one numpy bytes array, so forked loader workers share it without
 copying); no image is opened here. Each reader checks its layout and raises a one-line :class:`DataError`
 naming the file or folder that is missing or malformed.
+
+Each :class:`ImageList` knows, per image, its index in the list as the reader read it (``origin``, composed through
+every :meth:`ImageList.take`) and that list's length (``shipped``): a subset, a held-out split or Food-101N's removal
+of the verified-val images keep naming each image by its place in the dataset as shipped, which
+``cmd-dist label-issues`` needs for ``detection.npy`` (CIFAR-N's detection format, one entry per shipped image;
+docs/label_issues.md). The order a reader reads:
+
+- :func:`read_imagefolder`: the class folders of ``train/`` sorted by name, and in each the image files sorted by
+  name (both by Unicode code point, Python's ``sorted``), not recursing into subfolders: torchvision's
+  ``ImageFolder`` order for flat class folders of ``.jpg``/``.jpeg``/``.png``/``.webp`` files;
+- :func:`read_webvision`: the lines of ``train_filelist_<source>.txt`` in file order, the sources in
+  ``data.webvision_sources`` order, keeping the lines whose label is below ``data.num_classes``;
+- :func:`read_food101n`: the lines of ``meta/imagelist.tsv`` in file order (header skipped), or of Food-101's
+  ``meta/train.txt`` with ``data.food_train: food101``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +35,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 
 @dataclass
 class ImageList:
-    """Paths (relative to ``base``), the labels trained or scored on, and the clean labels (-1: unknown)."""
+    """Paths (relative to ``base``), the labels trained or scored on, the clean labels (-1: unknown), and each
+    image's index in the list as read (``origin``, of ``shipped`` images; the module docstring)."""
 
     base: Path
     rel: np.ndarray  # bytes paths, dtype "S"
     labels: np.ndarray  # int64
     clean: np.ndarray  # int64, -1 where the correct class is not known
     name: str = ""
+    #: int64, per image: its index in the list as read; None on construction = this list is the one read.
+    origin: np.ndarray = None  # type: ignore[assignment]  # filled by __post_init__
+    #: The length of the list as read (-1 on construction: this list's length).
+    shipped: int = -1
+
+    def __post_init__(self) -> None:
+        if self.origin is None:
+            if self.shipped not in (-1, len(self)):
+                raise ValueError(f"ImageList: shipped={self.shipped} without an origin for {len(self)} images")
+            self.origin = np.arange(len(self), dtype=np.int64)
+            self.shipped = len(self)
+        elif self.shipped < 0:
+            raise ValueError("ImageList: an origin needs the shipped list's length")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -35,7 +64,20 @@ class ImageList:
         return self.base / self.rel[i].decode()
 
     def take(self, idx: np.ndarray, name: str | None = None) -> ImageList:
-        return ImageList(self.base, self.rel[idx], self.labels[idx], self.clean[idx], name or self.name)
+        """The images at positions ``idx`` of this list, still named by their index in the list as read."""
+        return ImageList(
+            self.base,
+            self.rel[idx],
+            self.labels[idx],
+            self.clean[idx],
+            name or self.name,
+            self.origin[idx],
+            self.shipped,
+        )
+
+    def relabelled(self, labels: np.ndarray, clean: np.ndarray) -> ImageList:
+        """The same images (paths, origin) with other labels."""
+        return dataclasses.replace(self, labels=labels, clean=clean)
 
 
 def _image_list(base: Path, rel: list[str], labels: list[int], clean=None, name: str = "") -> ImageList:

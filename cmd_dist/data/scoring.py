@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from cmd_dist.data.augment import normalize
-from cmd_dist.data.image_lists import ImageList
 from cmd_dist.data.labels import dataset_spec, uses_coarse_labels
 from cmd_dist.data.noise import split_train_val
 from cmd_dist.data.resident import load_split
@@ -100,7 +99,7 @@ def _streamed_set(data_cfg, noise_cfg, split: str, device) -> ScoringSet:
     if split == "train":
         train = data.train
         if (train.clean >= 0).all():
-            train = ImageList(train.base, train.rel, train.clean.copy(), train.clean, train.name)
+            train = train.relabelled(train.clean.copy(), train.clean)
         else:
             labels = "as given (no clean labels)"
         data.evals["train"] = train

@@ -16,6 +16,11 @@ workers and any number of loader processes give the same batches and the same pi
 Unreadable or corrupt images are skipped with a warning (once per file) and counted; every peer
 meets the same files in the same batches, so they all drop the same samples.
 
+The training list is the list as read, cut by ``data.train_subset`` (:func:`_subset`), the ``search`` protocol's
+held-out 10% and Food-101N's verified-val images (:func:`_search_split`), all by
+:meth:`~cmd_dist.data.image_lists.ImageList.take`, so each training image keeps its index in the list as read
+(``ImageList.origin``): ``cmd-dist label-issues`` maps its flags back to the shipped list through it.
+
 This module holds the dataset the training loop reads (:class:`StreamedData`, a
 :class:`~cmd_dist.data.types.TrainData`) and its construction from the config; the file lists are read by
 :mod:`cmd_dist.data.image_lists`, the views cut on the CPU by :mod:`cmd_dist.data.views` and on the device by
@@ -308,7 +313,7 @@ def build_streamed(
     ds = data_cfg.dataset
     if ds == "imagefolder" and noise_cfg.kind not in ("none", "human"):
         noisy, _ = corrupt_labels(torch.from_numpy(train.labels), c, noise_cfg.kind, noise_cfg.rate, noise_cfg.seed)
-        train = ImageList(train.base, train.rel, noisy.numpy(), train.labels.copy(), train.name)
+        train = train.relabelled(noisy.numpy(), train.labels.copy())
     if data_cfg.protocol == "search":
         split = "val"
         train, evals, extra = _search_split(data_cfg, noise_cfg, lists, train)

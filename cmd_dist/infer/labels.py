@@ -27,6 +27,11 @@ Eq. 8-9) contradicted the given label, and the last epoch's prediction. From the
 Where the clean labels are known (synthetic noise, CIFAR-N), :func:`detection_metrics` scores the flag (precision,
 recall, F1, AUROC) and the score (AUROC, average precision, and precision/recall/F1 of its top-n at the true count).
 Ray-free: the CLI calls :func:`label_issues`.
+
+Each training sample is named by its place in the dataset as shipped (:func:`training_samples`): the CSV's
+``sample`` is the train-pickle / ``load_digits()`` index, or an image's file path; ``detection.npy`` has one entry per
+image of the shipped training set (streamed datasets: of the training list as read, in the order of
+:mod:`cmd_dist.data.image_lists`), False where the run did not train on the image.
 """
 
 from __future__ import annotations
@@ -59,18 +64,22 @@ class TrainingSamples:
     keys: list[Any]  # per position: the index in the shipped training set (int) or the image's path (str)
     labels: np.ndarray  # the given (trained-on) labels
     clean: np.ndarray  # the clean labels, -1 where unknown
-    origin: np.ndarray | None  # per position: the index in the shipped training set (None: streamed data)
+    origin: np.ndarray  # per position: the index in the shipped training set (streamed: in the list as read)
     shipped: int  # the shipped training set's size (detection.npy's length)
 
 
 def training_samples(cfg) -> TrainingSamples:
     """Rebuild the run's training set (labels, split and subset exactly as its workers did; no image decoded for
-    streamed datasets) and each position's identity in the dataset as shipped."""
+    streamed datasets) and each position's identity in the dataset as shipped.
+
+    Resident data: the index in the train pickles / ``load_digits()`` (``PeerData.train_origin``). Streamed data: the
+    key is the file's path, the origin its index in the training list as read (``ImageList.origin``, in the order
+    of :mod:`cmd_dist.data.image_lists`'s docstring)."""
     data = prepare_data(cfg.data, cfg.noise, "cpu")
     if cfg.data.dataset in STREAMED:
         train = data.train
         keys = [str(train.path(i)) for i in range(len(train))]
-        return TrainingSamples(keys, train.labels.copy(), train.clean.copy(), None, len(train))
+        return TrainingSamples(keys, train.labels.copy(), train.clean.copy(), train.origin.copy(), train.shipped)
     origin = data.train_origin.numpy()
     return TrainingSamples(
         [int(i) for i in origin], data.train_labels.numpy(), data.train_clean.numpy(), origin, data.shipped_train
@@ -247,13 +256,11 @@ def _csv_bytes(run: TrainedRun, samples: TrainingSamples, s: Scores, top: int | 
 
 def _detection_bytes(samples: TrainingSamples, flag: np.ndarray) -> bytes:
     """CIFAR-N's detection format: a boolean "is noisy" per image of the shipped training set, in its order; images
-    outside the run's training split (held out for validation, digits' test part, past ``data.train_subset``) are
-    False. Streamed datasets: one per training position (the CSV's ``sample`` column names its file)."""
-    if samples.origin is None:
-        out = flag.astype(bool)
-    else:
-        out = np.zeros(samples.shipped, dtype=bool)
-        out[samples.origin] = flag
+    outside the run's training split (held out for validation, digits' test part, past ``data.train_subset``,
+    Food-101N's verified-val images) are False. Streamed datasets: per image of the training list as read
+    (:mod:`cmd_dist.data.image_lists` gives the order)."""
+    out = np.zeros(samples.shipped, dtype=bool)
+    out[samples.origin] = flag
     buf = io.BytesIO()
     np.save(buf, out)
     return buf.getvalue()

@@ -195,7 +195,70 @@ def test_an_image_folder_run_names_each_sample_by_its_file(tmp_path, capsys):
     for r in rows:  # the clean label is the file's class folder; every file was trained on in both epochs
         assert classes[int(r["clean_label"])] == Path(r["sample"]).parent.name and r["epochs_seen"] == "4"
     assert any(r["given_label"] != r["clean_label"] for r in rows)
-    assert np.load(run_dir / "label_issues" / "detection.npy").shape == (21,)
+    det = np.load(run_dir / "label_issues" / "detection.npy")
+    assert det.shape == (21,)  # the shipped list's order: class folders, then file names, sorted (= sorted paths here)
+    assert {files[i] for i in np.nonzero(det)[0]} == {r["sample"] for r in rows if r["flag"] == "1"}
+
+
+def test_a_streamed_search_run_on_a_subset_has_one_detection_entry_per_shipped_image(tmp_path, monkeypatch):
+    """detection.npy has one entry per image of the shipped train/ list, in its order, whatever the run trained on:
+    ``data.train_subset=18`` of the 21 images, of which the search protocol (no val/ folder) holds out 2. Those 5
+    images are False, and the True entries are exactly the CSV's flagged paths."""
+    from cmd_dist.infer import labels
+    from tests.image_fixtures import train_imagefolder_run
+
+    overrides = ["noise.rate=0.4", "data.protocol=search", "data.train_subset=18"]
+    run_dir, root = train_imagefolder_run(tmp_path, overrides, splits=("train",))
+    shipped = sorted(str(p) for p in (root / "train").rglob("*.*"))  # class folders, then file names
+    real = labels.score_samples
+
+    def every_third(*args, **kwargs):  # a known flag, not whatever the scoring flags after 2 epochs on 16 images
+        s = real(*args, **kwargs)
+        s.flag = np.arange(s.flag.shape[0]) % 3 == 0
+        return s
+
+    monkeypatch.setattr(labels, "score_samples", every_third)
+    assert main(["label-issues", str(run_dir)]) == 0
+    rows = _rows(run_dir / "label_issues" / "issues.csv")
+    trained = {r["sample"] for r in rows}
+    assert len(shipped) == 21 and len(rows) == len(trained) == 16 and trained < set(shipped)
+    det = np.load(run_dir / "label_issues" / "detection.npy")
+    assert det.dtype == bool and det.shape == (21,)
+    flagged = sorted(shipped.index(r["sample"]) for r in rows if r["flag"] == "1")
+    assert len(flagged) == 6 and np.nonzero(det)[0].tolist() == flagged
+    untrained = [i for i, p in enumerate(shipped) if p not in trained]  # past the subset, or held out
+    assert len(untrained) == 5 and not det[untrained].any()
+    # Every training position, flagged or not, names the shipped image at its origin.
+    samples = labels.training_samples(load_config(run_dir / "config.yaml"))
+    assert samples.shipped == 21 and [shipped[i] for i in samples.origin] == samples.keys
+
+
+def test_food101n_and_webvision_training_images_keep_their_line_in_the_list(tmp_path):
+    """Food-101N's search protocol drops the verified-val images from training and ``data.train_subset`` cuts the
+    rest; WebVision keeps the list's lines of the first ``data.num_classes`` classes. Each training image's origin is
+    its line in the list as read (no image decoded), so detection.npy's entries follow the list file."""
+    from cmd_dist.infer.labels import training_samples
+    from tests.image_fixtures import make_food101n, make_webvision
+
+    def cfg(dataset, root, *more):
+        settings = [f"data.dataset={dataset}", f"data.root={root}", "noise.kind=none", "data.workers=0"]
+        return load_config(None, [*settings, "data.protocol=search", "data.train_subset=10", *more])
+
+    food = make_food101n(tmp_path / "food")  # 3 classes x 6 images, one per class in verified_val.tsv
+    meta = food / "Food-101N_release" / "meta"
+    lines = meta.joinpath("imagelist.tsv").read_text().splitlines()[1:]
+    held = {ln.split("\t")[0] for ln in meta.joinpath("verified_val.tsv").read_text().splitlines()[1:]}
+    s = training_samples(cfg("food101n", food))
+    assert s.shipped == 18 and len(s.keys) == 10 and len(set(s.origin.tolist())) == 10 and len(held) == 3
+    assert s.keys == [str(food / "Food-101N_release" / "images" / lines[i]) for i in s.origin]
+    assert not {lines[i] for i in s.origin} & held
+
+    wv = make_webvision(tmp_path / "wv", classes=4, per_class=6, imagenet=False)
+    listed = [ln.split() for ln in (wv / "webvision" / "info" / "train_filelist_google.txt").read_text().splitlines()]
+    kept = [path for path, label in listed if int(label) < 3]
+    s = training_samples(cfg("webvision", wv, "data.num_classes=3"))
+    assert s.shipped == len(kept) == 18 and len(s.keys) == 10
+    assert s.keys == [str(wv / "webvision" / kept[i]) for i in s.origin]
 
 
 @pytest.mark.skipif(not (Path(SHARED_CIFAR) / "cifar-100-python").is_dir(), reason="shared CIFAR-100 not present")
