@@ -22,11 +22,22 @@ cmd-dist's epoch loops alone (``loop_s``, the steps of every epoch as metrics.js
 The issue's goal: at least (b)'s F1 at 1/K of (b)'s training cost, judged on (c). Writes
 ``benchmarks/results/<date>-label-issues/summary.json`` and prints a Markdown table.
 
+The issue's CIFAR rows (``--dataset``): ``cifar100``, CIFAR-100 with 40% symmetric noise, the method and network
+of paper Table 1's best cell (``configs/table1/cmdp_mconf.yaml``: CMD-P + Mconf, two ResNet-34, SGD lr 0.1, batch
+128, milestones [50, 80] of 100 epochs scaled to ``--epochs``); ``cifar100n``, the same recipe on CIFAR-100N's
+human ``noisy_fine`` labels (``configs/cifarn/cifar100n_noisy_fine.yaml``, Wei et al., ICLR 2022; clean labels
+known, so F1 and AUROC as above). cleanlab's networks get the run's augmentation (pad 4, random crop 32, flip) from
+the same ``epoch_batches``, and on CUDA (``--device cuda``) the run's bf16 autocast on channels_last. ``--arch``,
+``--train-subset``, ``--test-subset`` and ``--data-root`` (the folder of ``cifar-100-python/`` and ``cifar-n/``)
+make a CPU slice; results go to ``benchmarks/results/<date>-label-issues-<dataset>/``. docs/label_issues.md,
+"CIFAR rows", has the GPU command and the CPU slice measured.
+
 cleanlab is AGPL-3.0: an optional dependency of this benchmark only (``pip install cmd-dist[bench]``), never
 imported by cmd_dist.
 
     .venv/bin/python benchmarks/label_issues.py                  # 4 settings x 3 seeds, 20 epochs, K = 5
     .venv/bin/python benchmarks/label_issues.py --seeds 0 --epochs 5 --folds 3 --settings symmetric:0.4
+    .venv/bin/python benchmarks/label_issues.py --dataset cifar100n --device cuda --epochs 100 --seeds 0
 """
 
 from __future__ import annotations
@@ -58,15 +69,19 @@ from cmd_dist.infer.loading import open_trained_run  # noqa: E402
 from cmd_dist.models import build_model  # noqa: E402
 from cmd_dist.runs.fs import atomic_write_bytes  # noqa: E402
 from cmd_dist.train.local import run_local  # noqa: E402
+from cmd_dist.train.peers import fast_path_enabled  # noqa: E402
 
 SETTINGS = [("symmetric", 0.2), ("symmetric", 0.4), ("pairflip", 0.2), ("pairflip", 0.4)]
 
 
-def overrides(kind: str, rate: float, seed: int, epochs: int) -> list[str]:
-    milestones = [round(epochs * 0.7), round(epochs * 0.9)]  # the demo's [14, 18] of 20, scaled
+def overrides(kind: str, rate, seed: int, epochs: int, fractions: tuple[float, ...] = (0.7, 0.9)) -> list[str]:
+    """The per-run overrides: noise, seeds, epochs and the config's milestones scaled to ``epochs`` (``fractions``:
+    the demo's [14, 18] of 20 = (0.7, 0.9); the CIFAR configs' [50, 80] of 100 = (0.5, 0.8)). ``kind`` ``human``:
+    ``rate`` is the CIFAR-N label set (no synthetic noise, so no ``noise.rate``)."""
+    milestones = [max(1, round(epochs * f)) for f in fractions]  # >= 1: a config rule (digits: always >= 1)
+    noise = [f"noise.label_set={rate}"] if kind == "human" else [f"noise.kind={kind}", f"noise.rate={rate}"]
     return [
-        f"noise.kind={kind}",
-        f"noise.rate={rate}",
+        *noise,
         f"noise.seed={seed}",
         f"seed={seed}",
         f"train.epochs={epochs}",
@@ -76,12 +91,12 @@ def overrides(kind: str, rate: float, seed: int, epochs: int) -> list[str]:
     ]
 
 
-def ours(cfg, tmp: Path, save: Path | None = None) -> dict:
+def ours(cfg, tmp: Path, save: Path | None = None, device: str = "cpu") -> dict:
     """(a): one CMD run, then the detector on its last checkpoint; ``save``: an .npz of its per-sample record."""
     start = time.perf_counter()
     (tmp / "run").mkdir()
     (tmp / "run" / "config.yaml").write_text(dump_yaml(cfg))  # what cmd-dist train writes first
-    run_local(cfg, tmp / "run")
+    run_local(cfg, tmp / "run", device)
     train_s = time.perf_counter() - start
     rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
     loop_s = sum(r["train_s"] for r in rows if r.get("peer") == cfg.peers[0].name)  # the epochs' steps only
@@ -133,11 +148,26 @@ def threshold_variants(s, noisy: np.ndarray) -> dict:
     return out
 
 
-def _train_fold(cfg, data, idx: torch.Tensor, seed: int) -> torch.nn.Module:
-    """One network, cross entropy on the noisy labels of ``idx``, the demo's optimiser, schedule and augmentation."""
+def _forward(net: torch.nn.Module, x: torch.Tensor, fast: bool) -> torch.Tensor:
+    """The run's forward: on its GPU fast path bf16 autocast on channels_last input (cmd_dist.train.peers)."""
+    if not fast:
+        return net(x)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        return net(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+def _train_fold(cfg, data, idx: torch.Tensor, seed: int, fast: bool = False) -> torch.nn.Module:
+    """One network, cross entropy on the noisy labels of ``idx``, the run's optimiser, schedule and augmentation.
+
+    The batches come from the run's own :meth:`epoch_batches` (peer 0's generator) on the fold: the same random
+    crop (and, on CIFAR, horizontal flip) and normalisation as a cmd-dist peer gets (Appendix A.1's pad 4 + crop
+    32 + flip on CIFAR, a 1-pixel shift without flip on digits; ``cmd_dist.data.types.SPECS``)."""
     t = cfg.train
     torch.manual_seed(seed)
     net = build_model(cfg.peers[0].arch, data.spec.num_classes, data.spec.channels, data.spec.size)
+    net = net.to(data.train_x.device)
+    if fast:
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=t.milestones, gamma=t.gamma)
     fold = dataclasses.replace(
@@ -146,7 +176,7 @@ def _train_fold(cfg, data, idx: torch.Tensor, seed: int) -> torch.nn.Module:
     net.train()
     for epoch in range(t.epochs):
         for b in fold.epoch_batches(epoch, [0], t.batch_size, seed):
-            loss = F.cross_entropy(net(b.xs[0]), b.y)
+            loss = F.cross_entropy(_forward(net, b.xs[0], fast), b.y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -154,22 +184,29 @@ def _train_fold(cfg, data, idx: torch.Tensor, seed: int) -> torch.nn.Module:
     return net.eval()
 
 
-def cleanlab_kfold(cfg, folds: int, seed: int) -> dict:
-    """(b): K-fold out-of-sample probabilities, then cleanlab's find_label_issues."""
+def cleanlab_kfold(cfg, folds: int, seed: int, device: str = "cpu") -> dict:
+    """(b): K-fold out-of-sample probabilities, then cleanlab's find_label_issues.
+
+    The held-out fold is predicted in the run's evaluation view: the images normalised, without augmentation, in
+    batches of ``train.eval_batch_size`` (a digits fold is one batch, as before)."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
     from sklearn.model_selection import StratifiedKFold
 
     start = time.perf_counter()
-    data = prepare_data(cfg.data, cfg.noise)
-    labels, clean = data.train_labels.numpy(), data.train_clean.numpy()
+    data = prepare_data(cfg.data, cfg.noise, device)
+    fast = fast_path_enabled(cfg, torch.device(device))
+    labels, clean = data.train_labels.cpu().numpy(), data.train_clean.cpu().numpy()
     probs = np.zeros((len(labels), data.spec.num_classes), dtype=np.float32)
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for f, (train_idx, held_idx) in enumerate(split.split(np.zeros(len(labels)), labels)):
-        net = _train_fold(cfg, data, torch.from_numpy(train_idx), seed * 100 + f)
+        net = _train_fold(cfg, data, torch.from_numpy(train_idx).to(device), seed * 100 + f, fast)
+        held = torch.from_numpy(held_idx).to(device)
         with torch.no_grad():
-            x = normalize(data.train_x[torch.from_numpy(held_idx)], data.mean, data.std)
-            probs[held_idx] = torch.softmax(net(x), 1).numpy()
+            for i in range(0, len(held_idx), cfg.train.eval_batch_size):
+                rows = held[i : i + cfg.train.eval_batch_size]
+                x = normalize(data.train_x[rows], data.mean, data.std)
+                probs[held_idx[i : i + len(rows)]] = torch.softmax(_forward(net, x, fast), 1).cpu().numpy()
     train_s = time.perf_counter() - start
     issues = find_label_issues(labels, probs)
     quality = get_label_quality_scores(labels, probs)
@@ -224,41 +261,106 @@ def variants_table(results: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
+#: --dataset -> (the method's config, its default --settings). CIFAR-100: paper Table 1's best cell (CMD-P + Mconf,
+#: ResNet-34, 40% symmetric noise, 69.09%); CIFAR-100N: the same recipe on the human noisy_fine labels (configs/cifarn).
+DATASETS = {
+    "digits": ("configs/demo.yaml", [f"{k}:{r}" for k, r in SETTINGS]),
+    "cifar100": ("configs/table1/cmdp_mconf.yaml", ["symmetric:0.4"]),
+    "cifar100n": ("configs/cifarn/cifar100n_noisy_fine.yaml", ["human:noisy_fine"]),
+}
+#: The folder holding cifar-100-python/ and cifar-n/ (the configs' ``../shared/data``, from the repo root).
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def default_out(dataset: str, date: str) -> Path:
+    """benchmarks/results/<date>-label-issues (digits, the cited results) or <date>-label-issues-<dataset>."""
+    suffix = "" if dataset == "digits" else f"-{dataset}"
+    return REPO / "benchmarks" / "results" / f"{date}-label-issues{suffix}"
+
+
+def parse_setting(dataset: str, setting: str) -> tuple[str, str, str]:
+    """``kind:rate`` (synthetic noise) or, on cifar100n only, ``human:<label set>``: (kind, rate, row name)."""
+    kind, _, rate = setting.partition(":")
+    if (kind == "human") != (dataset == "cifar100n") or not rate:
+        want = "human:noisy_fine" if dataset == "cifar100n" else "kind:rate, e.g. symmetric:0.4"
+        raise ValueError(f"--settings {setting!r} does not fit --dataset {dataset}; use {want}")
+    if kind == "human":
+        return kind, rate, f"CIFAR-100N {rate}"
+    return kind, rate, f"{kind} {float(rate):.0%}"
+
+
+def make_config(args: argparse.Namespace, kind: str, rate: str, seed: int, epochs: int):
+    """The dataset's config with the benchmark's overrides: noise, seeds, ``epochs`` with the config's milestones
+    scaled to them (digits: exactly the overrides of before), then --data-root, --train-subset, --test-subset and
+    --arch where they apply."""
+    path = REPO / DATASETS[args.dataset][0]
+    base = load_config(path)
+    fractions = tuple(m / base.train.epochs for m in base.train.milestones)  # demo: 14/20, 18/20 == 0.7, 0.9
+    extra = []
+    if args.dataset != "digits":
+        extra.append(f"data.root={args.data_root}")
+    if args.train_subset:
+        extra.append(f"data.train_subset={args.train_subset}")
+    if args.test_subset:
+        extra.append(f"data.test_subset={args.test_subset}")
+    if args.arch:
+        peers = ", ".join(f"{{arch: {args.arch}, name: {p.name}}}" for p in base.peers)
+        extra.append(f"peers=[{peers}]")
+    value = rate if kind == "human" else float(rate)
+    return load_config(path, overrides(kind, value, seed, epochs, fractions) + extra)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="digits")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--settings", nargs="+", default=[f"{k}:{r}" for k, r in SETTINGS], help="kind:rate ...")
+    ap.add_argument("--settings", nargs="+", default=None, help="kind:rate ... (default: the dataset's)")
+    ap.add_argument("--arch", default=None, help="both detectors' network (default: the dataset config's)")
+    ap.add_argument("--train-subset", type=int, default=0, help="the first N training images (0 = all)")
+    ap.add_argument("--test-subset", type=int, default=0, help="the first N test images cmd-dist evaluates (0 = all)")
+    ap.add_argument("--data-root", default=str(SHARED_DATA), help="folder with cifar-100-python/ and cifar-n/")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both detectors alike)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (both detectors alike)")
-    ap.add_argument("--out", default=None, help="folder (default benchmarks/results/<date>-label-issues)")
+    ap.add_argument("--out", default=None, help="folder (default benchmarks/results/<date>-label-issues[-DATASET])")
     ap.add_argument("--save-records", default=None, help="folder for each cmd-dist run's per-sample record (.npz)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.settings = args.settings or DATASETS[args.dataset][1]
+    try:
+        args.parsed = [parse_setting(args.dataset, s) for s in args.settings]
+    except ValueError as e:
+        ap.error(str(e))
+    if args.dataset != "digits" and not Path(args.data_root, "cifar-100-python").is_dir():
+        ap.error(f"--data-root {args.data_root} holds no cifar-100-python/; point it at the folder that does")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     date = datetime.date.today().isoformat()
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"{date}-label-issues")
+    out = Path(args.out) if args.out else default_out(args.dataset, date)
     results: dict[str, dict[str, list[dict]]] = {}
     started = time.perf_counter()
-    for setting in args.settings:
-        kind, rate = setting.split(":")
-        name = f"{kind} {float(rate):.0%}"
+    for kind, rate, name in args.parsed:
         for seed in args.seeds:
-            cfg = load_config(REPO / "configs" / "demo.yaml", overrides(kind, float(rate), seed, args.epochs))
+            cfg = make_config(args, kind, rate, seed, args.epochs)
             saved = Path(args.save_records) if args.save_records else None
             tag = f"{kind}{rate}_seed{seed}"
             with tempfile.TemporaryDirectory(prefix="cmd-dist-bench-") as tmp:
-                a = ours(cfg, Path(tmp), saved and saved / f"{tag}_ep{args.epochs}.npz")
+                a = ours(cfg, Path(tmp), saved and saved / f"{tag}_ep{args.epochs}.npz", args.device)
             # cmd-dist again at 1/K of cleanlab's training cost: 2 peers x E' = (K-1) E / K passes
             cheap_epochs = max(1, round(args.epochs * (args.folds - 1) / (2 * args.folds)))
-            cheap_cfg = load_config(REPO / "configs" / "demo.yaml", overrides(kind, float(rate), seed, cheap_epochs))
+            cheap_cfg = make_config(args, kind, rate, seed, cheap_epochs)
             with tempfile.TemporaryDirectory(prefix="cmd-dist-bench-") as tmp:
-                c = ours(cheap_cfg, Path(tmp), saved and saved / f"{tag}_ep{cheap_epochs}.npz")
-            b = cleanlab_kfold(cfg, args.folds, seed)
+                c = ours(cheap_cfg, Path(tmp), saved and saved / f"{tag}_ep{cheap_epochs}.npz", args.device)
+            b = cleanlab_kfold(cfg, args.folds, seed, args.device)
             results.setdefault(name, {"cmd-dist": [], "cmd-dist 1/K": [], "cleanlab": []})
             results[name]["cmd-dist"].append({"seed": seed, **a})
             results[name]["cmd-dist 1/K"].append({"seed": seed, "epochs": cheap_epochs, **c})
             results[name]["cleanlab"].append({"seed": seed, **b})
-            write_summary(out, args, date, started, results)  # after every cell: an interrupted run keeps its rows
+            write_summary(out, args, date, started, results, cfg)  # after every cell: an interrupted run keeps its rows
             print(
                 f"{name} seed {seed}: cmd-dist F1 {a['flag_f1']:.3f} AUROC {a['score_auroc']:.3f} "
                 f"{a['train_s']:.1f} s | cmd-dist {cheap_epochs} epochs F1 {c['flag_f1']:.3f} "
@@ -268,21 +370,36 @@ def main() -> None:
             )
     print("\n".join(table(results, args.folds, args.epochs)))
     print("\n".join(variants_table(results)))
-    print(f"wrote {write_summary(out, args, date, started, results)}")
+    print(f"wrote {write_summary(out, args, date, started, results, cfg)}")
 
 
-def write_summary(out: Path, args: argparse.Namespace, date: str, started: float, results: dict) -> Path:
+def _device_words(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return "no GPU"
+
+
+def write_summary(out: Path, args: argparse.Namespace, date: str, started: float, results: dict, cfg=None) -> Path:
     import cleanlab
 
     lines = table(results, args.folds, args.epochs)
     summary = {
         "date": date,
         "machine": f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs "
-        f"(load average {os.getloadavg()[0]:.1f} at the end), {torch.get_num_threads()} torch thread(s), no GPU",
+        f"(load average {os.getloadavg()[0]:.1f} at the end), {torch.get_num_threads()} torch thread(s), "
+        f"{_device_words(args.device)}",
         "torch": torch.__version__,
         "cleanlab": cleanlab.__version__,
+        "dataset": args.dataset,
+        "config": DATASETS[args.dataset][0],
+        "arch": cfg.peers[0].arch if cfg is not None else args.arch,
+        "train_subset": args.train_subset,
+        "test_subset": args.test_subset,
+        "num_train": next(iter(results.values()))["cmd-dist"][0]["samples"] if results else None,
+        "device": args.device,
         "seeds": args.seeds,
         "epochs": args.epochs,
+        "milestones": cfg.train.milestones if cfg is not None else None,
         "folds": args.folds,
         "wall_s": time.perf_counter() - started,
         "results": results,
