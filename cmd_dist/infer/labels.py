@@ -55,6 +55,8 @@ from cmd_dist.runs.fs import atomic_write_bytes
 
 #: Bins of the score histograms (clean vs noisy samples) stored for ``cmd-dist report``.
 HIST_BINS = 20
+#: Above this estimated noise rate the flag is called unreliable (see :func:`flag_warning`).
+UNRELIABLE_RATE = 0.5
 
 
 @dataclass
@@ -229,6 +231,7 @@ class LabelIssues:
     n_est: int
     num_train: int
     metrics: dict[str, float] | None  # None where no clean label is known
+    warning: str | None = None  # :func:`flag_warning`'s
 
 
 def _csv_bytes(run: TrainedRun, samples: TrainingSamples, s: Scores, top: int | None) -> tuple[bytes, int]:
@@ -307,9 +310,25 @@ def label_issues(run: TrainedRun, out: Path, top: int | None = None) -> LabelIss
         "score_histogram": hists,
         "csv": out.name,
     }
+    summary["warning"] = warning = flag_warning(s.n_est, s.n_disagree, n)
     path = out.parent / "label_issues.json"
     atomic_write_bytes(path, json.dumps(summary, indent=1, allow_nan=True).encode())
-    return LabelIssues(out, detection, path, rows, s.n_est, n, metrics)
+    return LabelIssues(out, detection, path, rows, s.n_est, n, metrics, warning)
+
+
+def flag_warning(n_est: int, n_disagree: int, num_train: int) -> str | None:
+    """A note when the flag may not mean much: more than half of the labels estimated wrong. The confident joint
+    scales each class's few confident samples up to the class's size, so peers that have learned little (e.g.
+    ``cnn_small`` on a 4,000-image slice of CIFAR-100, docs/label_issues.md) get most labels flagged; the ranking
+    may still be of use. None otherwise."""
+    if num_train == 0 or n_est <= UNRELIABLE_RATE * num_train:
+        return None
+    return (
+        f"{100 * n_est / num_train:.0f}% of the labels are estimated wrong (the peers' agreed label is the given one "
+        f"on {100 * (1 - n_disagree / num_train):.0f}% of the training set); unless the labels really are that noisy, "
+        f"the peers have not learned enough for the flag to mean much: train longer or a larger network, or rank by "
+        f"the score alone"
+    )
 
 
 def summary_lines(run: TrainedRun, found: LabelIssues) -> list[str]:
@@ -325,5 +344,7 @@ def summary_lines(run: TrainedRun, found: LabelIssues) -> list[str]:
             f"{m['flag_precision']:.3f} recall {m['flag_recall']:.3f} F1 {m['flag_f1']:.3f} AUROC {m['flag_auroc']:.3f}"
             f"; score AUROC {m['score_auroc']:.3f} average precision {m['score_average_precision']:.3f}"
         )
+    if found.warning:
+        lines.append(f"note: {found.warning}")
     lines.append(f"wrote {found.csv} ({found.rows:,} rows), {found.detection.name}, {found.summary.name}")
     return lines
