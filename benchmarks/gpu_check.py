@@ -52,6 +52,7 @@ from cmd_dist.data.augment import augment, normalize  # noqa: E402
 from cmd_dist.data.prepare import prepare_data  # noqa: E402
 from cmd_dist.data.resident import load_split  # noqa: E402
 from cmd_dist.data.types import SPECS  # noqa: E402
+from cmd_dist.method.dynamics import epoch_weight  # noqa: E402
 from cmd_dist.models import build_model  # noqa: E402
 from cmd_dist.train.exchange import Exchange  # noqa: E402
 from cmd_dist.train.peers import build_peer  # noqa: E402
@@ -212,8 +213,14 @@ def cmd_row(args: argparse.Namespace, device: torch.device, graph: bool) -> dict
         row["graph_captures"], row["graph_replays"] = trainer.graphed.captures, trainer.graphed.replays
     # The per-sample record (issue 21) under the graph: after 2 epochs every sample counted exactly twice (a replay
     # with stale ids, or a capture that also ran, would count some samples more and others less).
-    seen = [p.dynamics.seen for p in ps]
-    row["record_ok"] = all(bool((s == 2).all()) and bool((p.dynamics.last_pred >= 0).all()) for s, p in zip(seen, ps))
+    # The late-weighted sums are folded in after each epoch: every sample carries the two epochs' weights.
+    weights = epoch_weight(0, cfg.train.epochs) + epoch_weight(1, cfg.train.epochs)
+    row["record_ok"] = all(
+        bool((p.dynamics.seen == 2).all())
+        and bool((p.dynamics.last_pred >= 0).all())
+        and bool(torch.allclose(p.dynamics.weight_sum, torch.full_like(p.dynamics.weight_sum, weights)))
+        for p in ps
+    )
     return row
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, SHARED_CIFAR
 
@@ -44,3 +46,14 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
     assert table == info["table"] + "\n"
     assert "| (a) | plain PyTorch, 1 model, eager" in table and "| (c) | cmdp_mconf.yaml" in table
     assert "| acc | " in table  # accuracy by epoch
+
+
+def test_the_cmd_row_checks_the_per_sample_record_on_cpu():
+    """Row (a)'s cmd-dist step (eager on CPU; the whole-step graph only runs on CUDA): after its two epochs the
+    per-sample record's check passes: every sample seen twice, predicted, and carrying both epochs' weights."""
+    if not (Path(SHARED_CIFAR) / "cifar-100-python" / "train").is_file():
+        pytest.skip("CIFAR-100 is not in ../shared/data")
+    gc = _load()
+    args = argparse.Namespace(peers=2, arch="cnn_small", steps=3, warmup_steps=1, batch_size=16, data_root=SHARED_CIFAR)
+    row = gc.cmd_row(args, torch.device("cpu"), graph=False)
+    assert row["record_ok"] is True and row["peers"] == 2
