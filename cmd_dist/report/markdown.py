@@ -72,6 +72,8 @@ def _label_issue_lines(run: Run, out: Path, stem: str) -> list[str]:
         f"labels flagged (estimated noise rate {100 * li['estimated_noise_rate']:.2f}%).",
         "",
     ]
+    if li.get("warning"):  # more than half flagged: the peers may not have learned enough (infer/labels.py)
+        lines += [f"Note: {li['warning']}.", ""]
     m = li.get("metrics")
     if not m:
         return lines + ["No clean labels known: no detection figures.", ""]

@@ -81,6 +81,16 @@ def test_top_k_the_default_output_folder_and_the_report(trained_run, run_copy, c
     assert f"{m['score_auroc']:.3f}" in text
     (png,) = re.findall(r"\]\(([^)]*_label_scores\.png)\)", text)
     assert (run_copy / "report" / png).read_bytes()[:4] == b"\x89PNG"
+    # The tiny run's best checkpoint (epoch 2) has learned little: more than half its labels are flagged, and the
+    # note says so in label_issues.json and in the report; without a warning the report has no note.
+    assert summary["flagged"] > 300 and summary["warning"] == flag_warning(
+        summary["flagged"], summary["agreed_label_differs"], 600
+    )
+    assert f"Note: {summary['warning']}." in text
+    summary["warning"] = None
+    (folder / "label_issues.json").write_text(json.dumps(summary))
+    assert main(["report", str(run_copy)]) == 0
+    assert "Note:" not in (run_copy / "report" / "report.md").read_text()
 
 
 def test_a_run_trained_before_the_record_gets_one_line_and_exit_2(run_copy, capsys):
