@@ -51,6 +51,7 @@ from cmd_dist.data.prepare import prepare_data
 from cmd_dist.data.types import STREAMED
 from cmd_dist.errors import RunError
 from cmd_dist.infer.loading import TrainedRun
+from cmd_dist.method.dynamics import SampleDynamics
 from cmd_dist.runs.fs import atomic_write_bytes
 
 #: Bins of the score histograms (clean vs noisy samples) stored for ``cmd-dist report``.
@@ -89,7 +90,8 @@ def training_samples(cfg) -> TrainingSamples:
 
 
 def peer_records(run: TrainedRun) -> list[dict[str, np.ndarray]]:
-    """Every peer's per-sample record in the chosen checkpoint; RunError (one line) when the run has none."""
+    """Every peer's per-sample record in the chosen checkpoint, as :class:`SampleDynamics` restores it (a record saved
+    before the late-weighted sums existed gets the plain ones); RunError (one line) when the run has none."""
     records = []
     for k in range(len(run.peer_names)):
         dyn = run.states[k].get("dynamics")
@@ -98,7 +100,8 @@ def peer_records(run: TrainedRun) -> list[dict[str, np.ndarray]]:
                 f"{run.run}: {run.checkpoint} holds no per-sample record (the run was trained before cmd-dist "
                 f"recorded one); train it again, or resume it (cmd-dist train --resume) to record the epochs it trains"
             )
-        records.append({key: v.numpy() if hasattr(v, "numpy") else v for key, v in dyn.items()})
+        state = SampleDynamics.from_state(dyn).state_dict()
+        records.append({key: v.numpy() if hasattr(v, "numpy") else v for key, v in state.items()})
     return records
 
 
@@ -132,7 +135,7 @@ def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the mean AUM of a sample no peer ever saw: NaN
         aum = np.stack([r["margin_sum"] / r["seen"] for r in records])
-        late = np.stack([_late_aum(r) for r in records])
+        late = np.stack([r["weighted_margin_sum"] / r["weight_sum"] for r in records])
         seen = np.sum([r["seen"] for r in records], axis=0)
         disagree = np.sum([r["disagree"] for r in records], axis=0)
         mean_late = np.nanmean(late, axis=0)
@@ -154,13 +157,6 @@ def score_samples(records: list[dict[str, np.ndarray]], labels: np.ndarray, num_
     flag = np.zeros(n, dtype=bool)
     flag[order[:n_est]] = True
     return Scores(aum, late, disagree, seen, agreed, agreed_prob, score, flag, n_est, n_disagree, order)
-
-
-def _late_aum(record: dict[str, np.ndarray]) -> np.ndarray:
-    """The late-weighted AUM of one peer's record; a record saved before it existed gives the plain AUM."""
-    if "weighted_margin_sum" not in record:
-        return record["margin_sum"] / record["seen"]
-    return record["weighted_margin_sum"] / record["weight_sum"]
 
 
 def confident_joint_count(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> int:

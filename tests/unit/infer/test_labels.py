@@ -107,9 +107,13 @@ def test_a_run_trained_before_the_record_gets_one_line_and_exit_2(run_copy, caps
     assert not (run_copy / "label_issues").exists()
 
 
-def test_score_ranks_low_aum_first_and_a_record_without_weighted_sums_uses_the_plain_aum():
-    """Hand-made records of the first record's shape (no late-weighted sums): sample 0 contradicted with a negative
-    AUM, sample 2 agreed with."""
+def _plain_weights(rec: dict) -> dict:
+    """A hand-made record with every epoch weighted 1: the late-weighted sums are the plain ones."""
+    return {**rec, "weighted_margin_sum": rec["margin_sum"], "weight_sum": rec["seen"]}
+
+
+def test_score_ranks_low_aum_first():
+    """Hand-made records, every epoch weighted 1: sample 0 contradicted with a negative AUM, sample 2 agreed with."""
     seen = np.full(3, 4.0)
     rec = {
         "margin_sum": np.array([-8.0, 0.4, 12.0]),
@@ -118,6 +122,7 @@ def test_score_ranks_low_aum_first_and_a_record_without_weighted_sums_uses_the_p
         "last_pred": np.array([1, 1, 2]),
         "last_prob": np.array([0.9, 0.5, 0.95]),
     }
+    rec = _plain_weights(rec)
     s = score_samples([rec, rec], np.array([0, 1, 2]), 3)
     assert s.order.tolist() == [0, 1, 2]
     assert s.agreed_label.tolist() == [1, 1, 2] and s.agreed_prob.tolist() == pytest.approx([0.9, 0.5, 0.95])
@@ -152,6 +157,7 @@ def test_a_sample_never_trained_on_is_neither_scored_nor_flagged():
         "last_pred": np.array([1, -1, 1, 0]),
         "last_prob": np.array([0.9, 0.0, 0.8, 0.9]),
     }
+    rec = _plain_weights(rec)
     s = score_samples([rec], np.array([0, 0, 1, 0]), 2)
     assert s.score[1] == 0.0 and not s.flag[1] and s.agreed_label[1] == -1 and s.seen[1] == 0
     assert s.flag.tolist() == [True, False, False, False] and s.n_est == 1
@@ -167,6 +173,7 @@ def _records(given, pred, prob, margin):
         "last_pred": np.array(pred),
         "last_prob": np.array(prob),
     }
+    rec = _plain_weights(rec)
     return [rec, rec], np.array(given)
 
 
@@ -319,3 +326,18 @@ def test_a_flag_of_more_than_half_the_labels_comes_with_a_note():
     note = flag_warning(701, 850, 1000)
     assert note is not None and "70% of the labels are estimated wrong" in note and "on 15% of" in note
     assert flag_warning(500, 900, 1000) is None and flag_warning(0, 0, 0) is None
+
+
+def test_a_record_saved_before_the_late_weighted_sums_is_scored_by_its_plain_aum(run_copy, capsys):
+    """Checkpoints of the first record's shape (no weighted sums): label-issues reads them as SampleDynamics restores
+    them, every epoch weighted 1, so each peer's late-weighted AUM is its plain AUM."""
+    folder = run_copy / "checkpoint_000003"
+    for k in (0, 1):
+        state = load_peer_state(folder, k)
+        for key in ("weighted_margin_sum", "weight_sum"):
+            del state["dynamics"][key]
+        save_peer_state(folder, k, state)
+    assert main(["label-issues", str(run_copy), "--out", str(run_copy / "old" / "issues.csv")]) == 0
+    rows = _rows(run_copy / "old" / "issues.csv")
+    for peer in ("peerA", "peerB"):
+        assert [r[f"late_aum_{peer}"] for r in rows] == [r[f"aum_{peer}"] for r in rows]
