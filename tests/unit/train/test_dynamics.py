@@ -123,7 +123,9 @@ def test_resume_gives_the_record_of_an_uninterrupted_run(tmp_path):
     except KeyboardInterrupt:
         pass
     assert _record(tmp_path / "cut", 0)["seen"].max() == 2  # interrupted after epoch 2
-    run_local(cfg, tmp_path / "cut")
+    trained = []
+    run_local(cfg, tmp_path / "cut", fault_hook=lambda rank, e: trained.append(e))
+    assert trained == [3]  # it resumed: only the last epoch trained again (a silent restart would train 1, 2, 3)
     for k in (0, 1):
         want, got = _record(tmp_path / "whole", k), _record(tmp_path / "cut", k)
         assert float(want["seen"].min()) == 3
